@@ -1,0 +1,218 @@
+// nnkernels._C: argument checks and dispatch by device and dtype, nothing else.
+// Tensors arrive as DLPack capsules (torch.utils.dlpack.to_dlpack, numpy's __dlpack__) in
+// destination-passing style: the caller allocates every output. The GIL is released while kernels
+// run. CUDA launches go on the stream the caller passes (torch's current stream).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/isa.h"
+#include "common/threading.h"
+#include "cpu/gemm.h"
+#include "cpu/peak.h"
+#include "cpu/reduce.h"
+#if defined(NNK_WITH_CUDA)
+#include "cuda/cuda_api.h"
+#endif
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace nnk {
+namespace {
+
+void require_cuda_build(const TensorView& v, const char* name) {
+#if !defined(NNK_WITH_CUDA)
+  NNK_CHECK_IMPLEMENTED(v.device != Device::cuda, name,
+                        " is a CUDA tensor but this nnkernels build has no CUDA kernels "
+                        "(rebuild with nvcc on the PATH, or NNKERNELS_CUDA=ON)");
+#endif
+}
+
+// out = alpha * a @ b + beta * out (+ bias broadcast over rows).
+// a (M, K) or (B, M, K); b (K, N) or (B, K, N); out (M, N) or (B, M, N); bias (N,) or None.
+// A 2-D a or b next to a 3-D out is shared by every batch item.
+void gemm(py::handle a_, py::handle b_, py::handle out_, double alpha, double beta,
+          py::handle bias_, uintptr_t stream) {
+  const TensorView a = view_of(a_, "a"), b = view_of(b_, "b"), out = view_of(out_, "out");
+  check_float(a, "a");
+  check_like(b, "b", a, "a");
+  check_like(out, "out", a, "a");
+  check_ndim(a, "a", {2, 3});
+  check_ndim(b, "b", {2, 3});
+  check_ndim(out, "out", {2, 3});
+  NNK_CHECK_VALUE(out.ndim == 3 || (a.ndim == 2 && b.ndim == 2), "out must be 3-D (batched) when a or b is 3-D, got out of shape ", shape_str(out));
+  const int64_t batch = out.ndim == 3 ? out.shape[0] : 1;
+  NNK_CHECK_VALUE(a.ndim == 2 || a.shape[0] == batch, "a has batch size ", a.shape[0], " but out has ", batch);
+  NNK_CHECK_VALUE(b.ndim == 2 || b.shape[0] == batch, "b has batch size ", b.shape[0], " but out has ", batch);
+  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
+  NNK_CHECK_VALUE(b.size(-2) == K, "a and b cannot be multiplied: a is ", shape_str(a), " and b is ",
+                  shape_str(b), " (inner dimensions ", K, " and ", b.size(-2), " differ)");
+  if (out.ndim == 3)
+    check_shape(out, "out", {batch, M, N});
+  else
+    check_shape(out, "out", {M, N});
+  check_output(out, "out");
+  check_no_overlap(out, "out", a, "a");
+  check_no_overlap(out, "out", b, "b");
+
+  TensorView bias;
+  const bool has_bias = !bias_.is_none();
+  if (has_bias) {
+    bias = view_of(bias_, "bias");
+    check_like(bias, "bias", a, "a");
+    check_shape(bias, "bias", {N});
+    NNK_CHECK_VALUE(N <= 1 || bias.strides[0] == 1, "bias must be contiguous");
+    check_no_overlap(out, "out", bias, "bias");
+  }
+  require_cuda_build(a, "a");
+
+  auto args = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    Gemm<T> g;
+    g.M = M;
+    g.N = N;
+    g.K = K;
+    g.A = a.ptr<const T>();
+    g.rsa = a.stride(-2);
+    g.csa = a.stride(-1);
+    g.B = b.ptr<const T>();
+    g.rsb = b.stride(-2);
+    g.csb = b.stride(-1);
+    g.C = out.ptr<T>();
+    g.rsc = out.stride(-2);
+    g.csc = out.stride(-1);
+    g.alpha = T(alpha);
+    g.beta = T(beta);
+    g.bias_n = has_bias ? bias.ptr<const T>() : nullptr;
+    return g;
+  };
+  const int64_t sa = a.ndim == 3 ? a.strides[0] : 0, sb = b.ndim == 3 ? b.strides[0] : 0;
+  const int64_t sc = out.ndim == 3 ? out.strides[0] : 0;
+
+  py::gil_scoped_release nogil;
+  if (a.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    cuda::sgemm(args(static_cast<float*>(nullptr)), batch, sa, sb, sc, a.device_id,
+                reinterpret_cast<void*>(stream));
+#endif
+  } else if (a.dtype == DType::f32) {
+    cpu::gemm_batched(args(static_cast<float*>(nullptr)), batch, sa, sb, sc);
+  } else {
+    cpu::gemm_batched(args(static_cast<double*>(nullptr)), batch, sa, sb, sc);
+  }
+}
+
+// out[j] = sum_i x[i, j] for a 2-D x (R, N) and out (N,).
+void sum_rows(py::handle x_, py::handle out_, uintptr_t stream) {
+  const TensorView x = view_of(x_, "x"), out = view_of(out_, "out");
+  check_float(x, "x");
+  check_like(out, "out", x, "x");
+  check_ndim(x, "x", {2});
+  check_shape(out, "out", {x.shape[1]});
+  check_output(out, "out");
+  check_no_overlap(out, "out", x, "x");
+  require_cuda_build(x, "x");
+  const int64_t R = x.shape[0], N = x.shape[1];
+  py::gil_scoped_release nogil;
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    cuda::sum_rows(R, N, x.ptr<const float>(), x.strides[0], x.strides[1], out.ptr<float>(),
+                   out.strides[0], x.device_id, reinterpret_cast<void*>(stream));
+#endif
+  } else if (x.dtype == DType::f32) {
+    cpu::sum_rows(R, N, x.ptr<const float>(), x.strides[0], x.strides[1], out.ptr<float>(),
+                  out.strides[0]);
+  } else {
+    cpu::sum_rows(R, N, x.ptr<const double>(), x.strides[0], x.strides[1], out.ptr<double>(),
+                  out.strides[0]);
+  }
+}
+
+Isa isa_arg(const std::string& name) {
+  Isa isa;
+  NNK_CHECK_VALUE(isa_from_name(name.c_str(), &isa), "unknown ISA '", name,
+                  "'; expected one of avx512, avx2, scalar");
+  return isa;
+}
+
+}  // namespace
+}  // namespace nnk
+
+PYBIND11_MODULE(_C, m) {
+  using namespace nnk;
+  m.doc() = "nnkernels native kernels (CPU: AVX-512/AVX2/portable + OpenMP; CUDA when built)";
+
+  // ISA dispatch
+  m.def("isa", [] { return std::string(isa_name(active_isa())); }, "The CPU path in use.");
+  m.def("best_isa", [] { return std::string(isa_name(best_isa())); },
+        "The best CPU path this CPU supports.");
+  m.def("available_isas", [] {
+    std::vector<std::string> out;
+    for (int i = 0; i <= static_cast<int>(best_isa()); ++i) out.push_back(isa_name(Isa(i)));
+    return out;
+  });
+  m.def("set_isa", [](const std::string& name) {
+    const Isa isa = isa_arg(name);
+    NNK_CHECK_VALUE(set_isa(isa), "ISA '", name, "' is not supported by this CPU (best: ",
+                    isa_name(best_isa()), ")");
+  }, "name"_a, "Force a CPU path no higher than best_isa().");
+
+  // Threads
+  m.def("set_num_threads", [](int n) {
+    NNK_CHECK_VALUE(n >= 1, "num_threads must be >= 1, got ", n);
+    set_num_threads(n);
+  }, "n"_a);
+  m.def("get_num_threads", &num_threads);
+  m.def("openmp", [] {
+#if defined(_OPENMP)
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build uses OpenMP.");
+
+  // CUDA
+  m.def("cuda_compiled", [] {
+#if defined(NNK_WITH_CUDA)
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_device_count", [] {
+#if defined(NNK_WITH_CUDA)
+    return cuda::device_count();
+#else
+    return 0;
+#endif
+  });
+  m.def("cuda_archs", [] {
+#if defined(NNK_WITH_CUDA)
+    return cuda::compiled_archs();
+#else
+    return std::string();
+#endif
+  });
+
+  // Kernels
+  m.def("gemm", &gemm, "a"_a, "b"_a, "out"_a, "alpha"_a = 1.0, "beta"_a = 0.0,
+        "bias"_a = py::none(), "stream"_a = 0,
+        "out = alpha * a @ b + beta * out (+ bias), 2-D or batched 3-D, any strides.");
+  m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");
+  m.def("gemm_kernel_name", [](const std::string& dtype) {
+    NNK_CHECK_VALUE(dtype == "float32" || dtype == "float64", "dtype must be 'float32' or 'float64'");
+    return std::string(dtype == "float32" ? cpu::gemm_kernel_name<float>()
+                                          : cpu::gemm_kernel_name<double>());
+  }, "dtype"_a = "float32");
+  m.def("fma_peak_gflops", [](bool fp64, int threads, double seconds) {
+    NNK_CHECK_VALUE(seconds > 0 && seconds < 60, "seconds must be in (0, 60)");
+    py::gil_scoped_release nogil;
+    return cpu::fma_peak_gflops(fp64, threads, seconds);
+  }, "fp64"_a = false, "threads"_a = 0, "seconds"_a = 0.2,
+        "Measured FMA throughput of the active CPU path, GFLOP/s.");
+}

@@ -1,0 +1,85 @@
+// TensorView: a borrowed, strided view of memory that some Python object (a torch tensor, a
+// numpy array) owns. Kernels receive raw pointers + sizes + element strides taken from it; they
+// never allocate tensor memory that Python sees (destination-passing style).
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace nnk {
+
+constexpr int kMaxDims = 8;
+
+enum class DType { f16, bf16, f32, f64, unsupported };
+enum class Device { cpu, cuda, unsupported };
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f16: return "float16";
+    case DType::bf16: return "bfloat16";
+    case DType::f32: return "float32";
+    case DType::f64: return "float64";
+    default: return "an unsupported dtype";
+  }
+}
+
+inline int dtype_size(DType t) {
+  switch (t) {
+    case DType::f16:
+    case DType::bf16: return 2;
+    case DType::f32: return 4;
+    case DType::f64: return 8;
+    default: return 0;
+  }
+}
+
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::unsupported;
+  std::string dtype_str;  // as the producer named it, for error messages ("int64", "bool", ...)
+  Device device = Device::unsupported;
+  int device_id = 0;
+  int ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};  // in elements, any sign
+  bool readonly = false;
+
+  int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
+  int64_t stride(int d) const { return strides[d < 0 ? d + ndim : d]; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; ++d) n *= shape[d];
+    return n;
+  }
+  template <class T>
+  T* ptr() const { return static_cast<T*>(data); }
+
+  // [lo, hi) byte range this view can touch; empty (lo == hi) when numel() == 0.
+  void byte_extent(uintptr_t* lo, uintptr_t* hi) const {
+    const auto base = reinterpret_cast<uintptr_t>(data);
+    if (numel() == 0) {
+      *lo = *hi = base;
+      return;
+    }
+    int64_t neg = 0, pos = 0;
+    for (int d = 0; d < ndim; ++d) {
+      const int64_t span = (shape[d] - 1) * strides[d];
+      (span < 0 ? neg : pos) += span;
+    }
+    const int64_t es = dtype_size(dtype);
+    *lo = base + neg * es;
+    *hi = base + pos * es + es;
+  }
+};
+
+// True when two views may touch a common byte (conservative: overlapping extents).
+inline bool may_overlap(const TensorView& a, const TensorView& b) {
+  uintptr_t alo, ahi, blo, bhi;
+  a.byte_extent(&alo, &ahi);
+  b.byte_extent(&blo, &bhi);
+  return alo < bhi && blo < ahi;
+}
+
+// True when no two distinct indices of the view address the same element (writes cannot race).
+bool is_non_overlapping(const TensorView& v);
+
+}  // namespace nnk

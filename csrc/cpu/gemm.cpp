@@ -1,0 +1,310 @@
+// GEMM driver: ISA dispatch, cache blocking, packing, threading and edge tiles, written once for
+// every micro-kernel (see gemm.h for the contract, gemm_kernel.h for the per-ISA part).
+//
+// Loop nest per thread (BLIS):
+//   for jc in N step nc:                      B block kc x nc, packed once, shared by all threads
+//     for pc in K step kc:
+//       pack B[pc:pc+kc, jc:jc+nc]            (threads pack disjoint NR panels, then barrier)
+//       for ic in this thread's rows step mc: A block mc x kc, packed per thread
+//         for jr in this thread's NR panels:  B micro-panel kc x NR stays in L1
+//           for ir in mc step MR:             micro-kernel on one MR x NR tile of C
+//       barrier                               (before the next B block overwrites this one)
+// Threads form a tm x tn grid over the tiles of C: tm splits the rows (each thread packs only its
+// own A rows), tn splits the NR panels of the shared B block.
+#include "cpu/gemm.h"
+
+#include <cstdlib>
+#include <new>
+
+#include "common/isa.h"
+#include "common/threading.h"
+#include "cpu/gemm_kernel.h"
+
+namespace nnk {
+namespace cpu {
+template <>
+const GemmUKernel<float>& active_gemm_ukernel<float>() {
+  switch (active_isa()) {
+#if defined(NNK_X86)
+    case Isa::avx512: return sgemm_ukernel_avx512();
+    case Isa::avx2: return sgemm_ukernel_avx2();
+#endif
+    default: return sgemm_ukernel_scalar();
+  }
+}
+
+template <>
+const GemmUKernel<double>& active_gemm_ukernel<double>() {
+  switch (active_isa()) {
+#if defined(NNK_X86)
+    case Isa::avx512: return dgemm_ukernel_avx512();
+    case Isa::avx2: return dgemm_ukernel_avx2();
+#endif
+    default: return dgemm_ukernel_scalar();
+  }
+}
+
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Below this many flops per thread the fork/join costs more than the thread saves.
+constexpr double kMinFlopsPerThread = 1 << 19;
+
+struct Plan {
+  int nt = 1, tm = 1, tn = 1;  // threads, as a tm x tn grid over the tiles of C
+  int64_t mc = 0, kc = 0, nc = 0;
+  size_t workspace = 0;  // elements: one packed B block + one packed A block per thread
+};
+
+template <class T>
+Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
+  Plan p;
+  const int64_t mtiles = ceil_div(g.M, uk.mr), ntiles = ceil_div(g.N, uk.nr);
+  const double flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
+  int64_t nt = max_threads;
+  if (flops / kMinFlopsPerThread < nt) nt = flops < kMinFlopsPerThread ? 1 : int64_t(flops / kMinFlopsPerThread);
+  if (mtiles * ntiles < nt) nt = mtiles * ntiles;
+  p.nt = nt < 1 ? 1 : int(nt);
+
+  // Grid: minimise the most tiles any thread owns; on ties split M (no A re-packing).
+  int64_t best = -1;
+  for (int tm = p.nt; tm >= 1; --tm) {
+    if (p.nt % tm) continue;
+    const int tn = p.nt / tm;
+    const int64_t cost = ceil_div(mtiles, tm) * ceil_div(ntiles, tn);
+    if (best < 0 || cost < best) {
+      best = cost;
+      p.tm = tm;
+      p.tn = tn;
+    }
+  }
+
+  // Blocks no larger than the kernel's, and balanced: K = 300 runs as 150 + 150, not 256 + 44.
+  const int64_t kb = ceil_div(g.K, uk.kc);
+  p.kc = ceil_div(g.K, kb);
+  const int64_t nb = ceil_div(g.N, uk.nc);
+  p.nc = round_up(ceil_div(g.N, nb), uk.nr);
+  const int64_t rows = ceil_div(mtiles, p.tm) * uk.mr;  // rows per thread
+  const int64_t mb = ceil_div(rows, uk.mc);
+  p.mc = round_up(ceil_div(rows, mb), uk.mr);
+  p.workspace = size_t(p.kc * p.nc + p.nt * p.mc * p.kc);
+  return p;
+}
+
+inline void team_barrier(int nt) {
+#if defined(_OPENMP)
+  if (nt > 1) {
+#pragma omp barrier
+  }
+#endif
+}
+
+// C = beta * C + biases: the whole product when K == 0 or alpha == 0.
+template <class T>
+void scale_only(const Gemm<T>& g) {
+  for (int64_t i = 0; i < g.M; ++i)
+    for (int64_t j = 0; j < g.N; ++j) {
+      T& c = g.C[i * g.rsc + j * g.csc];
+      T r = g.beta == T(0) ? T(0) : g.beta * c;
+      if (g.bias_m) r += g.bias_m[i];
+      if (g.bias_n) r += g.bias_n[j];
+      c = r;
+    }
+}
+
+// Writes an edge tile (mr < MR, nr < NR or C not unit-stride in j) computed into `tmp`.
+template <class T>
+void store_edge(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc,
+                int64_t csc, T alpha, T beta, const T* bias_m, const T* bias_n) {
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) {
+      T& cij = c[i * rsc + j * csc];
+      T r = alpha * tmp[i * ldt + j];
+      if (beta != T(0)) r += beta * cij;
+      if (bias_n) r += bias_n[j];
+      if (bias_m) r += bias_m[i];
+      cij = r;
+    }
+}
+
+template <class T>
+void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws, int tid) {
+  const int64_t MR = uk.mr, NR = uk.nr;
+  T* bpack = ws;
+  T* apack = ws + p.kc * p.nc + int64_t(tid) * p.mc * p.kc;
+  alignas(64) T tmp[kMaxTileElems];
+
+  const int it = tid / p.tn, jt = tid % p.tn;
+  int64_t t0, t1;
+  split_range(ceil_div(g.M, MR), p.tm, it, &t0, &t1);
+  const int64_t m0 = t0 * MR, m1 = min64(g.M, t1 * MR);
+
+  for (int64_t jc = 0; jc < g.N; jc += p.nc) {
+    const int64_t nc = min64(p.nc, g.N - jc), npanels = ceil_div(nc, NR);
+    for (int64_t pc = 0; pc < g.K; pc += p.kc) {
+      const int64_t kc = min64(p.kc, g.K - pc);
+
+      int64_t q0, q1;
+      split_range(npanels, p.nt, tid, &q0, &q1);
+      if (q0 < q1)
+        uk.pack_b(kc, min64(nc, q1 * NR) - q0 * NR, g.B + pc * g.rsb + (jc + q0 * NR) * g.csb,
+                  g.rsb, g.csb, bpack + q0 * NR * kc);
+      team_barrier(p.nt);
+
+      // The first K block applies beta and the biases; later ones accumulate.
+      const bool first = pc == 0;
+      const T beta = first ? g.beta : T(1);
+      const T* bias_m = first ? g.bias_m : nullptr;
+      const T* bias_n = first ? g.bias_n : nullptr;
+      split_range(npanels, p.tn, jt, &q0, &q1);
+      for (int64_t ic = m0; ic < m1; ic += p.mc) {
+        const int64_t mc = min64(p.mc, m1 - ic);
+        uk.pack_a(mc, kc, g.A + ic * g.rsa + pc * g.csa, g.rsa, g.csa, apack);
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t j = jc + q * NR, nr = min64(NR, g.N - j);
+          const T* bp = bpack + q * NR * kc;
+          const T* bn = bias_n ? bias_n + j : nullptr;
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int64_t i = ic + ir, mr = min64(MR, mc - ir);
+            const T* ap = apack + ir * kc;
+            const T* bm = bias_m ? bias_m + i : nullptr;
+            T* c = g.C + i * g.rsc + j * g.csc;
+            if (mr == MR && nr == NR && g.csc == 1) {
+              uk.tile(kc, ap, bp, c, g.rsc, g.alpha, beta, bm, bn);
+            } else {
+              uk.tile(kc, ap, bp, tmp, NR, T(1), T(0), nullptr, nullptr);
+              store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
+            }
+          }
+        }
+      }
+      team_barrier(p.nt);
+    }
+  }
+}
+
+template <class T>
+void run(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws) {
+  if (p.nt == 1) {
+    run_thread(g, uk, p, ws, 0);
+    return;
+  }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(p.nt)
+  {
+    // The team may be smaller than asked (OMP_THREAD_LIMIT, dynamic teams); the plan's tile split
+    // assumes p.nt threads, so a short team falls back to one thread doing every tile.
+    const int got = omp_get_num_threads();
+    if (got == p.nt) {
+      run_thread(g, uk, p, ws, omp_get_thread_num());
+    } else if (omp_get_thread_num() == 0) {
+      Plan one = p;
+      one.nt = one.tm = one.tn = 1;
+      run_thread(g, uk, one, ws, 0);
+    }
+  }
+#else
+  Plan one = p;
+  one.nt = one.tm = one.tn = 1;
+  run_thread(g, uk, one, ws, 0);
+#endif
+}
+
+inline int resolve_threads(int nthreads) {
+  if (in_parallel_region()) return 1;
+  return nthreads > 0 ? nthreads : num_threads();
+}
+
+// Packing buffer owned by the calling thread: 64-byte aligned, grown on demand, kept for reuse.
+struct PackBuffer {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ~PackBuffer() { std::free(p); }
+  void* get(size_t n) {
+    if (n > bytes) {
+      std::free(p);
+      p = nullptr;
+      bytes = 0;
+      const size_t rounded = (n + 63) / 64 * 64;
+      p = std::aligned_alloc(64, rounded);
+      if (!p) throw std::bad_alloc();
+      bytes = rounded;
+    }
+    return p;
+  }
+};
+thread_local PackBuffer tls_pack;
+
+}  // namespace
+
+template <class T>
+size_t gemm_workspace(const Gemm<T>& g, int nthreads) {
+  if (g.M <= 0 || g.N <= 0 || g.K <= 0 || g.alpha == T(0)) return 0;
+  return make_plan(g, active_gemm_ukernel<T>(), resolve_threads(nthreads)).workspace;
+}
+
+template <class T>
+void gemm(const Gemm<T>& g, int nthreads, T* workspace) {
+  if (g.M <= 0 || g.N <= 0) return;
+  if (g.K <= 0 || g.alpha == T(0)) {
+    scale_only(g);
+    return;
+  }
+  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  run(g, uk, make_plan(g, uk, resolve_threads(nthreads)), workspace);
+}
+
+template <class T>
+void gemm(const Gemm<T>& g, int nthreads) {
+  const size_t ws = gemm_workspace(g, nthreads);
+  gemm(g, nthreads, ws ? static_cast<T*>(tls_pack.get(ws * sizeof(T))) : nullptr);
+}
+
+template <class T>
+void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64_t sc,
+                  int nthreads) {
+  if (batch <= 0 || g.M <= 0 || g.N <= 0) return;
+  const int nt = resolve_threads(nthreads);
+  auto item = [&](int64_t b) {
+    Gemm<T> gb = g;
+    gb.A += b * sa;
+    gb.B += b * sb;
+    gb.C += b * sc;
+    return gb;
+  };
+  // Items too small to keep every thread busy run whole, one per thread, side by side.
+  const double item_flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
+  if (nt == 1 || batch < nt || item_flops > nt * 8 * kMinFlopsPerThread) {
+    for (int64_t b = 0; b < batch; ++b) gemm(item(b), nt);
+    return;
+  }
+  const size_t per = gemm_workspace(g, 1);
+  T* ws = per ? static_cast<T*>(tls_pack.get(per * nt * sizeof(T))) : nullptr;
+  parallel_for(
+      batch, 1,
+      [&](int64_t b0, int64_t b1) {
+        T* mine = ws ? ws + per * thread_id() : nullptr;
+        for (int64_t b = b0; b < b1; ++b) gemm(item(b), 1, mine);
+      },
+      nt);
+}
+
+template <class T>
+const char* gemm_kernel_name() {
+  return active_gemm_ukernel<T>().name;
+}
+
+#define NNK_INSTANTIATE_GEMM(T)                                                              \
+  template size_t gemm_workspace<T>(const Gemm<T>&, int);                                    \
+  template void gemm<T>(const Gemm<T>&, int, T*);                                            \
+  template void gemm<T>(const Gemm<T>&, int);                                                \
+  template void gemm_batched<T>(const Gemm<T>&, int64_t, int64_t, int64_t, int64_t, int);    \
+  template const char* gemm_kernel_name<T>();
+NNK_INSTANTIATE_GEMM(float)
+NNK_INSTANTIATE_GEMM(double)
+
+}  // namespace cpu
+}  // namespace nnk

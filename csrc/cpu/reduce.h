@@ -1,0 +1,14 @@
+// Reductions shared by the ops' backward passes (bias gradients and the like).
+#pragma once
+#include <cstdint>
+
+namespace nnk {
+namespace cpu {
+
+// out[j*so] = sum_i x[i*rsx + j*csx] for i < R, j < N (a column sum of an R x N strided matrix:
+// the bias gradient of Linear is sum_rows(dout)). Accumulates in float64 for either dtype.
+template <class T>
+void sum_rows(int64_t R, int64_t N, const T* x, int64_t rsx, int64_t csx, T* out, int64_t so);
+
+}  // namespace cpu
+}  // namespace nnk

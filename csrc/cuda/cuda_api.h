@@ -1,0 +1,26 @@
+// Host-side entry points of the CUDA kernels, callable from the C++ bindings (compiled by the host
+// compiler, no CUDA headers needed). Every launch goes on the stream the caller passes (torch's
+// current stream) on the given device; errors are thrown as std::runtime_error.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "common/gemm_args.h"
+
+namespace nnk {
+namespace cuda {
+
+// runtime.cu
+int device_count();  // 0 when there is no driver or no GPU; never throws
+std::string compiled_archs();  // e.g. "80,90"
+
+// gemm.cu: `batch` products, item b at A + b*sa, B + b*sb, C + b*sc (see common/gemm_args.h).
+void sgemm(const Gemm<float>& g, int64_t batch, int64_t sa, int64_t sb, int64_t sc, int device,
+           void* stream);
+
+// reduce.cu: out[j*so] = sum_i x[i*rsx + j*csx], i < R, j < N.
+void sum_rows(int64_t R, int64_t N, const float* x, int64_t rsx, int64_t csx, float* out,
+              int64_t so, int device, void* stream);
+
+}  // namespace cuda
+}  // namespace nnk

@@ -1,0 +1,62 @@
+"""Argument checks for the torch-facing API, raised before any kernel runs.
+
+Messages name the argument as the user wrote it (input, weight, bias, ...), say what was expected
+and what came. TypeError: wrong kind or dtype. ValueError: wrong shape, device mismatch.
+NotImplementedError: something torch accepts that nnkernels does not compute.
+"""
+
+import torch
+
+from . import _C
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32,)
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def check_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_float(x, name: str) -> None:
+    """x is a tensor of a dtype and on a device the kernels compute."""
+    check_tensor(x, name)
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {_dtype_name(x.dtype)}")
+    dev = x.device.type
+    if dev == "cpu":
+        ok = _CPU_DTYPES
+    elif dev == "cuda":
+        if not _C.cuda_compiled():
+            raise NotImplementedError(
+                f"{name} is a CUDA tensor but this nnkernels build has no CUDA kernels "
+                "(rebuild with nvcc on the PATH, or NNKERNELS_CUDA=ON)"
+            )
+        ok = _CUDA_DTYPES
+    else:
+        raise NotImplementedError(
+            f"{name} is on device '{x.device}'; nnkernels supports cpu and cuda"
+        )
+    if x.dtype not in ok:
+        names = " and ".join(_dtype_name(d) for d in ok)
+        raise NotImplementedError(
+            f"{name} has dtype {_dtype_name(x.dtype)}; nnkernels on {dev} supports {names}"
+        )
+
+
+def check_same(x, name: str, ref, ref_name: str) -> None:
+    """x is a tensor on the same device and of the same dtype as ref (already checked)."""
+    check_tensor(x, name)
+    if x.device != ref.device:
+        raise ValueError(
+            f"{name} is on {x.device} but {ref_name} is on {ref.device}; they must be on one device"
+        )
+    if x.dtype != ref.dtype:
+        raise TypeError(
+            f"{name} has dtype {_dtype_name(x.dtype)} but {ref_name} has dtype "
+            f"{_dtype_name(ref.dtype)}; they must match"
+        )

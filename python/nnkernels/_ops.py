@@ -1,0 +1,78 @@
+"""Calls into the native extension: DLPack conversion, thread-count sync, CUDA stream.
+
+Every layer above (autograd Functions, kernels) reaches the C++ kernels only through here, in
+destination-passing style: the caller allocates `out`.
+"""
+
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from . import _C
+
+_user_threads = None  # set by set_num_threads(); None: follow torch.get_num_threads()
+_synced_threads = None
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads in nnkernels' CPU kernels (by default they follow torch.get_num_threads())."""
+    global _user_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    _user_threads = n
+    _sync_threads()
+
+
+def get_num_threads() -> int:
+    """Threads nnkernels' CPU kernels use."""
+    return _user_threads if _user_threads is not None else torch.get_num_threads()
+
+
+def _sync_threads() -> None:
+    global _synced_threads
+    n = get_num_threads()
+    if n != _synced_threads:
+        _C.set_num_threads(n)
+        _synced_threads = n
+
+
+def _dl(x, name):
+    """A DLPack capsule of a torch tensor or a numpy array (borrowed, not copied)."""
+    if isinstance(x, torch.Tensor):
+        return to_dlpack(x)
+    if hasattr(x, "__dlpack__") and hasattr(x, "__array_interface__"):  # numpy
+        try:
+            return x.__dlpack__(max_version=(1, 0))  # versioned: can flag read-only inputs
+        except TypeError:
+            return x.__dlpack__()  # numpy < 2.1
+        except BufferError as e:
+            raise ValueError(f"{name}: numpy array cannot be passed to the kernels ({e})") from None
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(x).__name__}")
+
+
+def _stream(x) -> int:
+    if isinstance(x, torch.Tensor) and x.is_cuda:
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return 0
+
+
+def gemm(a, b, out, alpha=1.0, beta=0.0, bias=None):
+    """out = alpha * a @ b + beta * out (+ bias per column); 2-D, or batched 3-D (a 2-D operand is
+    shared across the batch). Any strides."""
+    _sync_threads()
+    _C.gemm(
+        _dl(a, "a"),
+        _dl(b, "b"),
+        _dl(out, "out"),
+        float(alpha),
+        float(beta),
+        None if bias is None else _dl(bias, "bias"),
+        _stream(out),
+    )
+    return out
+
+
+def sum_rows(x, out):
+    """out[j] = sum_i x[i, j] for a 2-D x."""
+    _sync_threads()
+    _C.sum_rows(_dl(x, "x"), _dl(out, "out"), _stream(out))
+    return out

@@ -1,0 +1,93 @@
+"""The raw forward kernels, on numpy arrays or torch tensors, without autograd.
+
+    import numpy as np, nnkernels.kernels as K
+    c = K.matmul(np.ones((3, 4), np.float32), np.ones((4, 5), np.float32))
+
+Inputs may be strided (transposed views run without copies); outputs are allocated here unless
+`out` is given. Arguments are checked by the native layer (names a, b, out, bias).
+"""
+
+import math
+
+import torch
+
+from . import _ops
+
+__all__ = ["matmul", "linear"]
+
+
+def _is_numpy(x) -> bool:
+    return type(x).__module__ == "numpy" and hasattr(x, "__array_interface__")
+
+
+def _kind(args):
+    """'torch' or 'numpy' for the arrays in args (None entries skipped); no mixing."""
+    kinds = set()
+    for name, x in args:
+        if x is None:
+            continue
+        if isinstance(x, torch.Tensor):
+            kinds.add("torch")
+        elif _is_numpy(x):
+            kinds.add("numpy")
+        else:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}"
+            )
+    if len(kinds) > 1:
+        raise TypeError("mix of numpy arrays and torch tensors; pass one kind")
+    return kinds.pop() if kinds else "torch"
+
+
+def _empty(kind, like, shape):
+    if kind == "torch":
+        return like.new_empty(shape)
+    import numpy as np
+
+    return np.empty(shape, dtype=like.dtype)
+
+
+def _ndim(x):
+    return len(x.shape)
+
+
+def matmul(a, b, out=None, *, alpha=1.0, beta=0.0):
+    """out = alpha * a @ b + beta * out.
+
+    a (M, K) or (B, M, K); b (K, N) or (B, K, N); a 2-D operand next to a 3-D one is shared by
+    every batch item. float32 or float64 (float32 on CUDA). beta != 0 needs `out`.
+    """
+    kind = _kind([("a", a), ("b", b), ("out", out)])
+    if out is None:
+        if beta != 0:
+            raise ValueError("matmul: beta != 0 reads out, so out must be given")
+        if _ndim(a) not in (2, 3) or _ndim(b) not in (2, 3):
+            raise ValueError(
+                f"matmul: a and b must be 2-D or 3-D, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        shape = (a.shape[-2], b.shape[-1])
+        if _ndim(a) == 3 or _ndim(b) == 3:
+            shape = ((a if _ndim(a) == 3 else b).shape[0],) + shape
+        out = _empty(kind, a, shape)
+    return _ops.gemm(a, b, out, alpha, beta)
+
+
+def linear(input, weight, bias=None, out=None):
+    """out = input @ weight^T + bias for input (*, in), weight (out_features, in), bias
+    (out_features,) or None; returns (*, out_features)."""
+    kind = _kind([("input", input), ("weight", weight), ("bias", bias), ("out", out)])
+    if _ndim(input) < 1 or _ndim(weight) != 2:
+        raise ValueError(
+            f"linear: input must be (*, in_features) and weight (out_features, in_features), got "
+            f"shapes {tuple(input.shape)} and {tuple(weight.shape)}"
+        )
+    lead = tuple(input.shape[:-1])
+    x2 = input.reshape(math.prod(lead), input.shape[-1])
+    wt = weight.mT if kind == "torch" else weight.T
+    o2 = (
+        _empty(kind, input, (x2.shape[0], weight.shape[0]))
+        if out is None
+        else out.reshape(x2.shape[0], weight.shape[0])
+    )
+    _ops.gemm(x2, wt, o2, bias=bias)
+    return o2.reshape(*lead, weight.shape[0]) if out is None else out

@@ -1,0 +1,154 @@
+"""nnkernels.functional.matmul against torch.matmul: forward and both gradients, every ISA path,
+tile and block edges, strides, batching and broadcasting, gradcheck."""
+
+import nnkernels.functional as NF
+import pytest
+import torch
+from conftest import assert_matches_reference
+
+# (M, N, K) around the register tiles (AVX2 6x16, AVX-512 14x32, portable 6x8 / 6x4), primes,
+# size 1, zero, and past the cache blocks (kc 192/256, mc 144/336, nc 4080/4096).
+SHAPES = [
+    (1, 1, 1),
+    (1, 17, 7),
+    (6, 16, 8),
+    (5, 15, 9),
+    (7, 17, 129),
+    (13, 31, 33),
+    (14, 32, 64),
+    (15, 33, 65),
+    (29, 64, 257),
+    (100, 300, 784),
+    (145, 97, 1000),
+    (337, 130, 385),
+    (0, 5, 3),
+    (4, 0, 3),
+    (4, 5, 0),
+]
+BIG = [(70, 4100, 300), (700, 40, 520)]  # two N blocks; several M and K blocks
+
+
+def _check_mm(a, b, k):
+    a = a.detach().requires_grad_()
+    b = b.detach().requires_grad_()
+    a_t = a.detach().clone().requires_grad_()
+    b_t = b.detach().clone().requires_grad_()
+    a64 = a.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+
+    ours = NF.matmul(a, b)
+    theirs = torch.matmul(a_t, b_t)
+    ref = torch.matmul(a64, b64)
+    assert_matches_reference(ours, theirs, ref, k=k, name="out")
+
+    if ours.numel() == 0 and a.numel() == 0 and b.numel() == 0:
+        return
+    g = torch.randn_like(ref)
+    da, db = torch.autograd.grad(ours, (a, b), g.to(ours.dtype))
+    da_t, db_t = torch.autograd.grad(theirs, (a_t, b_t), g.to(theirs.dtype))
+    da_r, db_r = torch.autograd.grad(ref, (a64, b64), g)
+    n = ours.shape[-1] if ours.dim() else 1
+    m = ours.shape[-2] if ours.dim() >= 2 else 1
+    assert_matches_reference(da, da_t, da_r, k=n, name="grad a")
+    assert_matches_reference(
+        db, db_t, db_r, k=m * max(1, ours.numel() // max(1, m * n)), name="grad b"
+    )
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_2d(isa, M, N, K, dtype):
+    _check_mm(torch.randn(M, K, dtype=dtype), torch.randn(K, N, dtype=dtype), K)
+
+
+@pytest.mark.parametrize("M,N,K", BIG)
+def test_matmul_past_cache_blocks(isa, M, N, K):
+    _check_mm(torch.randn(M, K), torch.randn(K, N), K)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize(
+    "M,N,K", [(1, 500, 64), (3, 7, 5), (200, 9, 300), (61, 67, 71), (512, 512, 64)]
+)
+def test_matmul_thread_grids(threads, M, N, K):
+    """Row split, column split (M tiny) and more threads than cores all give the same result."""
+    _check_mm(torch.randn(M, K), torch.randn(K, N), K)
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_transposed(isa, ta, tb, dtype):
+    M, N, K = 37, 45, 131
+    a = torch.randn(K, M, dtype=dtype).mT if ta else torch.randn(M, K, dtype=dtype)
+    b = torch.randn(N, K, dtype=dtype).mT if tb else torch.randn(K, N, dtype=dtype)
+    _check_mm(a, b, K)
+
+
+def test_matmul_sliced(isa):
+    """Neither dimension unit-stride: the generic packing paths."""
+    a = torch.randn(90, 300)[::3, ::2]  # (30, 150), strides (900, 2)
+    b = torch.randn(450, 80)[::3, 1::2]  # (150, 40), strides (240, 2)
+    assert not a.is_contiguous() and not b.is_contiguous()
+    _check_mm(a, b, 150)
+
+
+def test_matmul_expanded_operand(isa):
+    """A stride-0 operand (an expanded row), as autograd produces for sum().backward()."""
+    a = torch.randn(1, 50).expand(33, 50)
+    _check_mm(a, torch.randn(50, 21), 50)
+
+
+@pytest.mark.parametrize(
+    "sa,sb",
+    [
+        ((4, 13, 17), (4, 17, 9)),  # batched
+        ((3, 5, 13, 17), (17, 9)),  # folded into one GEMM
+        ((13, 17), (4, 17, 9)),  # a broadcast over the batch
+        ((2, 1, 13, 17), (3, 17, 9)),  # batch dims broadcast both ways
+        ((17,), (17, 9)),  # vector @ matrix
+        ((13, 17), (17,)),  # matrix @ vector
+        ((17,), (17,)),  # dot
+        ((4, 13, 17), (17,)),
+        ((0, 13, 17), (0, 17, 9)),  # empty batch
+    ],
+)
+def test_matmul_batched_and_broadcast(isa, sa, sb):
+    _check_mm(torch.randn(*sa), torch.randn(*sb), sa[-1])
+
+
+def test_matmul_batched_many_small(isa):
+    """Many small items: the batch runs in parallel, one item per thread."""
+    _check_mm(torch.randn(64, 9, 20), torch.randn(64, 20, 7), 20)
+
+
+def test_matmul_noncontiguous_batch(isa):
+    a = torch.randn(13, 4, 17).transpose(0, 1)  # (4, 13, 17), batch stride 17
+    b = torch.randn(4, 9, 17).mT  # (4, 17, 9), transposed items
+    _check_mm(a, b, 17)
+
+
+def test_matmul_propagates_nan_and_inf(isa):
+    a = torch.randn(8, 20)
+    b = torch.randn(20, 18)
+    a[2, 3] = float("nan")
+    b[4, 5] = float("inf")
+    ours, theirs = NF.matmul(a, b), torch.matmul(a, b)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+@pytest.mark.parametrize("shapes", [((5, 7), (7, 3)), ((2, 5, 7), (2, 7, 3)), ((7,), (7, 3))])
+def test_matmul_gradcheck(shapes):
+    a = torch.randn(*shapes[0], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(*shapes[1], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(NF.matmul, (a, b))
+    assert torch.autograd.gradgradcheck(NF.matmul, (a, b))
+
+
+def test_matmul_only_needed_grads():
+    a = torch.randn(5, 7, requires_grad=True)
+    b = torch.randn(7, 3)
+    NF.matmul(a, b).sum().backward()
+    assert a.grad is not None and b.grad is None
+    torch.testing.assert_close(a.grad, torch.ones(5, 3) @ b.mT)
