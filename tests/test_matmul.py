@@ -25,7 +25,9 @@ SHAPES = [
     (4, 0, 3),
     (4, 5, 0),
 ]
-BIG = [(70, 4100, 300), (700, 40, 520)]  # two N blocks; several M and K blocks
+# Past the cache blocks: two N blocks; several M and K blocks; B packed for all of K at once
+# (with two N blocks) and B packed per K block (too large to pack whole).
+BIG = [(70, 4100, 300), (700, 40, 520), (9, 4100, 400), (20, 1400, 800)]
 
 
 def _check_mm(a, b, k):

@@ -15,7 +15,8 @@ void throw_not_implemented(const std::string& msg) {
   throw py::error_already_set();
 }
 
-static std::string dl_dtype_str(DLDataType t) {
+std::string dtype_str(const TensorView& v) {
+  const DLDataType t{v.dl_code, v.dl_bits, v.dl_lanes};
   if (t.lanes != 1) return str_cat("a vector dtype with ", t.lanes, " lanes");
   switch (t.code) {
     case kDLInt: return str_cat("int", int(t.bits));
@@ -65,7 +66,9 @@ TensorView view_of(py::handle obj, const char* name) {
   v.ndim = t->ndim;
   v.data = static_cast<char*>(t->data) + t->byte_offset;
   v.dtype = dl_dtype(t->dtype);
-  v.dtype_str = dl_dtype_str(t->dtype);
+  v.dl_code = t->dtype.code;
+  v.dl_bits = t->dtype.bits;
+  v.dl_lanes = t->dtype.lanes;
   v.readonly = readonly;
   v.device_id = t->device.device_id;
   switch (t->device.device_type) {
@@ -117,12 +120,12 @@ void check_float(const TensorView& v, const char* name) {
   NNK_CHECK_VALUE(v.device != Device::unsupported, name,
                   " lives on a device nnkernels does not support (only CPU and CUDA)");
   NNK_CHECK_TYPE(v.dtype != DType::unsupported, name,
-                 " must be a floating-point tensor (float32 or float64), got ", v.dtype_str);
+                 " must be a floating-point tensor (float32 or float64), got ", dtype_str(v));
   if (v.device == Device::cpu) {
     NNK_CHECK_IMPLEMENTED(v.dtype == DType::f32 || v.dtype == DType::f64, name, " has dtype ",
-                          v.dtype_str, ": the CPU kernels support float32 and float64");
+                          dtype_str(v), ": the CPU kernels support float32 and float64");
   } else {
-    NNK_CHECK_IMPLEMENTED(v.dtype == DType::f32, name, " has dtype ", v.dtype_str,
+    NNK_CHECK_IMPLEMENTED(v.dtype == DType::f32, name, " has dtype ", dtype_str(v),
                           ": the CUDA kernels support float32");
   }
 }
@@ -130,8 +133,8 @@ void check_float(const TensorView& v, const char* name) {
 void check_like(const TensorView& v, const char* name, const TensorView& ref, const char* ref_name) {
   NNK_CHECK_VALUE(v.device == ref.device && v.device_id == ref.device_id, name, " and ", ref_name,
                   " must be on the same device");
-  NNK_CHECK_TYPE(v.dtype == ref.dtype, name, " has dtype ", v.dtype_str, " but ", ref_name,
-                 " has dtype ", ref.dtype_str, "; they must match");
+  NNK_CHECK_TYPE(v.dtype == ref.dtype, name, " has dtype ", dtype_str(v), " but ", ref_name,
+                 " has dtype ", dtype_str(ref), "; they must match");
 }
 
 bool is_non_overlapping(const TensorView& v) {

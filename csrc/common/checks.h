@@ -40,6 +40,8 @@ TensorView view_of(pybind11::handle obj, const char* name);
 
 // "(2, 3, 4)"
 std::string shape_str(const TensorView& v);
+// The dtype as the producer named it: "float32", "int64", "bool", ...
+std::string dtype_str(const TensorView& v);
 
 // `v` must have one of the given ranks.
 void check_ndim(const TensorView& v, const char* name, std::initializer_list<int> ranks);

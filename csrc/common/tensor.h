@@ -3,7 +3,6 @@
 // never allocate tensor memory that Python sees (destination-passing style).
 #pragma once
 #include <cstdint>
-#include <string>
 
 namespace nnk {
 
@@ -35,7 +34,8 @@ inline int dtype_size(DType t) {
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::unsupported;
-  std::string dtype_str;  // as the producer named it, for error messages ("int64", "bool", ...)
+  uint8_t dl_code = 0, dl_bits = 0;  // the producer's DLPack dtype, for error messages
+  uint16_t dl_lanes = 1;
   Device device = Device::unsupported;
   int device_id = 0;
   int ndim = 0;

@@ -9,6 +9,9 @@
 //         for jr in this thread's NR panels:  B micro-panel kc x NR stays in L1
 //           for ir in mc step MR:             micro-kernel on one MR x NR tile of C
 //       barrier                               (before the next B block overwrites this one)
+// When B for all of K fits kWholeKBytes, every K block of the jc column is packed up front behind
+// one barrier instead: two barriers per K block become one per call, and a thread that the OS
+// delays no longer stalls the other at every block.
 // Threads form a tm x tn grid over the tiles of C: tm splits the rows (each thread packs only its
 // own A rows), tn splits the NR panels of the shared B block.
 #include "cpu/gemm.h"
@@ -52,11 +55,15 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Below this many flops per thread the fork/join costs more than the thread saves.
 constexpr double kMinFlopsPerThread = 1 << 19;
+// Pack B for all of K at once when it is at most this large (it stays in L3).
+constexpr int64_t kWholeKBytes = 4 << 20;
 
 struct Plan {
   int nt = 1, tm = 1, tn = 1;  // threads, as a tm x tn grid over the tiles of C
   int64_t mc = 0, kc = 0, nc = 0;
-  size_t workspace = 0;  // elements: one packed B block + one packed A block per thread
+  bool whole_k = false;  // B packed for all of K per jc block (see the header comment)
+  size_t bsize = 0;      // elements of the packed B buffer
+  size_t workspace = 0;  // elements: the packed B buffer + one packed A block per thread
 };
 
 template <class T>
@@ -90,7 +97,9 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   const int64_t rows = ceil_div(mtiles, p.tm) * uk.mr;  // rows per thread
   const int64_t mb = ceil_div(rows, uk.mc);
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
-  p.workspace = size_t(p.kc * p.nc + p.nt * p.mc * p.kc);
+  p.whole_k = kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
+  p.bsize = size_t((p.whole_k ? g.K : p.kc) * p.nc);
+  p.workspace = p.bsize + size_t(p.nt * p.mc * p.kc);
   return p;
 }
 
@@ -134,7 +143,7 @@ template <class T>
 void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws, int tid) {
   const int64_t MR = uk.mr, NR = uk.nr;
   T* bpack = ws;
-  T* apack = ws + p.kc * p.nc + int64_t(tid) * p.mc * p.kc;
+  T* apack = ws + p.bsize + int64_t(tid) * p.mc * p.kc;
   alignas(64) T tmp[kMaxTileElems];
 
   const int it = tid / p.tn, jt = tid % p.tn;
@@ -144,28 +153,43 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
 
   for (int64_t jc = 0; jc < g.N; jc += p.nc) {
     const int64_t nc = min64(p.nc, g.N - jc), npanels = ceil_div(nc, NR);
-    for (int64_t pc = 0; pc < g.K; pc += p.kc) {
+    // Packs the K block starting at pc into `dst`; this thread's share of the NR panels.
+    auto pack_b_block = [&](int64_t pc, T* dst) {
       const int64_t kc = min64(p.kc, g.K - pc);
-
       int64_t q0, q1;
       split_range(npanels, p.nt, tid, &q0, &q1);
       if (q0 < q1)
         uk.pack_b(kc, min64(nc, q1 * NR) - q0 * NR, g.B + pc * g.rsb + (jc + q0 * NR) * g.csb,
-                  g.rsb, g.csb, bpack + q0 * NR * kc);
+                  g.rsb, g.csb, dst + q0 * NR * kc);
+    };
+    if (p.whole_k) {
+      // Block pc lives at bpack + pc * (npanels * NR): the blocks before it hold pc rows of K.
+      for (int64_t pc = 0; pc < g.K; pc += p.kc) pack_b_block(pc, bpack + pc * npanels * NR);
       team_barrier(p.nt);
+    }
+    for (int64_t pc = 0; pc < g.K; pc += p.kc) {
+      const int64_t kc = min64(p.kc, g.K - pc);
+      const T* bblock = bpack;
+      if (p.whole_k) {
+        bblock += pc * npanels * NR;
+      } else {
+        pack_b_block(pc, bpack);
+        team_barrier(p.nt);
+      }
 
       // The first K block applies beta and the biases; later ones accumulate.
       const bool first = pc == 0;
       const T beta = first ? g.beta : T(1);
       const T* bias_m = first ? g.bias_m : nullptr;
       const T* bias_n = first ? g.bias_n : nullptr;
+      int64_t q0, q1;
       split_range(npanels, p.tn, jt, &q0, &q1);
       for (int64_t ic = m0; ic < m1; ic += p.mc) {
         const int64_t mc = min64(p.mc, m1 - ic);
         uk.pack_a(mc, kc, g.A + ic * g.rsa + pc * g.csa, g.rsa, g.csa, apack);
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t j = jc + q * NR, nr = min64(NR, g.N - j);
-          const T* bp = bpack + q * NR * kc;
+          const T* bp = bblock + q * NR * kc;
           const T* bn = bias_n ? bias_n + j : nullptr;
           for (int64_t ir = 0; ir < mc; ir += MR) {
             const int64_t i = ic + ir, mr = min64(MR, mc - ir);
@@ -181,8 +205,9 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
           }
         }
       }
-      team_barrier(p.nt);
+      if (!p.whole_k) team_barrier(p.nt);  // before the next block overwrites this one
     }
+    if (p.whole_k && jc + p.nc < g.N) team_barrier(p.nt);
   }
 }
 

@@ -60,3 +60,21 @@ def check_same(x, name: str, ref, ref_name: str) -> None:
             f"{name} has dtype {_dtype_name(x.dtype)} but {ref_name} has dtype "
             f"{_dtype_name(ref.dtype)}; they must match"
         )
+
+
+def check_operands(ref, ref_name: str, *others) -> None:
+    """ref is a float tensor the kernels compute on; every other (tensor, name) pair that is not
+    None has ref's device and dtype. `others` alternates tensors and names."""
+    check_float(ref, ref_name)
+    dtype, is_cuda = ref.dtype, ref.is_cuda
+    for x, name in zip(others[::2], others[1::2]):
+        if x is None:
+            continue
+        # Fast path: attribute reads only; the full check (and its message) on any mismatch.
+        if not (
+            isinstance(x, torch.Tensor)
+            and x.dtype is dtype
+            and x.is_cuda == is_cuda
+            and not x.is_meta
+        ) or (is_cuda and x.device != ref.device):
+            check_same(x, name, ref, ref_name)

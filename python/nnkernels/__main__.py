@@ -1,0 +1,59 @@
+"""python -m nnkernels {bench,info}"""
+
+import argparse
+import sys
+
+
+def info() -> int:
+    import torch
+
+    import nnkernels
+    from nnkernels import _C
+
+    rows = [
+        ("nnkernels", nnkernels.__version__),
+        ("torch", torch.__version__),
+        (
+            "CPU ISA in use",
+            f"{_C.isa()} (best: {_C.best_isa()}; available: {', '.join(_C.available_isas())})",
+        ),
+        (
+            "GEMM micro-kernels",
+            f"{_C.gemm_kernel_name('float32')}, {_C.gemm_kernel_name('float64')}",
+        ),
+        ("threads", f"{nnkernels.get_num_threads()} (OpenMP: {'yes' if _C.openmp() else 'no'})"),
+        (
+            "CUDA kernels",
+            f"compiled for sm_{_C.cuda_archs().replace(',', ', sm_')}"
+            if _C.cuda_compiled()
+            else "not compiled",
+        ),
+        ("visible GPUs", str(_C.cuda_device_count())),
+    ]
+    try:
+        import numpy
+
+        rows.append(("numpy", numpy.__version__))
+    except ImportError:
+        rows.append(("numpy", "not installed (optional)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from nnkernels import bench
+
+    p = argparse.ArgumentParser(prog="python -m nnkernels")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    bench.add_arguments(sub.add_parser("bench", help="ours vs torch, side by side"))
+    sub.add_parser("info", help="build and machine facts")
+    args = p.parse_args(argv)
+    if args.cmd == "bench":
+        return bench.run(args)
+    return info()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

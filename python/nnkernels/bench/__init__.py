@@ -1,0 +1,85 @@
+"""`python -m nnkernels bench`: ours vs torch, side by side, per op.
+
+Each op has a module here with `cases(device, quick) -> list[Case]`; benchmarks/bench_<op>.py
+runs one op through the same entry point.
+"""
+
+import argparse
+
+import torch
+
+import nnkernels
+
+from . import harness, linear, matmul
+
+SUITES = {"matmul": matmul.cases, "linear": linear.cases}
+
+
+def _ops_arg(values):
+    ops = []
+    for v in values:
+        ops += [s for s in v.replace(",", " ").split() if s]
+    unknown = [o for o in ops if o not in SUITES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {unknown}; choose from {sorted(SUITES)}")
+    return ops
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        default=None,
+        metavar="OP",
+        help=f"ops to run (default: all of {', '.join(SUITES)})",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--quick", action="store_true", help="a few representative cases, about a minute"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results and the machine as JSON")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for both torch and nnkernels"
+    )
+    p.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
+
+
+def run(args) -> int:
+    try:
+        ops = _ops_arg(args.ops) if args.ops else list(SUITES)
+    except argparse.ArgumentTypeError as e:
+        print(f"nnkernels bench: {e}")
+        return 2
+    if args.device == "cuda" and not nnkernels.cuda_available():
+        print(
+            "nnkernels bench: --device cuda, but no CUDA GPU is visible or the build has no CUDA kernels"
+        )
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        nnkernels.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
+        torch.backends.cudnn.allow_tf32 = False
+    budget = args.budget or (0.6 if args.quick else 2.0)
+    torch.manual_seed(0)
+    info = harness.machine_info(args.device)
+    results = []
+    for op in ops:
+        cases = SUITES[op](args.device, args.quick)
+        for i, case in enumerate(cases, 1):
+            harness.progress(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype} ...")
+            results.append(harness.run_case(case, args.device, budget))
+    print(harness.format_table(results, info))
+    if args.json:
+        harness.write_json(args.json, results, info)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m nnkernels bench", description=__doc__.splitlines()[0]
+    )
+    add_arguments(p)
+    return run(p.parse_args(argv))

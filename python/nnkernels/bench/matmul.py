@@ -1,0 +1,52 @@
+"""matmul benchmark cases: nnkernels.functional.matmul vs torch.matmul (forward)."""
+
+import torch
+
+import nnkernels.functional as NF
+
+from .harness import Case
+
+
+def _case(M, N, K, device, dtype=torch.float32, ta=False, tb=False, batch=None):
+    lead = () if batch is None else (batch,)
+    a = (
+        torch.randn(*lead, K, M, device=device, dtype=dtype).mT
+        if ta
+        else torch.randn(*lead, M, K, device=device, dtype=dtype)
+    )
+    b = (
+        torch.randn(*lead, N, K, device=device, dtype=dtype).mT
+        if tb
+        else torch.randn(*lead, K, N, device=device, dtype=dtype)
+    )
+    name = f"{M}x{N}x{K}"
+    if ta or tb:
+        name += " " + ("A^T" if ta else "A") + ("B^T" if tb else "B")
+    if batch:
+        name = f"{batch}x[{name}]"
+    return Case(
+        op="matmul",
+        name=name,
+        dtype=str(dtype).replace("torch.", ""),
+        ours=lambda: NF.matmul(a, b),
+        torch=lambda: torch.matmul(a, b),
+        flops=2.0 * M * N * K * (batch or 1),
+    )
+
+
+def cases(device: str, quick: bool):
+    if quick:
+        sizes = [(512, 512, 512), (1024, 1024, 1024)]
+        return [_case(*s, device) for s in sizes]
+    out = [_case(n, n, n, device) for n in (64, 128, 256, 512, 1024, 2048)]
+    if device == "cuda":
+        out += [_case(4096, 4096, 4096, device)]
+    out += [
+        _case(1000, 1000, 1000, device),  # off every tile edge
+        _case(1024, 1024, 1024, device, ta=True),
+        _case(1024, 1024, 1024, device, tb=True),
+        _case(4096, 64, 1024, device),  # tall-skinny
+        _case(128, 128, 128, device, batch=64),
+        _case(1024, 1024, 1024, device, dtype=torch.float64) if device == "cpu" else None,
+    ]
+    return [c for c in out if c is not None]
