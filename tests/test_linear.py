@@ -40,6 +40,9 @@ def _check_linear(x, w, b):
     "lead,in_f,out_f",
     [
         ((256,), 784, 300),  # the course MLP's first layer
+        ((1,), 784, 300),  # small batches: computed as C^T = W . x^T
+        ((8,), 512, 2048),
+        ((64,), 129, 1000),
         ((64,), 300, 100),
         ((64,), 100, 10),
         ((1,), 1, 1),

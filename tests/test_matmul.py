@@ -77,6 +77,38 @@ def test_matmul_thread_grids(threads, M, N, K):
     _check_mm(torch.randn(M, K), torch.randn(K, N), K)
 
 
+# Skinny paths: A read in place when N is a few panels (rows contiguous, columns contiguous, or
+# neither: packed after all); B read in place when M is a tile or two and B is row-major; C^T = B^T
+# A^T when M is small and B is a transposed row-major matrix. Edge rows/columns included.
+SKINNY = [
+    (100, 10, 300),
+    (97, 17, 129),
+    (6, 64, 50),
+    (1000, 64, 33),
+    (1, 300, 200),
+    (5, 100, 64),
+    (12, 129, 40),
+    (13, 129, 40),
+    (64, 1000, 70),
+    (65, 1000, 70),
+    (7, 4100, 20),
+]
+
+
+@pytest.mark.parametrize("M,N,K", SKINNY)
+@pytest.mark.parametrize("layout", ["rowmajor", "ta", "tb", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_skinny(isa, M, N, K, layout, dtype):
+    if layout == "ta":
+        a = torch.randn(K, M, dtype=dtype).mT
+    elif layout == "sliced":
+        a = torch.randn(M, 2 * K, dtype=dtype)[:, ::2]
+    else:
+        a = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(N, K, dtype=dtype).mT if layout == "tb" else torch.randn(K, N, dtype=dtype)
+    _check_mm(a, b, K)
+
+
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -14,6 +14,14 @@
 // delays no longer stalls the other at every block.
 // Threads form a tm x tn grid over the tiles of C: tm splits the rows (each thread packs only its
 // own A rows), tn splits the NR panels of the shared B block.
+//
+// Skinny shapes (BLIS's "sup" idea): packing pays only when the packed panel is reused.
+//   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed.
+//   - M of at most kSmallMTiles tiles and B row-major: B rows are read in place, no packing and
+//     no barriers.
+//   - M small and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is computed instead,
+//     so the large weight is streamed in place once and only the small A^T is packed.
+// Partial tiles of an operand read in place are packed into a small per-thread buffer.
 #include "cpu/gemm.h"
 
 #include <cstdlib>
@@ -54,16 +62,22 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Below this many flops per thread the fork/join costs more than the thread saves.
-constexpr double kMinFlopsPerThread = 1 << 19;
+constexpr double kMinFlopsPerThread = 1 << 18;
 // Pack B for all of K at once when it is at most this large (it stays in L3).
 constexpr int64_t kWholeKBytes = 4 << 20;
+// Skinny thresholds (see the header comment).
+constexpr int64_t kSkinnyPanels = 4;
+constexpr int64_t kSmallMTiles = 2;
 
 struct Plan {
   int nt = 1, tm = 1, tn = 1;  // threads, as a tm x tn grid over the tiles of C
   int64_t mc = 0, kc = 0, nc = 0;
+  bool pack_a = true;    // false: A read in place (skinny N)
+  bool pack_b = true;    // false: B rows read in place (small M, row-major B)
   bool whole_k = false;  // B packed for all of K per jc block (see the header comment)
   size_t bsize = 0;      // elements of the packed B buffer
-  size_t workspace = 0;  // elements: the packed B buffer + one packed A block per thread
+  size_t per_thread = 0;  // elements: A block (or one edge A panel) + one edge B panel
+  size_t workspace = 0;  // elements: the packed B buffer + per_thread for each thread
 };
 
 template <class T>
@@ -97,9 +111,12 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   const int64_t rows = ceil_div(mtiles, p.tm) * uk.mr;  // rows per thread
   const int64_t mb = ceil_div(rows, uk.mc);
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
-  p.whole_k = kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
-  p.bsize = size_t((p.whole_k ? g.K : p.kc) * p.nc);
-  p.workspace = p.bsize + size_t(p.nt * p.mc * p.kc);
+  p.pack_a = !(ntiles <= kSkinnyPanels && (g.csa == 1 || g.rsa == 1));
+  p.pack_b = !(mtiles <= kSmallMTiles && g.csb == 1);
+  p.whole_k = p.pack_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
+  p.bsize = p.pack_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
+  p.per_thread = size_t((p.pack_a ? p.mc : uk.mr) * p.kc + p.kc * uk.nr);
+  p.workspace = p.bsize + p.nt * p.per_thread;
   return p;
 }
 
@@ -124,26 +141,56 @@ void scale_only(const Gemm<T>& g) {
     }
 }
 
-// Writes an edge tile (mr < MR, nr < NR or C not unit-stride in j) computed into `tmp`.
+// C = A . B as C^T = B^T . A^T when M is small and B is a transposed row-major matrix (Linear's
+// W^T): the large W is then read in place as the A operand, and only the small A^T is packed.
+template <class T>
+Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
+  const bool swap = g.csb != 1 && g.rsb == 1 && g.M <= kSkinnyPanels * uk.nr && g.N > g.M;
+  if (!swap) return g;
+  Gemm<T> t = g;
+  t.M = g.N;
+  t.N = g.M;
+  t.A = g.B;
+  t.rsa = g.csb;
+  t.csa = g.rsb;
+  t.B = g.A;
+  t.rsb = g.csa;
+  t.csb = g.rsa;
+  t.rsc = g.csc;
+  t.csc = g.rsc;
+  t.bias_m = g.bias_n;
+  t.bias_n = g.bias_m;
+  return t;
+}
+
+// Writes a tile computed into `tmp` (ldt apart): edge tiles, and every tile when C is not unit-
+// stride along j. Walks C along its smaller stride (a transposed C is written column by column).
 template <class T>
 void store_edge(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc,
                 int64_t csc, T alpha, T beta, const T* bias_m, const T* bias_n) {
-  for (int64_t i = 0; i < mr; ++i)
-    for (int64_t j = 0; j < nr; ++j) {
-      T& cij = c[i * rsc + j * csc];
-      T r = alpha * tmp[i * ldt + j];
-      if (beta != T(0)) r += beta * cij;
-      if (bias_n) r += bias_n[j];
-      if (bias_m) r += bias_m[i];
-      cij = r;
-    }
+  auto one = [&](int64_t i, int64_t j) {
+    T& cij = c[i * rsc + j * csc];
+    T r = alpha * tmp[i * ldt + j];
+    if (beta != T(0)) r += beta * cij;
+    if (bias_n) r += bias_n[j];
+    if (bias_m) r += bias_m[i];
+    cij = r;
+  };
+  if ((rsc < 0 ? -rsc : rsc) < (csc < 0 ? -csc : csc)) {
+    for (int64_t j = 0; j < nr; ++j)
+      for (int64_t i = 0; i < mr; ++i) one(i, j);
+  } else {
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t j = 0; j < nr; ++j) one(i, j);
+  }
 }
 
 template <class T>
 void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws, int tid) {
   const int64_t MR = uk.mr, NR = uk.nr;
   T* bpack = ws;
-  T* apack = ws + p.bsize + int64_t(tid) * p.mc * p.kc;
+  T* abuf = ws + p.bsize + int64_t(tid) * p.per_thread;  // packed A block, or one edge A panel
+  T* ebuf = abuf + (p.pack_a ? p.mc : MR) * p.kc;        // one edge B panel (B read in place)
   alignas(64) T tmp[kMaxTileElems];
 
   const int it = tid / p.tn, jt = tid % p.tn;
@@ -172,7 +219,7 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
       const T* bblock = bpack;
       if (p.whole_k) {
         bblock += pc * npanels * NR;
-      } else {
+      } else if (p.pack_b) {
         pack_b_block(pc, bpack);
         team_barrier(p.nt);
       }
@@ -186,26 +233,47 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
       split_range(npanels, p.tn, jt, &q0, &q1);
       for (int64_t ic = m0; ic < m1; ic += p.mc) {
         const int64_t mc = min64(p.mc, m1 - ic);
-        uk.pack_a(mc, kc, g.A + ic * g.rsa + pc * g.csa, g.rsa, g.csa, apack);
+        if (p.pack_a) uk.pack_a(mc, kc, g.A + ic * g.rsa + pc * g.csa, g.rsa, g.csa, abuf);
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t j = jc + q * NR, nr = min64(NR, g.N - j);
+          // The B micro-panel: packed, B itself (row-major), or a packed copy of a partial panel.
           const T* bp = bblock + q * NR * kc;
+          int64_t rsb = NR;
+          if (!p.pack_b) {
+            if (nr == NR) {
+              bp = g.B + pc * g.rsb + j;
+              rsb = g.rsb;
+            } else {
+              uk.pack_b(kc, nr, g.B + pc * g.rsb + j, g.rsb, 1, ebuf);
+              bp = ebuf;
+            }
+          }
           const T* bn = bias_n ? bias_n + j : nullptr;
           for (int64_t ir = 0; ir < mc; ir += MR) {
             const int64_t i = ic + ir, mr = min64(MR, mc - ir);
-            const T* ap = apack + ir * kc;
             const T* bm = bias_m ? bias_m + i : nullptr;
             T* c = g.C + i * g.rsc + j * g.csc;
-            if (mr == MR && nr == NR && g.csc == 1) {
-              uk.tile(kc, ap, bp, c, g.rsc, g.alpha, beta, bm, bn);
+            // Full tiles of a unit-stride C are stored by the kernel; others go through tmp.
+            const bool direct = mr == MR && nr == NR && g.csc == 1;
+            T* dst = direct ? c : tmp;
+            const int64_t ldd = direct ? g.rsc : NR;
+            const T alpha_d = direct ? g.alpha : T(1), beta_d = direct ? beta : T(0);
+            const T* bm_d = direct ? bm : nullptr;
+            const T* bn_d = direct ? bn : nullptr;
+            const T* a = g.A + i * g.rsa + pc * g.csa;
+            if (p.pack_a) {
+              uk.tile(kc, abuf + ir * kc, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
+            } else if (mr == MR) {
+              uk.tile_strided_a(kc, a, g.rsa, g.csa, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
             } else {
-              uk.tile(kc, ap, bp, tmp, NR, T(1), T(0), nullptr, nullptr);
-              store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
+              uk.pack_a(mr, kc, a, g.rsa, g.csa, abuf);
+              uk.tile(kc, abuf, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
             }
+            if (!direct) store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
           }
         }
       }
-      if (!p.whole_k) team_barrier(p.nt);  // before the next block overwrites this one
+      if (p.pack_b && !p.whole_k) team_barrier(p.nt);  // before the next block overwrites it
     }
     if (p.whole_k && jc + p.nc < g.N) team_barrier(p.nt);
   }
@@ -268,7 +336,8 @@ thread_local PackBuffer tls_pack;
 template <class T>
 size_t gemm_workspace(const Gemm<T>& g, int nthreads) {
   if (g.M <= 0 || g.N <= 0 || g.K <= 0 || g.alpha == T(0)) return 0;
-  return make_plan(g, active_gemm_ukernel<T>(), resolve_threads(nthreads)).workspace;
+  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  return make_plan(oriented(g, uk), uk, resolve_threads(nthreads)).workspace;
 }
 
 template <class T>
@@ -279,7 +348,8 @@ void gemm(const Gemm<T>& g, int nthreads, T* workspace) {
     return;
   }
   const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
-  run(g, uk, make_plan(g, uk, resolve_threads(nthreads)), workspace);
+  const Gemm<T> h = oriented(g, uk);
+  run(h, uk, make_plan(h, uk, resolve_threads(nthreads)), workspace);
 }
 
 template <class T>

@@ -21,8 +21,15 @@ struct GemmTile {
   static constexpr int NR = NV * W;
   static_assert(MR * NR <= cpu::kMaxTileElems, "tile larger than the driver's edge buffer");
 
-  static void tile(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
-                   int64_t rsc, T alpha, T beta, const T* bias_m, const T* bias_n) {
+  // One MR x NR tile of C over kc steps of k:
+  //   C[i*rsc + j] = alpha * sum_k A(i, k) * b[k*rsb + j] + beta * C[i*rsc + j] (+ biases)
+  // kPackedA: A(i, k) = a[k*MR + i] (a packed panel); otherwise A(i, k) = a[i*rsa + k*csa], read
+  // in place (the driver's skinny paths). B rows are NR contiguous values, rsb apart: a packed
+  // panel (rsb = NR) or B itself when it is row-major. beta == 0: C is not read.
+  template <bool kPackedA>
+  static NNK_INLINE void run(int64_t kc, const T* __restrict a, int64_t rsa, int64_t csa,
+                             const T* __restrict b, int64_t rsb, T* __restrict c, int64_t rsc,
+                             T alpha, T beta, const T* bias_m, const T* bias_n) {
     V acc[MR][NV];
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
@@ -36,6 +43,10 @@ struct GemmTile {
       __builtin_prefetch(c + i * rsc + NR - 1, 1, 3);
     }
 
+    const T* rows[MR];  // unpacked A: one pointer per row, stepped by csa
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) rows[i] = a + i * rsa;
+
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
       V bv[NV];
@@ -43,12 +54,17 @@ struct GemmTile {
       for (int j = 0; j < NV; ++j) bv[j] = S::load(b + j * W);
 #pragma GCC unroll 32
       for (int i = 0; i < MR; ++i) {
-        const V av = S::set1(a[i]);
+        const V av = S::set1(kPackedA ? a[i] : *rows[i]);
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) acc[i][j] = S::fma(av, bv[j], acc[i][j]);
       }
-      a += MR;
-      b += NR;
+      if (kPackedA) {
+        a += MR;
+      } else {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) rows[i] += csa;
+      }
+      b += rsb;
     }
 
     const V va = S::set1(alpha), vb = S::set1(beta);
@@ -65,6 +81,17 @@ struct GemmTile {
         S::store(ci + j * W, r);
       }
     }
+  }
+
+  static void tile(int64_t kc, const T* a, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha,
+                   T beta, const T* bias_m, const T* bias_n) {
+    run<true>(kc, a, 0, 0, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+  }
+
+  static void tile_strided_a(int64_t kc, const T* a, int64_t rsa, int64_t csa, const T* b,
+                             int64_t rsb, T* c, int64_t rsc, T alpha, T beta, const T* bias_m,
+                             const T* bias_n) {
+    run<false>(kc, a, rsa, csa, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
   }
 
   // Peak probe: MR*NV independent FMA chains, the register budget of the kernel and nothing else
@@ -144,8 +171,9 @@ struct GemmTile {
 template <class T, int MR, int NV>
 constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc, int nc) {
   using K = GemmTile<T, MR, NV>;
-  return cpu::GemmUKernel<T>{name, MR, K::NR, mc, kc, nc, &K::tile, &K::pack_a, &K::pack_b,
-                             &K::fma_loop};
+  return cpu::GemmUKernel<T>{name,     MR,           K::NR,      mc,         kc,
+                             nc,       &K::tile,     &K::tile_strided_a,      &K::pack_a,
+                             &K::pack_b, &K::fma_loop};
 }
 
 }  // namespace NNK_ISA_NS
