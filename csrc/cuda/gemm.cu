@@ -2,7 +2,8 @@
 //
 // Block tile 128 x 128 x 8, 256 threads as a 16 x 16 grid, each thread an 8 x 8 register tile
 // (rows ty*4+{0..3} and 64+ty*4+{0..3}, likewise columns, so shared-memory reads are float4 and
-// conflict-free). Tiles are double-buffered in shared memory: the next k-slab is fetched into
+// conflict-free). Shared rows are padded to 132 floats so the transposing slab stores do not
+// collide in one bank. Tiles are double-buffered in shared memory: the next k-slab is fetched into
 // registers while the current one is multiplied. Global loads are float4 when the operand is
 // contiguous along m/n or along k and 16-byte aligned, scalar (still coalesced along the smaller
 // stride) otherwise, so any strides work, transposed operands included. Edges are bounds-checked.
@@ -17,6 +18,7 @@ namespace cuda {
 namespace {
 
 constexpr int BM = 128, BN = 128, BK = 8, THREADS = 256;
+constexpr int kRow = BM + 4;  // padded shared-memory row (floats); keeps float4 alignment
 
 // How a thread maps its 4 elements of a 128 x 8 (A) or 8 x 128 (B) slab:
 enum Mode : int {
@@ -76,7 +78,13 @@ __device__ __forceinline__ void load_slab(int mode, const float* base, int64_t w
   }
 }
 
-__device__ __forceinline__ void store_slab(int mode, float (*s)[BM], int tid, const float r[4]) {
+__device__ __forceinline__ void store_slab(int mode, float (*s)[kRow], int tid, const float r[4]) {
+  if (mode == kVecWide) {  // 4 consecutive elements of one row: one float4
+    int w, k;
+    slab_coord(mode, tid, 0, &w, &k);
+    *reinterpret_cast<float4*>(&s[k][w]) = make_float4(r[0], r[1], r[2], r[3]);
+    return;
+  }
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     int w, k;
@@ -86,12 +94,16 @@ __device__ __forceinline__ void store_slab(int mode, float (*s)[BM], int tid, co
 }
 
 __global__ void __launch_bounds__(THREADS) sgemm_128x128x8(Params p) {
-  __shared__ __align__(16) float As[2][BK][BM];
-  __shared__ __align__(16) float Bs[2][BK][BN];
+  static_assert(BN == BM, "one padded row length serves both slabs");
+  __shared__ __align__(16) float As[2][BK][kRow];
+  __shared__ __align__(16) float Bs[2][BK][kRow];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
+  const int64_t ntiles = (p.N + BN - 1) / BN;
 
-  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z)
+  for (int64_t nt = blockIdx.y; nt < ntiles; nt += gridDim.y) {
+    const int64_t n0 = nt * BN;
     const float* A = p.A + b * p.sa;
     const float* B = p.B + b * p.sb;
     float* C = p.C + b * p.sc;
@@ -214,9 +226,9 @@ void sgemm(const Gemm<float>& g, int64_t batch, int64_t sa, int64_t sb, int64_t 
   p.amode = pick_mode(g.A, g.rsa, g.csa, sa);
   p.bmode = pick_mode(g.B, g.csb, g.rsb, sb);
 
-  const unsigned gy = ceil_div_u(g.N, BN);
-  if (gy > 65535u) throw std::runtime_error("nnkernels: sgemm: N is too large for one launch");
-  const dim3 grid(ceil_div_u(g.M, BM), gy, static_cast<unsigned>(batch < 65535 ? batch : 65535));
+  const int64_t ntiles = (g.N + BN - 1) / BN;
+  const dim3 grid(ceil_div_u(g.M, BM), static_cast<unsigned>(ntiles < 65535 ? ntiles : 65535),
+                  static_cast<unsigned>(batch < 65535 ? batch : 65535));
   DeviceGuard guard(device);
   sgemm_128x128x8<<<grid, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(p);
   check(cudaGetLastError(), "sgemm launch");
