@@ -9,11 +9,12 @@
 //         for jr in this thread's NR panels:  B micro-panel kc x NR stays in L1
 //           for ir in mc step MR:             micro-kernel on one MR x NR tile of C
 //       barrier                               (before the next B block overwrites this one)
-// When B for all of K fits kWholeKBytes, every K block of the jc column is packed up front behind
-// one barrier instead: two barriers per K block become one per call, and a thread that the OS
-// delays no longer stalls the other at every block.
 // Threads form a tm x tn grid over the tiles of C: tm splits the rows (each thread packs only its
 // own A rows), tn splits the NR panels of the shared B block.
+// When B for all of K fits kWholeKBytes, every K block of the jc column is packed up front behind
+// one barrier instead: two barriers per K block become one per call, and a thread that the OS
+// delays no longer stalls the other at every block. (A dynamic schedule over row chunks was
+// measured too and was slower: chunks small enough to balance re-stream B from L3.)
 //
 // Skinny shapes (BLIS's "sup" idea): packing pays only when the packed panel is reused.
 //   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed.
@@ -185,14 +186,80 @@ void store_edge(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t
   }
 }
 
+// What one thread needs to run blocks of C: the product, the kernel, the plan and its buffers.
+template <class T>
+struct Worker {
+  const Gemm<T>& g;
+  const GemmUKernel<T>& uk;
+  const Plan& p;
+  T* abuf;  // packed A block, or one edge A panel when A is read in place
+  T* ebuf;  // one edge B panel when B is read in place
+  T* tmp;   // one MR x NR tile for edge stores
+
+  // Rows [i0, i1) x NR panels [q0, q1) of the column block at jc, for the K block [pc, pc + kc).
+  // bblock is that K block's packed B (unused when B is read in place).
+  void block(int64_t jc, int64_t pc, int64_t kc, const T* bblock, int64_t i0, int64_t i1,
+             int64_t q0, int64_t q1) const {
+    const int64_t MR = uk.mr, NR = uk.nr;
+    // The first K block applies beta and the biases; later ones accumulate.
+    const bool first = pc == 0;
+    const T beta = first ? g.beta : T(1);
+    const T* bias_m = first ? g.bias_m : nullptr;
+    const T* bias_n = first ? g.bias_n : nullptr;
+    for (int64_t ic = i0; ic < i1; ic += p.mc) {
+      const int64_t mc = min64(p.mc, i1 - ic);
+      if (p.pack_a) uk.pack_a(mc, kc, g.A + ic * g.rsa + pc * g.csa, g.rsa, g.csa, abuf);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t j = jc + q * NR, nr = min64(NR, g.N - j);
+        // The B micro-panel: packed, B itself (row-major), or a packed copy of a partial panel.
+        const T* bp = bblock + q * NR * kc;
+        int64_t rsb = NR;
+        if (!p.pack_b) {
+          if (nr == NR) {
+            bp = g.B + pc * g.rsb + j;
+            rsb = g.rsb;
+          } else {
+            uk.pack_b(kc, nr, g.B + pc * g.rsb + j, g.rsb, 1, ebuf);
+            bp = ebuf;
+          }
+        }
+        const T* bn = bias_n ? bias_n + j : nullptr;
+        for (int64_t ir = 0; ir < mc; ir += MR) {
+          const int64_t i = ic + ir, mr = min64(MR, mc - ir);
+          const T* bm = bias_m ? bias_m + i : nullptr;
+          T* c = g.C + i * g.rsc + j * g.csc;
+          // Full tiles of a unit-stride C are stored by the kernel; others go through tmp.
+          const bool direct = mr == MR && nr == NR && g.csc == 1;
+          T* dst = direct ? c : tmp;
+          const int64_t ldd = direct ? g.rsc : NR;
+          const T alpha_d = direct ? g.alpha : T(1), beta_d = direct ? beta : T(0);
+          const T* bm_d = direct ? bm : nullptr;
+          const T* bn_d = direct ? bn : nullptr;
+          const T* a = g.A + i * g.rsa + pc * g.csa;
+          if (p.pack_a) {
+            uk.tile(kc, abuf + ir * kc, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
+          } else if (mr == MR) {
+            uk.tile_strided_a(kc, a, g.rsa, g.csa, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
+          } else {
+            uk.pack_a(mr, kc, a, g.rsa, g.csa, abuf);
+            uk.tile(kc, abuf, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
+          }
+          if (!direct) store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
+        }
+      }
+    }
+  }
+};
+
 template <class T>
 void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws, int tid) {
   const int64_t MR = uk.mr, NR = uk.nr;
   T* bpack = ws;
-  T* abuf = ws + p.bsize + int64_t(tid) * p.per_thread;  // packed A block, or one edge A panel
-  T* ebuf = abuf + (p.pack_a ? p.mc : MR) * p.kc;        // one edge B panel (B read in place)
+  T* abuf = ws + p.bsize + int64_t(tid) * p.per_thread;
   alignas(64) T tmp[kMaxTileElems];
+  const Worker<T> w{g, uk, p, abuf, abuf + (p.pack_a ? p.mc : MR) * p.kc, tmp};
 
+  // This thread's rows and NR panels of each column block.
   const int it = tid / p.tn, jt = tid % p.tn;
   int64_t t0, t1;
   split_range(ceil_div(g.M, MR), p.tm, it, &t0, &t1);
@@ -200,14 +267,16 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
 
   for (int64_t jc = 0; jc < g.N; jc += p.nc) {
     const int64_t nc = min64(p.nc, g.N - jc), npanels = ceil_div(nc, NR);
+    int64_t q0, q1;
+    split_range(npanels, p.tn, jt, &q0, &q1);
     // Packs the K block starting at pc into `dst`; this thread's share of the NR panels.
     auto pack_b_block = [&](int64_t pc, T* dst) {
       const int64_t kc = min64(p.kc, g.K - pc);
-      int64_t q0, q1;
-      split_range(npanels, p.nt, tid, &q0, &q1);
-      if (q0 < q1)
-        uk.pack_b(kc, min64(nc, q1 * NR) - q0 * NR, g.B + pc * g.rsb + (jc + q0 * NR) * g.csb,
-                  g.rsb, g.csb, dst + q0 * NR * kc);
+      int64_t s0, s1;
+      split_range(npanels, p.nt, tid, &s0, &s1);
+      if (s0 < s1)
+        uk.pack_b(kc, min64(nc, s1 * NR) - s0 * NR, g.B + pc * g.rsb + (jc + s0 * NR) * g.csb,
+                  g.rsb, g.csb, dst + s0 * NR * kc);
     };
     if (p.whole_k) {
       // Block pc lives at bpack + pc * (npanels * NR): the blocks before it hold pc rows of K.
@@ -215,7 +284,6 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
       team_barrier(p.nt);
     }
     for (int64_t pc = 0; pc < g.K; pc += p.kc) {
-      const int64_t kc = min64(p.kc, g.K - pc);
       const T* bblock = bpack;
       if (p.whole_k) {
         bblock += pc * npanels * NR;
@@ -223,56 +291,7 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
         pack_b_block(pc, bpack);
         team_barrier(p.nt);
       }
-
-      // The first K block applies beta and the biases; later ones accumulate.
-      const bool first = pc == 0;
-      const T beta = first ? g.beta : T(1);
-      const T* bias_m = first ? g.bias_m : nullptr;
-      const T* bias_n = first ? g.bias_n : nullptr;
-      int64_t q0, q1;
-      split_range(npanels, p.tn, jt, &q0, &q1);
-      for (int64_t ic = m0; ic < m1; ic += p.mc) {
-        const int64_t mc = min64(p.mc, m1 - ic);
-        if (p.pack_a) uk.pack_a(mc, kc, g.A + ic * g.rsa + pc * g.csa, g.rsa, g.csa, abuf);
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t j = jc + q * NR, nr = min64(NR, g.N - j);
-          // The B micro-panel: packed, B itself (row-major), or a packed copy of a partial panel.
-          const T* bp = bblock + q * NR * kc;
-          int64_t rsb = NR;
-          if (!p.pack_b) {
-            if (nr == NR) {
-              bp = g.B + pc * g.rsb + j;
-              rsb = g.rsb;
-            } else {
-              uk.pack_b(kc, nr, g.B + pc * g.rsb + j, g.rsb, 1, ebuf);
-              bp = ebuf;
-            }
-          }
-          const T* bn = bias_n ? bias_n + j : nullptr;
-          for (int64_t ir = 0; ir < mc; ir += MR) {
-            const int64_t i = ic + ir, mr = min64(MR, mc - ir);
-            const T* bm = bias_m ? bias_m + i : nullptr;
-            T* c = g.C + i * g.rsc + j * g.csc;
-            // Full tiles of a unit-stride C are stored by the kernel; others go through tmp.
-            const bool direct = mr == MR && nr == NR && g.csc == 1;
-            T* dst = direct ? c : tmp;
-            const int64_t ldd = direct ? g.rsc : NR;
-            const T alpha_d = direct ? g.alpha : T(1), beta_d = direct ? beta : T(0);
-            const T* bm_d = direct ? bm : nullptr;
-            const T* bn_d = direct ? bn : nullptr;
-            const T* a = g.A + i * g.rsa + pc * g.csa;
-            if (p.pack_a) {
-              uk.tile(kc, abuf + ir * kc, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
-            } else if (mr == MR) {
-              uk.tile_strided_a(kc, a, g.rsa, g.csa, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
-            } else {
-              uk.pack_a(mr, kc, a, g.rsa, g.csa, abuf);
-              uk.tile(kc, abuf, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
-            }
-            if (!direct) store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
-          }
-        }
-      }
+      w.block(jc, pc, min64(p.kc, g.K - pc), bblock, m0, m1, q0, q1);
       if (p.pack_b && !p.whole_k) team_barrier(p.nt);  // before the next block overwrites it
     }
     if (p.whole_k && jc + p.nc < g.N) team_barrier(p.nt);
@@ -288,10 +307,9 @@ void run(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws) {
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(p.nt)
   {
-    // The team may be smaller than asked (OMP_THREAD_LIMIT, dynamic teams); the plan's tile split
-    // assumes p.nt threads, so a short team falls back to one thread doing every tile.
-    const int got = omp_get_num_threads();
-    if (got == p.nt) {
+    // A short team (OMP_THREAD_LIMIT, dynamic teams) cannot run a split made for p.nt threads;
+    // its thread 0 then runs every tile alone.
+    if (omp_get_num_threads() == p.nt) {
       run_thread(g, uk, p, ws, omp_get_thread_num());
     } else if (omp_get_thread_num() == 0) {
       Plan one = p;
