@@ -8,7 +8,8 @@
 // fault on a CPU without AVX-512).
 //
 // Simd<T> provides: V (the register type), W (lanes), zero, set1, load, store, fma (a*b+c), mul,
-// add.
+// add. On AVX2 and AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double)
+// with 256-bit shuffles: the AVX-512 unit uses the very same code as the AVX2 one.
 #pragma once
 #include <cstdint>
 
@@ -94,6 +95,106 @@ struct Simd<double> {
   static NNK_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static NNK_INLINE V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm256_add_pd(a, b); }
+};
+
+#endif
+
+#if defined(NNK_ISA_AVX512) || defined(NNK_ISA_AVX2)
+#define NNK_HAVE_BLOCK_TRANSPOSE 1
+
+// dst[j*ldd + i] = src[i*lds + j] for i < ROWS (<= TB; missing rows read as zero) and j < TB.
+// With ROWS < TB each dst row gets ROWS values by 4/2/1-lane stores (masked stores are microcoded
+// and slow on AMD).
+template <class T>
+struct BlockTranspose;
+
+// The first n lanes of v to p (no masks: pieces of 4, 2 and 1 lanes from the two 128-bit halves).
+template <int n>
+NNK_INLINE void store_first(float* p, __m256 v) {
+  static_assert(n >= 1 && n <= 8, "lanes");
+  if constexpr (n == 8) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    __m128 part = _mm256_castps256_ps128(v);
+    if constexpr (n >= 4) {
+      _mm_storeu_ps(p, part);
+      part = _mm256_extractf128_ps(v, 1);
+      p += 4;
+    }
+    constexpr int rest = n % 4;
+    if constexpr (rest >= 2) {
+      _mm_storel_pi(reinterpret_cast<__m64*>(p), part);
+      part = _mm_movehl_ps(part, part);
+      p += 2;
+    }
+    if constexpr (rest % 2) _mm_store_ss(p, part);
+  }
+}
+
+template <int n>
+NNK_INLINE void store_first(double* p, __m256d v) {
+  static_assert(n >= 1 && n <= 4, "lanes");
+  if constexpr (n == 4) {
+    _mm256_storeu_pd(p, v);
+  } else {
+    __m128d part = _mm256_castpd256_pd128(v);
+    if constexpr (n >= 2) {
+      _mm_storeu_pd(p, part);
+      part = _mm256_extractf128_pd(v, 1);
+      p += 2;
+    }
+    if constexpr (n % 2) _mm_store_sd(p, part);
+  }
+}
+
+template <>
+struct BlockTranspose<float> {
+  static constexpr int TB = 8;
+  template <int ROWS>
+  static NNK_INLINE void run(const float* src, int64_t lds, float* dst, int64_t ldd) {
+    static_assert(ROWS >= 1 && ROWS <= 8, "rows per block");
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = i < ROWS ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 out[8] = {
+        _mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+        _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+        _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+        _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) store_first<ROWS>(dst + j * ldd, out[j]);
+  }
+};
+
+template <>
+struct BlockTranspose<double> {
+  static constexpr int TB = 4;
+  template <int ROWS>
+  static NNK_INLINE void run(const double* src, int64_t lds, double* dst, int64_t ldd) {
+    static_assert(ROWS >= 1 && ROWS <= 4, "rows per block");
+    __m256d r[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) r[i] = i < ROWS ? _mm256_loadu_pd(src + i * lds) : _mm256_setzero_pd();
+    const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    const __m256d out[4] = {
+        _mm256_permute2f128_pd(t0, t2, 0x20), _mm256_permute2f128_pd(t1, t3, 0x20),
+        _mm256_permute2f128_pd(t0, t2, 0x31), _mm256_permute2f128_pd(t1, t3, 0x31)};
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) store_first<ROWS>(dst + j * ldd, out[j]);
+  }
 };
 
 #else  // NNK_ISA_SCALAR: 16-byte GCC/Clang vectors (SSE2 on x86-64, NEON on aarch64)

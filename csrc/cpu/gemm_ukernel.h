@@ -115,18 +115,33 @@ struct GemmTile {
     return iters * MR * NV * W * 2;
   }
 
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+  // One TB-wide k step of an A panel whose rows are contiguous in k: the MR rows in groups of TB
+  // (the last group may be short), each transposed into dst[kk*MR + g + i].
+  template <int G>
+  static NNK_INLINE void transpose_row_groups(const T* src, int64_t rsa, T* dst) {
+    using BT = BlockTranspose<T>;
+    constexpr int ROWS = MR - G < BT::TB ? MR - G : BT::TB;
+    BT::template run<ROWS>(src + G * rsa, rsa, dst + G, MR);
+    if constexpr (G + BT::TB < MR) transpose_row_groups<G + BT::TB>(src, rsa, dst);
+  }
+#endif
+
   static void pack_a(int64_t m, int64_t k, const T* a, int64_t rsa, int64_t csa, T* dst) {
     for (int64_t i0 = 0; i0 < m; i0 += MR, dst += MR * k) {
       const int64_t mr = m - i0 < MR ? m - i0 : MR;
       const T* src = a + i0 * rsa;
       if (mr == MR && csa == 1) {
-        // Rows contiguous in k (A row-major): MR read streams, one write stream.
-        const T* rows[MR];
+        // Rows contiguous in k (A row-major): a transpose. TB x TB blocks in registers where the
+        // ISA has them (row groups of TB, the last one masked), scalar for the k tail.
+        int64_t p = 0;
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+        for (; p + BlockTranspose<T>::TB <= k; p += BlockTranspose<T>::TB)
+          transpose_row_groups<0>(src + p, rsa, dst + p * MR);
+#endif
+        for (; p < k; ++p)
 #pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i) rows[i] = src + i * rsa;
-        for (int64_t p = 0; p < k; ++p)
-#pragma GCC unroll 32
-          for (int i = 0; i < MR; ++i) dst[p * MR + i] = rows[i][p];
+          for (int i = 0; i < MR; ++i) dst[p * MR + i] = src[i * rsa + p];
       } else if (mr == MR && rsa == 1) {
         // Columns contiguous (A transposed): each k step is one contiguous run of MR.
         for (int64_t p = 0; p < k; ++p)
@@ -149,15 +164,25 @@ struct GemmTile {
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j) S::store(dst + p * NR + j * W, S::load(src + p * rsb + j * W));
       } else if (nr == NR && rsb == 1) {
-        // Columns contiguous in k (B = W^T of a row-major weight): transpose in blocks of 8 k
-        // steps so each of the NR source columns is read as a contiguous run.
+        // Columns contiguous in k (B = W^T of a row-major weight): a transpose. TB x TB blocks in
+        // registers where the ISA has them, else blocks of 8 k steps so each source column is
+        // read as a contiguous run; scalar for the k tail.
         int64_t p = 0;
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+        using BT = BlockTranspose<T>;
+        static_assert(NR % BT::TB == 0, "B panels are whole transpose blocks");
+        for (; p + BT::TB <= k; p += BT::TB)
+#pragma GCC unroll 8
+          for (int g = 0; g < NR; g += BT::TB)
+            BT::template run<BT::TB>(src + g * csb + p, csb, dst + p * NR + g, NR);
+#else
         for (; p + 8 <= k; p += 8)
           for (int j = 0; j < NR; ++j) {
             const T* col = src + j * csb + p;
 #pragma GCC unroll 8
             for (int q = 0; q < 8; ++q) dst[(p + q) * NR + j] = col[q];
           }
+#endif
         for (; p < k; ++p)
           for (int j = 0; j < NR; ++j) dst[p * NR + j] = src[j * csb + p];
       } else {
