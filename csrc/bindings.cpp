@@ -45,13 +45,18 @@ void gemm(py::handle a_, py::handle b_, py::handle out_, double alpha, double be
   check_ndim(a, "a", {2, 3});
   check_ndim(b, "b", {2, 3});
   check_ndim(out, "out", {2, 3});
-  NNK_CHECK_VALUE(out.ndim == 3 || (a.ndim == 2 && b.ndim == 2), "out must be 3-D (batched) when a or b is 3-D, got out of shape ", shape_str(out));
+  NNK_CHECK_VALUE(out.ndim == 3 || (a.ndim == 2 && b.ndim == 2),
+                  "out must be 3-D (batched) when a or b is 3-D, got out of shape ",
+                  shape_str(out));
   const int64_t batch = out.ndim == 3 ? out.shape[0] : 1;
-  NNK_CHECK_VALUE(a.ndim == 2 || a.shape[0] == batch, "a has batch size ", a.shape[0], " but out has ", batch);
-  NNK_CHECK_VALUE(b.ndim == 2 || b.shape[0] == batch, "b has batch size ", b.shape[0], " but out has ", batch);
+  NNK_CHECK_VALUE(a.ndim == 2 || a.shape[0] == batch, "a has batch size ", a.shape[0],
+                  " but out has ", batch);
+  NNK_CHECK_VALUE(b.ndim == 2 || b.shape[0] == batch, "b has batch size ", b.shape[0],
+                  " but out has ", batch);
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
-  NNK_CHECK_VALUE(b.size(-2) == K, "a and b cannot be multiplied: a is ", shape_str(a), " and b is ",
-                  shape_str(b), " (inner dimensions ", K, " and ", b.size(-2), " differ)");
+  NNK_CHECK_VALUE(b.size(-2) == K, "a and b cannot be multiplied: a is ", shape_str(a),
+                  " and b is ", shape_str(b), " (inner dimensions ", K, " and ", b.size(-2),
+                  " differ)");
   if (out.ndim == 3)
     check_shape(out, "out", {batch, M, N});
   else
@@ -149,32 +154,42 @@ PYBIND11_MODULE(_C, m) {
 
   // ISA dispatch
   m.def("isa", [] { return std::string(isa_name(active_isa())); }, "The CPU path in use.");
-  m.def("best_isa", [] { return std::string(isa_name(best_isa())); },
-        "The best CPU path this CPU supports.");
+  m.def(
+      "best_isa", [] { return std::string(isa_name(best_isa())); },
+      "The best CPU path this CPU supports.");
   m.def("available_isas", [] {
     std::vector<std::string> out;
     for (int i = 0; i <= static_cast<int>(best_isa()); ++i) out.push_back(isa_name(Isa(i)));
     return out;
   });
-  m.def("set_isa", [](const std::string& name) {
-    const Isa isa = isa_arg(name);
-    NNK_CHECK_VALUE(set_isa(isa), "ISA '", name, "' is not supported by this CPU (best: ",
-                    isa_name(best_isa()), ")");
-  }, "name"_a, "Force a CPU path no higher than best_isa().");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        const Isa isa = isa_arg(name);
+        NNK_CHECK_VALUE(set_isa(isa), "ISA '", name,
+                        "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
+      },
+      "name"_a, "Force a CPU path no higher than best_isa().");
 
   // Threads
-  m.def("set_num_threads", [](int n) {
-    NNK_CHECK_VALUE(n >= 1, "num_threads must be >= 1, got ", n);
-    set_num_threads(n);
-  }, "n"_a);
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        NNK_CHECK_VALUE(n >= 1, "num_threads must be >= 1, got ", n);
+        set_num_threads(n);
+      },
+      "n"_a);
   m.def("get_num_threads", &num_threads);
-  m.def("openmp", [] {
+  m.def(
+      "openmp",
+      [] {
 #if defined(_OPENMP)
-    return true;
+        return true;
 #else
-    return false;
+        return false;
 #endif
-  }, "Whether this build uses OpenMP.");
+      },
+      "Whether this build uses OpenMP.");
 
   // CUDA
   m.def("cuda_compiled", [] {
@@ -204,15 +219,22 @@ PYBIND11_MODULE(_C, m) {
         "bias"_a = py::none(), "stream"_a = 0,
         "out = alpha * a @ b + beta * out (+ bias), 2-D or batched 3-D, any strides.");
   m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");
-  m.def("gemm_kernel_name", [](const std::string& dtype) {
-    NNK_CHECK_VALUE(dtype == "float32" || dtype == "float64", "dtype must be 'float32' or 'float64'");
-    return std::string(dtype == "float32" ? cpu::gemm_kernel_name<float>()
-                                          : cpu::gemm_kernel_name<double>());
-  }, "dtype"_a = "float32");
-  m.def("fma_peak_gflops", [](bool fp64, int threads, double seconds) {
-    NNK_CHECK_VALUE(seconds > 0 && seconds < 60, "seconds must be in (0, 60)");
-    py::gil_scoped_release nogil;
-    return cpu::fma_peak_gflops(fp64, threads, seconds);
-  }, "fp64"_a = false, "threads"_a = 0, "seconds"_a = 0.2,
-        "Measured FMA throughput of the active CPU path, GFLOP/s.");
+  m.def(
+      "gemm_kernel_name",
+      [](const std::string& dtype) {
+        NNK_CHECK_VALUE(dtype == "float32" || dtype == "float64",
+                        "dtype must be 'float32' or 'float64'");
+        return std::string(dtype == "float32" ? cpu::gemm_kernel_name<float>()
+                                              : cpu::gemm_kernel_name<double>());
+      },
+      "dtype"_a = "float32");
+  m.def(
+      "fma_peak_gflops",
+      [](bool fp64, int threads, double seconds) {
+        NNK_CHECK_VALUE(seconds > 0 && seconds < 60, "seconds must be in (0, 60)");
+        py::gil_scoped_release nogil;
+        return cpu::fma_peak_gflops(fp64, threads, seconds);
+      },
+      "fp64"_a = false, "threads"_a = 0, "seconds"_a = 0.2,
+      "Measured FMA throughput of the active CPU path, GFLOP/s.");
 }

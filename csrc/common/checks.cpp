@@ -19,12 +19,18 @@ std::string dtype_str(const TensorView& v) {
   const DLDataType t{v.dl_code, v.dl_bits, v.dl_lanes};
   if (t.lanes != 1) return str_cat("a vector dtype with ", t.lanes, " lanes");
   switch (t.code) {
-    case kDLInt: return str_cat("int", int(t.bits));
-    case kDLUInt: return str_cat("uint", int(t.bits));
-    case kDLFloat: return str_cat("float", int(t.bits));
-    case kDLBfloat: return str_cat("bfloat", int(t.bits));
-    case kDLBool: return "bool";
-    default: return str_cat("dtype code ", int(t.code), " with ", int(t.bits), " bits");
+    case kDLInt:
+      return str_cat("int", int(t.bits));
+    case kDLUInt:
+      return str_cat("uint", int(t.bits));
+    case kDLFloat:
+      return str_cat("float", int(t.bits));
+    case kDLBfloat:
+      return str_cat("bfloat", int(t.bits));
+    case kDLBool:
+      return "bool";
+    default:
+      return str_cat("dtype code ", int(t.code), " with ", int(t.bits), " bits");
   }
 }
 
@@ -39,7 +45,8 @@ static DType dl_dtype(DLDataType t) {
 
 TensorView view_of(py::handle obj, const char* name) {
   NNK_CHECK_TYPE(obj && PyCapsule_CheckExact(obj.ptr()), name,
-                 " must be passed as a DLPack capsule, got ", py::str(py::type::of(obj)).cast<std::string>());
+                 " must be passed as a DLPack capsule, got ",
+                 py::str(py::type::of(obj)).cast<std::string>());
   const char* cap_name = PyCapsule_GetName(obj.ptr());
   const DLTensor* t = nullptr;
   bool readonly = false;
@@ -58,7 +65,8 @@ TensorView view_of(py::handle obj, const char* name) {
   }
   if (!t) {
     PyErr_Clear();
-    NNK_CHECK_VALUE(false, name, ": capsule '", cap_name ? cap_name : "", "' is not an unconsumed DLPack tensor");
+    NNK_CHECK_VALUE(false, name, ": capsule '", cap_name ? cap_name : "",
+                    "' is not an unconsumed DLPack tensor");
   }
   TensorView v;
   NNK_CHECK_VALUE(t->ndim >= 0 && t->ndim <= kMaxDims, name, " has ", t->ndim,
@@ -73,9 +81,14 @@ TensorView view_of(py::handle obj, const char* name) {
   v.device_id = t->device.device_id;
   switch (t->device.device_type) {
     case kDLCPU:
-    case kDLCUDAHost: v.device = Device::cpu; break;
-    case kDLCUDA: v.device = Device::cuda; break;
-    default: v.device = Device::unsupported;
+    case kDLCUDAHost:
+      v.device = Device::cpu;
+      break;
+    case kDLCUDA:
+      v.device = Device::cuda;
+      break;
+    default:
+      v.device = Device::unsupported;
   }
   int64_t running = 1;
   for (int d = v.ndim - 1; d >= 0; --d) {
@@ -99,8 +112,8 @@ void check_ndim(const TensorView& v, const char* name, std::initializer_list<int
   std::ostringstream want;
   int i = 0;
   for (int r : ranks) want << (i++ ? " or " : "") << r;
-  NNK_CHECK_VALUE(false, name, " must be ", want.str(), "-D, got a ", v.ndim,
-                  "-D tensor of shape ", shape_str(v));
+  NNK_CHECK_VALUE(false, name, " must be ", want.str(), "-D, got a ", v.ndim, "-D tensor of shape ",
+                  shape_str(v));
 }
 
 void check_shape(const TensorView& v, const char* name, std::initializer_list<int64_t> shape) {
@@ -130,7 +143,8 @@ void check_float(const TensorView& v, const char* name) {
   }
 }
 
-void check_like(const TensorView& v, const char* name, const TensorView& ref, const char* ref_name) {
+void check_like(const TensorView& v, const char* name, const TensorView& ref,
+                const char* ref_name) {
   NNK_CHECK_VALUE(v.device == ref.device && v.device_id == ref.device_id, name, " and ", ref_name,
                   " must be on the same device");
   NNK_CHECK_TYPE(v.dtype == ref.dtype, name, " has dtype ", dtype_str(v), " but ", ref_name,

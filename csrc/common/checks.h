@@ -21,16 +21,16 @@ std::string str_cat(const Args&... args) {
 
 [[noreturn]] void throw_not_implemented(const std::string& msg);
 
-#define NNK_CHECK_VALUE(cond, ...) \
-  do {                             \
+#define NNK_CHECK_VALUE(cond, ...)                                           \
+  do {                                                                       \
     if (!(cond)) throw ::pybind11::value_error(::nnk::str_cat(__VA_ARGS__)); \
   } while (0)
-#define NNK_CHECK_TYPE(cond, ...) \
-  do {                            \
+#define NNK_CHECK_TYPE(cond, ...)                                           \
+  do {                                                                      \
     if (!(cond)) throw ::pybind11::type_error(::nnk::str_cat(__VA_ARGS__)); \
   } while (0)
-#define NNK_CHECK_IMPLEMENTED(cond, ...) \
-  do {                                   \
+#define NNK_CHECK_IMPLEMENTED(cond, ...)                                    \
+  do {                                                                      \
     if (!(cond)) ::nnk::throw_not_implemented(::nnk::str_cat(__VA_ARGS__)); \
   } while (0)
 

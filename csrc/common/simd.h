@@ -155,7 +155,8 @@ struct BlockTranspose<float> {
     static_assert(ROWS >= 1 && ROWS <= 8, "rows per block");
     __m256 r[8];
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) r[i] = i < ROWS ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; ++i)
+      r[i] = i < ROWS ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
     const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
     const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
     const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -186,7 +187,8 @@ struct BlockTranspose<double> {
     static_assert(ROWS >= 1 && ROWS <= 4, "rows per block");
     __m256d r[4];
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) r[i] = i < ROWS ? _mm256_loadu_pd(src + i * lds) : _mm256_setzero_pd();
+    for (int i = 0; i < 4; ++i)
+      r[i] = i < ROWS ? _mm256_loadu_pd(src + i * lds) : _mm256_setzero_pd();
     const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
     const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
     const __m256d out[4] = {

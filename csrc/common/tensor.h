@@ -13,21 +13,30 @@ enum class Device { cpu, cuda, unsupported };
 
 inline const char* dtype_name(DType t) {
   switch (t) {
-    case DType::f16: return "float16";
-    case DType::bf16: return "bfloat16";
-    case DType::f32: return "float32";
-    case DType::f64: return "float64";
-    default: return "an unsupported dtype";
+    case DType::f16:
+      return "float16";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::f32:
+      return "float32";
+    case DType::f64:
+      return "float64";
+    default:
+      return "an unsupported dtype";
   }
 }
 
 inline int dtype_size(DType t) {
   switch (t) {
     case DType::f16:
-    case DType::bf16: return 2;
-    case DType::f32: return 4;
-    case DType::f64: return 8;
-    default: return 0;
+    case DType::bf16:
+      return 2;
+    case DType::f32:
+      return 4;
+    case DType::f64:
+      return 8;
+    default:
+      return 0;
   }
 }
 
@@ -51,7 +60,9 @@ struct TensorView {
     return n;
   }
   template <class T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 
   // [lo, hi) byte range this view can touch; empty (lo == hi) when numel() == 0.
   void byte_extent(uintptr_t* lo, uintptr_t* hi) const {

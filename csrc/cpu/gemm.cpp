@@ -38,10 +38,13 @@ template <>
 const GemmUKernel<float>& active_gemm_ukernel<float>() {
   switch (active_isa()) {
 #if defined(NNK_X86)
-    case Isa::avx512: return sgemm_ukernel_avx512();
-    case Isa::avx2: return sgemm_ukernel_avx2();
+    case Isa::avx512:
+      return sgemm_ukernel_avx512();
+    case Isa::avx2:
+      return sgemm_ukernel_avx2();
 #endif
-    default: return sgemm_ukernel_scalar();
+    default:
+      return sgemm_ukernel_scalar();
   }
 }
 
@@ -49,10 +52,13 @@ template <>
 const GemmUKernel<double>& active_gemm_ukernel<double>() {
   switch (active_isa()) {
 #if defined(NNK_X86)
-    case Isa::avx512: return dgemm_ukernel_avx512();
-    case Isa::avx2: return dgemm_ukernel_avx2();
+    case Isa::avx512:
+      return dgemm_ukernel_avx512();
+    case Isa::avx2:
+      return dgemm_ukernel_avx2();
 #endif
-    default: return dgemm_ukernel_scalar();
+    default:
+      return dgemm_ukernel_scalar();
   }
 }
 
@@ -73,12 +79,12 @@ constexpr int64_t kSmallMTiles = 2;
 struct Plan {
   int nt = 1, tm = 1, tn = 1;  // threads, as a tm x tn grid over the tiles of C
   int64_t mc = 0, kc = 0, nc = 0;
-  bool pack_a = true;    // false: A read in place (skinny N)
-  bool pack_b = true;    // false: B rows read in place (small M, row-major B)
-  bool whole_k = false;  // B packed for all of K per jc block (see the header comment)
-  size_t bsize = 0;      // elements of the packed B buffer
+  bool pack_a = true;     // false: A read in place (skinny N)
+  bool pack_b = true;     // false: B rows read in place (small M, row-major B)
+  bool whole_k = false;   // B packed for all of K per jc block (see the header comment)
+  size_t bsize = 0;       // elements of the packed B buffer
   size_t per_thread = 0;  // elements: A block (or one edge A panel) + one edge B panel
-  size_t workspace = 0;  // elements: the packed B buffer + per_thread for each thread
+  size_t workspace = 0;   // elements: the packed B buffer + per_thread for each thread
 };
 
 template <class T>
@@ -87,7 +93,8 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   const int64_t mtiles = ceil_div(g.M, uk.mr), ntiles = ceil_div(g.N, uk.nr);
   const double flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
   int64_t nt = max_threads;
-  if (flops / kMinFlopsPerThread < nt) nt = flops < kMinFlopsPerThread ? 1 : int64_t(flops / kMinFlopsPerThread);
+  if (flops / kMinFlopsPerThread < nt)
+    nt = flops < kMinFlopsPerThread ? 1 : int64_t(flops / kMinFlopsPerThread);
   if (mtiles * ntiles < nt) nt = mtiles * ntiles;
   p.nt = nt < 1 ? 1 : int(nt);
 
@@ -167,8 +174,8 @@ Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
 // Writes a tile computed into `tmp` (ldt apart): edge tiles, and every tile when C is not unit-
 // stride along j. Walks C along its smaller stride (a transposed C is written column by column).
 template <class T>
-void store_edge(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc,
-                int64_t csc, T alpha, T beta, const T* bias_m, const T* bias_n) {
+void store_edge(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc, int64_t csc,
+                T alpha, T beta, const T* bias_m, const T* bias_n) {
   auto one = [&](int64_t i, int64_t j) {
     T& cij = c[i * rsc + j * csc];
     T r = alpha * tmp[i * ldt + j];
@@ -410,11 +417,11 @@ const char* gemm_kernel_name() {
   return active_gemm_ukernel<T>().name;
 }
 
-#define NNK_INSTANTIATE_GEMM(T)                                                              \
-  template size_t gemm_workspace<T>(const Gemm<T>&, int);                                    \
-  template void gemm<T>(const Gemm<T>&, int, T*);                                            \
-  template void gemm<T>(const Gemm<T>&, int);                                                \
-  template void gemm_batched<T>(const Gemm<T>&, int64_t, int64_t, int64_t, int64_t, int);    \
+#define NNK_INSTANTIATE_GEMM(T)                                                           \
+  template size_t gemm_workspace<T>(const Gemm<T>&, int);                                 \
+  template void gemm<T>(const Gemm<T>&, int, T*);                                         \
+  template void gemm<T>(const Gemm<T>&, int);                                             \
+  template void gemm_batched<T>(const Gemm<T>&, int64_t, int64_t, int64_t, int64_t, int); \
   template const char* gemm_kernel_name<T>();
 NNK_INSTANTIATE_GEMM(float)
 NNK_INSTANTIATE_GEMM(double)

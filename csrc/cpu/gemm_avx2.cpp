@@ -10,12 +10,14 @@ namespace nnk {
 namespace cpu {
 
 const GemmUKernel<float>& sgemm_ukernel_avx2() {
-  static constexpr GemmUKernel<float> k = avx2::make_gemm_ukernel<float, 6, 2>("sgemm_avx2_6x16", 144, 384, 4080);
+  static constexpr GemmUKernel<float> k =
+      avx2::make_gemm_ukernel<float, 6, 2>("sgemm_avx2_6x16", 144, 384, 4080);
   return k;
 }
 
 const GemmUKernel<double>& dgemm_ukernel_avx2() {
-  static constexpr GemmUKernel<double> k = avx2::make_gemm_ukernel<double, 6, 2>("dgemm_avx2_6x8", 72, 384, 2040);
+  static constexpr GemmUKernel<double> k =
+      avx2::make_gemm_ukernel<double, 6, 2>("dgemm_avx2_6x8", 72, 384, 2040);
   return k;
 }
 

@@ -11,18 +11,18 @@ template <class T>
 struct GemmUKernel {
   const char* name;  // "<s|d>gemm_<isa>_<MR>x<NR>"
   int mr, nr;        // register tile of C
-  int mc, kc, nc;    // cache blocks: A block mc x kc (L2), B micro-panel kc x nr (L1), B block kc x nc (L3)
+  int mc, kc,
+      nc;  // cache blocks: A block mc x kc (L2), B micro-panel kc x nr (L1), B block kc x nc (L3)
 
   // Full mr x nr tile from a packed A panel a (kc x mr) and B rows of nr values, rsb apart (a
   // packed panel: rsb = nr; or B itself when it is row-major):
   //   C[i*rsc + j] = alpha * sum_k a[k*mr + i] * b[k*rsb + j] + beta * C[i*rsc + j]
   //                  (+ bias_m[i]) (+ bias_n[j]);  beta == 0: C is not read.
-  void (*tile)(int64_t kc, const T* a, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha,
-               T beta, const T* bias_m, const T* bias_n);
+  void (*tile)(int64_t kc, const T* a, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha, T beta,
+               const T* bias_m, const T* bias_n);
   // The same with A read in place: A(i, k) = a[i*rsa + k*csa] (all mr rows must exist).
-  void (*tile_strided_a)(int64_t kc, const T* a, int64_t rsa, int64_t csa, const T* b,
-                         int64_t rsb, T* c, int64_t rsc, T alpha, T beta, const T* bias_m,
-                         const T* bias_n);
+  void (*tile_strided_a)(int64_t kc, const T* a, int64_t rsa, int64_t csa, const T* b, int64_t rsb,
+                         T* c, int64_t rsc, T alpha, T beta, const T* bias_m, const T* bias_n);
   // A[i*rsa + p*csa] for i < m, p < k  ->  ceil(m/mr) panels of k*mr, rows past m zeroed.
   void (*pack_a)(int64_t m, int64_t k, const T* a, int64_t rsa, int64_t csa, T* dst);
   // B[p*rsb + j*csb] for p < k, j < n  ->  ceil(n/nr) panels of k*nr, columns past n zeroed.

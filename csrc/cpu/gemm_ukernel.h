@@ -4,7 +4,8 @@
 // Tile: MR rows x NR = NV*W columns of C held in MR*NV vector registers. Per k step the kernel
 // loads NV vectors of the packed B row and, for each of the MR rows, broadcasts one packed A value
 // and issues NV FMAs: MR*NV FMAs for NV loads + MR broadcasts.
-//   AVX-512 f32 14x32: 28 accumulators + 2 B vectors (of 32 zmm).  AVX2 f32 6x16: 12 + 2 (of 16 ymm).
+//   AVX-512 f32 14x32: 28 accumulators + 2 B vectors (of 32 zmm).  AVX2 f32 6x16: 12 + 2 (of 16
+//   ymm).
 #pragma once
 #include <cstdint>
 
@@ -162,7 +163,8 @@ struct GemmTile {
         // Rows contiguous (B row-major): a vector copy per k step.
         for (int64_t p = 0; p < k; ++p)
 #pragma GCC unroll 8
-          for (int j = 0; j < NV; ++j) S::store(dst + p * NR + j * W, S::load(src + p * rsb + j * W));
+          for (int j = 0; j < NV; ++j)
+            S::store(dst + p * NR + j * W, S::load(src + p * rsb + j * W));
       } else if (nr == NR && rsb == 1) {
         // Columns contiguous in k (B = W^T of a row-major weight): a transpose. TB x TB blocks in
         // registers where the ISA has them, else blocks of 8 k steps so each source column is
@@ -196,9 +198,9 @@ struct GemmTile {
 template <class T, int MR, int NV>
 constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc, int nc) {
   using K = GemmTile<T, MR, NV>;
-  return cpu::GemmUKernel<T>{name,     MR,           K::NR,      mc,         kc,
-                             nc,       &K::tile,     &K::tile_strided_a,      &K::pack_a,
-                             &K::pack_b, &K::fma_loop};
+  return cpu::GemmUKernel<T>{name,       MR,         K::NR,       mc,
+                             kc,         nc,         &K::tile,    &K::tile_strided_a,
+                             &K::pack_a, &K::pack_b, &K::fma_loop};
 }
 
 }  // namespace NNK_ISA_NS

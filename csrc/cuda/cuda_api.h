@@ -11,7 +11,7 @@ namespace nnk {
 namespace cuda {
 
 // runtime.cu
-int device_count();  // 0 when there is no driver or no GPU; never throws
+int device_count();            // 0 when there is no driver or no GPU; never throws
 std::string compiled_archs();  // e.g. "80,90"
 
 // gemm.cu: `batch` products, item b at A + b*sa, B + b*sb, C + b*sc (see common/gemm_args.h).

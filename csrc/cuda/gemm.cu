@@ -28,27 +28,35 @@ enum Mode : int {
   kAlongK = 3,   // scalar, consecutive threads step along k
 };
 
-struct Params {
-  int64_t M, N, K, batch;
-  const float* A;
-  int64_t rsa, csa, sa;
-  const float* B;
-  int64_t rsb, csb, sb;
-  float* C;
-  int64_t rsc, csc, sc;
-  float alpha, beta;
-  const float* bias_m;
-  const float* bias_n;
+// The GEMM (common/gemm_args.h) plus the batch and the load mode of each operand.
+struct Params : Gemm<float> {
+  int64_t batch, sa, sb, sc;
   int amode, bmode;
 };
 
 // Element e (0..3) of thread `tid` in a slab: `wide` indexes m (or n, 0..127), `k` 0..7.
 __device__ __forceinline__ void slab_coord(int mode, int tid, int e, int* wide, int* k) {
   switch (mode) {
-    case kVecWide: *k = tid >> 5; *wide = (tid & 31) * 4 + e; break;
-    case kVecK: *wide = tid >> 1; *k = (tid & 1) * 4 + e; break;
-    case kWide: { const int idx = tid + e * THREADS; *wide = idx & 127; *k = idx >> 7; break; }
-    default: { const int idx = tid + e * THREADS; *k = idx & 7; *wide = idx >> 3; break; }
+    case kVecWide:
+      *k = tid >> 5;
+      *wide = (tid & 31) * 4 + e;
+      break;
+    case kVecK:
+      *wide = tid >> 1;
+      *k = (tid & 1) * 4 + e;
+      break;
+    case kWide: {
+      const int idx = tid + e * THREADS;
+      *wide = idx & 127;
+      *k = idx >> 7;
+      break;
+    }
+    default: {
+      const int idx = tid + e * THREADS;
+      *k = idx & 7;
+      *wide = idx >> 3;
+      break;
+    }
   }
 }
 
@@ -62,12 +70,18 @@ __device__ __forceinline__ void load_slab(int mode, const float* base, int64_t w
   const int64_t gw = w0 + w, gk = k0 + k;
   if (mode == kVecWide && gk < K && gw + 3 < W) {
     const float4 v = *reinterpret_cast<const float4*>(base + gw * ws + gk * ks);
-    r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
+    r[0] = v.x;
+    r[1] = v.y;
+    r[2] = v.z;
+    r[3] = v.w;
     return;
   }
   if (mode == kVecK && gw < W && gk + 3 < K) {
     const float4 v = *reinterpret_cast<const float4*>(base + gw * ws + gk * ks);
-    r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
+    r[0] = v.x;
+    r[1] = v.y;
+    r[2] = v.z;
+    r[3] = v.w;
     return;
   }
 #pragma unroll
@@ -102,88 +116,91 @@ __global__ void __launch_bounds__(THREADS) sgemm_128x128x8(Params p) {
   const int64_t ntiles = (p.N + BN - 1) / BN;
 
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z)
-  for (int64_t nt = blockIdx.y; nt < ntiles; nt += gridDim.y) {
-    const int64_t n0 = nt * BN;
-    const float* A = p.A + b * p.sa;
-    const float* B = p.B + b * p.sb;
-    float* C = p.C + b * p.sc;
-    float acc[8][8];
+    for (int64_t nt = blockIdx.y; nt < ntiles; nt += gridDim.y) {
+      const int64_t n0 = nt * BN;
+      const float* A = p.A + b * p.sa;
+      const float* B = p.B + b * p.sb;
+      float* C = p.C + b * p.sc;
+      float acc[8][8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
 
-    float ra[4], rb[4];
-    // A slab: wide = m (stride rsa), k (stride csa). B slab: wide = n (stride csb), k (stride rsb).
-    load_slab(p.amode, A, p.rsa, p.csa, p.M, p.K, m0, 0, tid, ra);
-    load_slab(p.bmode, B, p.csb, p.rsb, p.N, p.K, n0, 0, tid, rb);
-    store_slab(p.amode, As[0], tid, ra);
-    store_slab(p.bmode, Bs[0], tid, rb);
-    __syncthreads();
-
-    int cur = 0;
-    for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
-      const bool next = k0 + BK < p.K;
-      if (next) {
-        load_slab(p.amode, A, p.rsa, p.csa, p.M, p.K, m0, k0 + BK, tid, ra);
-        load_slab(p.bmode, B, p.csb, p.rsb, p.N, p.K, n0, k0 + BK, tid, rb);
-      }
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
-        const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
-        const float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
-        const float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
-        const float af[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        const float bf[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(af[i], bf[j], acc[i][j]);
-      }
-      if (next) {
-        store_slab(p.amode, As[cur ^ 1], tid, ra);
-        store_slab(p.bmode, Bs[cur ^ 1], tid, rb);
-      }
+      float ra[4], rb[4];
+      // A slab: wide = m (stride rsa), k (stride csa). B slab: wide = n (stride csb), k (stride
+      // rsb).
+      load_slab(p.amode, A, p.rsa, p.csa, p.M, p.K, m0, 0, tid, ra);
+      load_slab(p.bmode, B, p.csb, p.rsb, p.N, p.K, n0, 0, tid, rb);
+      store_slab(p.amode, As[0], tid, ra);
+      store_slab(p.bmode, Bs[0], tid, rb);
       __syncthreads();
-      cur ^= 1;
-    }
+
+      int cur = 0;
+      for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
+        const bool next = k0 + BK < p.K;
+        if (next) {
+          load_slab(p.amode, A, p.rsa, p.csa, p.M, p.K, m0, k0 + BK, tid, ra);
+          load_slab(p.bmode, B, p.csb, p.rsb, p.N, p.K, n0, k0 + BK, tid, rb);
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+          const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
+          const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
+          const float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
+          const float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
+          const float af[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+          const float bf[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(af[i], bf[j], acc[i][j]);
+        }
+        if (next) {
+          store_slab(p.amode, As[cur ^ 1], tid, ra);
+          store_slab(p.bmode, Bs[cur ^ 1], tid, rb);
+        }
+        __syncthreads();
+        cur ^= 1;
+      }
 
     // Epilogue: C = alpha * acc + beta * C + biases, float4 stores where C allows.
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int64_t m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
-      if (m >= p.M) continue;
-      const float bm = p.bias_m ? p.bias_m[m] : 0.f;
+      for (int i = 0; i < 8; ++i) {
+        const int64_t m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+        if (m >= p.M) continue;
+        const float bm = p.bias_m ? p.bias_m[m] : 0.f;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t n = n0 + h * 64 + tx * 4;
-        float* c = C + m * p.rsc + n * p.csc;
-        float v[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          v[e] = p.alpha * acc[i][h * 4 + e] + bm;
-          if (p.bias_n && n + e < p.N) v[e] += p.bias_n[n + e];
-        }
-        const bool vec = p.csc == 1 && n + 3 < p.N && (reinterpret_cast<uintptr_t>(c) & 15) == 0;
-        if (vec) {
-          if (p.beta != 0.f) {
-            const float4 old = *reinterpret_cast<const float4*>(c);
-            v[0] += p.beta * old.x; v[1] += p.beta * old.y;
-            v[2] += p.beta * old.z; v[3] += p.beta * old.w;
-          }
-          *reinterpret_cast<float4*>(c) = make_float4(v[0], v[1], v[2], v[3]);
-        } else {
+        for (int h = 0; h < 2; ++h) {
+          const int64_t n = n0 + h * 64 + tx * 4;
+          float* c = C + m * p.rsc + n * p.csc;
+          float v[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            if (n + e >= p.N) break;
-            float* ce = c + e * p.csc;
-            *ce = p.beta != 0.f ? v[e] + p.beta * *ce : v[e];
+            v[e] = p.alpha * acc[i][h * 4 + e] + bm;
+            if (p.bias_n && n + e < p.N) v[e] += p.bias_n[n + e];
+          }
+          const bool vec = p.csc == 1 && n + 3 < p.N && (reinterpret_cast<uintptr_t>(c) & 15) == 0;
+          if (vec) {
+            if (p.beta != 0.f) {
+              const float4 old = *reinterpret_cast<const float4*>(c);
+              v[0] += p.beta * old.x;
+              v[1] += p.beta * old.y;
+              v[2] += p.beta * old.z;
+              v[3] += p.beta * old.w;
+            }
+            *reinterpret_cast<float4*>(c) = make_float4(v[0], v[1], v[2], v[3]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (n + e >= p.N) break;
+              float* ce = c + e * p.csc;
+              *ce = p.beta != 0.f ? v[e] + p.beta * *ce : v[e];
+            }
           }
         }
       }
     }
-  }
 }
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
@@ -203,26 +220,12 @@ void sgemm(const Gemm<float>& g, int64_t batch, int64_t sa, int64_t sb, int64_t 
            void* stream) {
   if (g.M <= 0 || g.N <= 0 || batch <= 0) return;
   Params p;
-  p.M = g.M;
-  p.N = g.N;
-  p.K = g.alpha == 0.f ? 0 : g.K;  // alpha == 0: A and B are not read (BLAS semantics)
+  static_cast<Gemm<float>&>(p) = g;
+  if (g.alpha == 0.f) p.K = 0;  // alpha == 0: A and B are not read (BLAS semantics)
   p.batch = batch;
-  p.A = g.A;
-  p.rsa = g.rsa;
-  p.csa = g.csa;
   p.sa = sa;
-  p.B = g.B;
-  p.rsb = g.rsb;
-  p.csb = g.csb;
   p.sb = sb;
-  p.C = g.C;
-  p.rsc = g.rsc;
-  p.csc = g.csc;
   p.sc = sc;
-  p.alpha = g.alpha;
-  p.beta = g.beta;
-  p.bias_m = g.bias_m;
-  p.bias_n = g.bias_n;
   p.amode = pick_mode(g.A, g.rsa, g.csa, sa);
   p.bmode = pick_mode(g.B, g.csb, g.rsb, sb);
 
