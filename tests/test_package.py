@@ -73,3 +73,70 @@ def test_import_without_a_gpu_driver():
 
 def test_fma_peak_is_measured():
     assert _C.fma_peak_gflops(False, 1, 0.02) > 0.5
+
+
+def test_isa_env_above_the_cpu_warns_and_keeps_best():
+    if _C.best_isa() == "avx512":
+        pytest.skip("this CPU runs every path")
+    out, err = _run("import nnkernels; print(nnkernels.isa())", NNKERNELS_ISA="avx512")
+    assert out == _C.best_isa()
+    assert "not supported by this CPU" in err
+
+
+def test_concurrent_calls_from_python_threads():
+    """The kernels release the GIL; calls from several threads at once must not interfere (each
+    calling thread owns its packing buffer)."""
+    import threading
+
+    import nnkernels.functional as NF
+
+    shapes = [(97, 130, 71), (200, 33, 300), (5, 700, 64), (64, 64, 64)]
+    inputs = [(torch.randn(m, k), torch.randn(k, n)) for m, n, k in shapes]
+    want = [a.double() @ b.double() for a, b in inputs]
+    errors = []
+
+    def worker(i):
+        a, b = inputs[i % len(inputs)]
+        for _ in range(20):
+            got = NF.matmul(a, b)
+            if not torch.allclose(got.double(), want[i % len(inputs)], rtol=1e-4, atol=1e-3):
+                errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_info_command():
+    out, _ = _run("import sys; from nnkernels.__main__ import main; sys.exit(main(['info']))")
+    assert "CPU ISA in use" in out and "GEMM micro-kernels" in out
+
+
+def test_bench_command_writes_json(tmp_path):
+    """The harness end to end on the smallest cases: a table on stdout, JSON with the machine."""
+    import json
+
+    path = tmp_path / "bench.json"
+    out, _ = _run(
+        "import sys; from nnkernels.__main__ import main; "
+        f"sys.exit(main(['bench', '--quick', '--budget', '0.05', '--json', {str(path)!r}]))"
+    )
+    assert "speedup" in out and "geometric-mean" in out
+    data = json.loads(path.read_text())
+    assert data["machine"]["isa"] == _C.isa() and data["machine"]["fma_peak_gflops"]["float32"] > 0
+    ops = {r["op"] for r in data["results"]}
+    assert {"matmul", "linear"} <= ops
+    for r in data["results"]:
+        assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] > 0
+
+
+def test_bench_rejects_unknown_ops():
+    out = subprocess.run(
+        [sys.executable, "-m", "nnkernels", "bench", "--ops", "conv9"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "unknown op" in out.stdout
