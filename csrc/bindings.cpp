@@ -7,6 +7,7 @@
 
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -33,12 +34,22 @@ void require_cuda_build(const TensorView& v, const char* name) {
 #endif
 }
 
+void transpose_last2(TensorView* v) {
+  if (v->ndim < 2) return;  // rejected by the rank checks that follow
+  std::swap(v->shape[v->ndim - 1], v->shape[v->ndim - 2]);
+  std::swap(v->strides[v->ndim - 1], v->strides[v->ndim - 2]);
+}
+
 // out = alpha * a @ b + beta * out (+ bias broadcast over rows).
 // a (M, K) or (B, M, K); b (K, N) or (B, K, N); out (M, N) or (B, M, N); bias (N,) or None.
 // A 2-D a or b next to a 3-D out is shared by every batch item.
 void gemm(py::handle a_, py::handle b_, py::handle out_, double alpha, double beta,
-          py::handle bias_, uintptr_t stream) {
-  const TensorView a = view_of(a_, "a"), b = view_of(b_, "b"), out = view_of(out_, "out");
+          py::handle bias_, uintptr_t stream, bool trans_a, bool trans_b) {
+  TensorView a = view_of(a_, "a"), b = view_of(b_, "b");
+  const TensorView out = view_of(out_, "out");
+  // trans_a / trans_b: use the operand's last two dims swapped (a strided view, no copy).
+  if (trans_a) transpose_last2(&a);
+  if (trans_b) transpose_last2(&b);
   check_float(a, "a");
   check_like(b, "b", a, "a");
   check_like(out, "out", a, "a");
@@ -216,8 +227,9 @@ PYBIND11_MODULE(_C, m) {
 
   // Kernels
   m.def("gemm", &gemm, "a"_a, "b"_a, "out"_a, "alpha"_a = 1.0, "beta"_a = 0.0,
-        "bias"_a = py::none(), "stream"_a = 0,
-        "out = alpha * a @ b + beta * out (+ bias), 2-D or batched 3-D, any strides.");
+        "bias"_a = py::none(), "stream"_a = 0, "trans_a"_a = false, "trans_b"_a = false,
+        "out = alpha * op(a) @ op(b) + beta * out (+ bias), 2-D or batched 3-D, any strides; "
+        "op(x) swaps x's last two dims when trans_x.");
   m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");
   m.def(
       "gemm_kernel_name",

@@ -37,6 +37,8 @@ def _sync_threads() -> None:
 
 def _dl(x, name):
     """A DLPack capsule of a torch tensor or a numpy array (borrowed, not copied)."""
+    if type(x) is torch.Tensor:  # the common case first: no attribute probing
+        return to_dlpack(x)
     if isinstance(x, torch.Tensor):
         return to_dlpack(x)
     if hasattr(x, "__dlpack__") and hasattr(x, "__array_interface__"):  # numpy
@@ -55,18 +57,21 @@ def _stream(x) -> int:
     return 0
 
 
-def gemm(a, b, out, alpha=1.0, beta=0.0, bias=None):
-    """out = alpha * a @ b + beta * out (+ bias per column); 2-D, or batched 3-D (a 2-D operand is
+def gemm(a, b, out, alpha=1.0, beta=0.0, bias=None, trans_a=False, trans_b=False):
+    """out = alpha * op(a) @ op(b) + beta * out (+ bias per column); op(x) is x with its last two
+    dims swapped when trans_x (a strided view, no copy). 2-D, or batched 3-D (a 2-D operand is
     shared across the batch). Any strides."""
     _sync_threads()
     _C.gemm(
         _dl(a, "a"),
         _dl(b, "b"),
         _dl(out, "out"),
-        float(alpha),
-        float(beta),
+        alpha,
+        beta,
         None if bias is None else _dl(bias, "bias"),
         _stream(out),
+        trans_a,
+        trans_b,
     )
     return out
 

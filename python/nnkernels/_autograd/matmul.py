@@ -17,8 +17,11 @@ import torch
 from .. import _ops
 
 
-def _recording(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _recording(a, b, c=None) -> bool:
+    """Whether autograd must record an op on these inputs (c may be None)."""
+    return torch.is_grad_enabled() and (
+        a.requires_grad or b.requires_grad or (c is not None and c.requires_grad)
+    )
 
 
 # ------------------------------------------------------------------------------------ matmul
@@ -68,7 +71,11 @@ class SumRowsFunction(torch.autograd.Function):
 
 
 def sum_rows(x):
-    return SumRowsFunction.apply(x) if _recording(x) else _sum_rows_forward(x)
+    return (
+        SumRowsFunction.apply(x)
+        if torch.is_grad_enabled() and x.requires_grad
+        else _sum_rows_forward(x)
+    )
 
 
 # ------------------------------------------------------------------------------------ linear
@@ -77,7 +84,7 @@ def sum_rows(x):
 def _linear_forward(x, weight, bias):
     out = x.new_empty(x.shape[0], weight.shape[0])
     # The bias is added in the GEMM's store (no second pass over out).
-    return _ops.gemm(x, weight.mT, out, bias=None if bias is None else bias.contiguous())
+    return _ops.gemm(x, weight, out, bias=None if bias is None else bias.contiguous(), trans_b=True)
 
 
 class LinearFunction(torch.autograd.Function):
