@@ -106,3 +106,23 @@ def test_linear_kernel(isa, lib):
     got = np.asarray(K.linear(x, w, b))
     assert got.shape == (4, 6, 23)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_linear_kernel_out(lib):
+    x, w, b = np.ones((2, 3, 4), np.float32), np.ones((5, 4), np.float32), np.ones(5, np.float32)
+    out = np.zeros((2, 3, 5), np.float32)
+    if lib == "torch":
+        x, w, b, out = (torch.from_numpy(t) for t in (x, w, b, out))
+    assert K.linear(x, w, b, out=out) is out
+    np.testing.assert_array_equal(np.asarray(out), np.full((2, 3, 5), 5.0))
+    bad = out.transpose(0, 1) if lib == "torch" else out.transpose(1, 0, 2)
+    with pytest.raises(ValueError, match="out must have shape"):
+        K.linear(x, w, b, out=bad)
+    strided = (
+        torch.zeros(2, 3, 10)[..., ::2]
+        if lib == "torch"
+        else np.zeros((2, 3, 10), np.float32)[..., ::2]
+    )
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        K.linear(x, w, b, out=strided)

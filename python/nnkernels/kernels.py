@@ -83,11 +83,19 @@ def linear(input, weight, bias=None, out=None):
         )
     lead = tuple(input.shape[:-1])
     x2 = input.reshape(math.prod(lead), input.shape[-1])
-    wt = weight.mT if kind == "torch" else weight.T
-    o2 = (
-        _empty(kind, input, (x2.shape[0], weight.shape[0]))
-        if out is None
-        else out.reshape(x2.shape[0], weight.shape[0])
-    )
-    _ops.gemm(x2, wt, o2, bias=bias)
-    return o2.reshape(*lead, weight.shape[0]) if out is None else out
+    rows, n = x2.shape[0], weight.shape[0]
+    if out is None:
+        o2 = _empty(kind, input, (rows, n))
+    else:
+        if tuple(out.shape) != (*lead, n):
+            raise ValueError(f"linear: out must have shape {(*lead, n)}, got {tuple(out.shape)}")
+        o2 = out
+        if len(lead) != 1:  # folding the leading dims must be a view, or the result is lost
+            contiguous = out.is_contiguous() if kind == "torch" else out.flags.c_contiguous
+            if not contiguous:
+                raise ValueError(
+                    "linear: out must be contiguous when input has several leading dims"
+                )
+            o2 = out.reshape(rows, n)
+    _ops.gemm(x2, weight, o2, bias=bias, trans_b=True)
+    return o2.reshape(*lead, n) if out is None else out
