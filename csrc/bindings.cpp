@@ -14,6 +14,7 @@
 #include "common/isa.h"
 #include "common/threading.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_kernel.h"
 #include "cpu/peak.h"
 #include "cpu/reduce.h"
 #if defined(NNK_WITH_CUDA)
@@ -181,6 +182,15 @@ PYBIND11_MODULE(_C, m) {
                         "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
       },
       "name"_a, "Force a CPU path no higher than best_isa().");
+
+  m.def(
+      "_emulate_avx512_tiles",
+      [](bool on) {
+#if defined(NNK_X86)
+        cpu::set_emulated_avx512_tiles(on);
+#endif
+      },
+      "on"_a, "Test hook: on an AVX2 CPU, run the GEMM at the AVX-512 kernels' tiles and blocks.");
 
   // Threads
   m.def(

@@ -25,6 +25,7 @@
 // Partial tiles of an operand read in place are packed into a small per-thread buffer.
 #include "cpu/gemm.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <new>
 
@@ -34,6 +35,11 @@
 
 namespace nnk {
 namespace cpu {
+
+static std::atomic<bool> g_avx512_tiles{false};
+void set_emulated_avx512_tiles(bool on) { g_avx512_tiles.store(on, std::memory_order_relaxed); }
+bool emulated_avx512_tiles() { return g_avx512_tiles.load(std::memory_order_relaxed); }
+
 template <>
 const GemmUKernel<float>& active_gemm_ukernel<float>() {
   switch (active_isa()) {
@@ -41,7 +47,7 @@ const GemmUKernel<float>& active_gemm_ukernel<float>() {
     case Isa::avx512:
       return sgemm_ukernel_avx512();
     case Isa::avx2:
-      return sgemm_ukernel_avx2();
+      return emulated_avx512_tiles() ? sgemm_ukernel_avx2_avx512_tiles() : sgemm_ukernel_avx2();
 #endif
     default:
       return sgemm_ukernel_scalar();
@@ -55,7 +61,7 @@ const GemmUKernel<double>& active_gemm_ukernel<double>() {
     case Isa::avx512:
       return dgemm_ukernel_avx512();
     case Isa::avx2:
-      return dgemm_ukernel_avx2();
+      return emulated_avx512_tiles() ? dgemm_ukernel_avx2_avx512_tiles() : dgemm_ukernel_avx2();
 #endif
     default:
       return dgemm_ukernel_scalar();

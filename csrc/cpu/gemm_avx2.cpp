@@ -21,5 +21,20 @@ const GemmUKernel<double>& dgemm_ukernel_avx2() {
   return k;
 }
 
+// The AVX-512 geometry on AVX2 registers (56 / 28 accumulators: it spills, it is for tests only).
+const GemmUKernel<float>& sgemm_ukernel_avx2_avx512_tiles() {
+  static constexpr GemmUKernel<float> k =
+      avx2::make_gemm_ukernel<float, Avx512Tiles::mr, Avx512Tiles::s_nr / 8>(
+          "sgemm_avx2_14x32_test", Avx512Tiles::s_mc, Avx512Tiles::s_kc, Avx512Tiles::s_nc);
+  return k;
+}
+
+const GemmUKernel<double>& dgemm_ukernel_avx2_avx512_tiles() {
+  static constexpr GemmUKernel<double> k =
+      avx2::make_gemm_ukernel<double, Avx512Tiles::mr, Avx512Tiles::d_nr / 4>(
+          "dgemm_avx2_14x16_test", Avx512Tiles::d_mc, Avx512Tiles::d_kc, Avx512Tiles::d_nc);
+  return k;
+}
+
 }  // namespace cpu
 }  // namespace nnk

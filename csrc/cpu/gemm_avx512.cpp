@@ -11,13 +11,15 @@ namespace cpu {
 
 const GemmUKernel<float>& sgemm_ukernel_avx512() {
   static constexpr GemmUKernel<float> k =
-      avx512::make_gemm_ukernel<float, 14, 2>("sgemm_avx512_14x32", 336, 192, 4096);
+      avx512::make_gemm_ukernel<float, Avx512Tiles::mr, Avx512Tiles::s_nr / 16>(
+          "sgemm_avx512_14x32", Avx512Tiles::s_mc, Avx512Tiles::s_kc, Avx512Tiles::s_nc);
   return k;
 }
 
 const GemmUKernel<double>& dgemm_ukernel_avx512() {
   static constexpr GemmUKernel<double> k =
-      avx512::make_gemm_ukernel<double, 14, 2>("dgemm_avx512_14x16", 168, 192, 2048);
+      avx512::make_gemm_ukernel<double, Avx512Tiles::mr, Avx512Tiles::d_nr / 8>(
+          "dgemm_avx512_14x16", Avx512Tiles::d_mc, Avx512Tiles::d_kc, Avx512Tiles::d_nc);
   return k;
 }
 

@@ -37,11 +37,25 @@ const GemmUKernel<T>& active_gemm_ukernel();
 
 constexpr int kMaxTileElems = 512;  // largest mr*nr of any kernel (14x32)
 
+// AVX-512 tiles and cache blocks (gemm_avx512.cpp). The AVX2 unit also builds the same template at
+// this geometry, reachable only through set_emulated_avx512_tiles(), so machines without AVX-512
+// test every driver path the AVX-512 kernels take (MR = 14, NR = 32 / 16, their blocks).
+struct Avx512Tiles {
+  static constexpr int mr = 14;
+  static constexpr int s_nr = 32, s_mc = 336, s_kc = 192, s_nc = 4096;  // float
+  static constexpr int d_nr = 16, d_mc = 168, d_kc = 192, d_nc = 2048;  // double
+};
+// Test hook: while on (and the active ISA is avx2), the AVX2 kernels run at the AVX-512 geometry.
+void set_emulated_avx512_tiles(bool on);
+bool emulated_avx512_tiles();
+
 const GemmUKernel<float>& sgemm_ukernel_scalar();
 const GemmUKernel<double>& dgemm_ukernel_scalar();
 #if defined(NNK_X86)
 const GemmUKernel<float>& sgemm_ukernel_avx2();
 const GemmUKernel<double>& dgemm_ukernel_avx2();
+const GemmUKernel<float>& sgemm_ukernel_avx2_avx512_tiles();
+const GemmUKernel<double>& dgemm_ukernel_avx2_avx512_tiles();
 const GemmUKernel<float>& sgemm_ukernel_avx512();
 const GemmUKernel<double>& dgemm_ukernel_avx512();
 #endif
