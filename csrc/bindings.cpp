@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -13,6 +14,7 @@
 #include "common/checks.h"
 #include "common/isa.h"
 #include "common/threading.h"
+#include "cpu/conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_kernel.h"
 #include "cpu/peak.h"
@@ -150,6 +152,197 @@ void sum_rows(py::handle x_, py::handle out_, uintptr_t stream) {
   }
 }
 
+// ------------------------------------------------------------------------------------- conv2d
+
+using Pair = std::array<int64_t, 2>;
+using Quad = std::array<int64_t, 4>;
+
+// The convolution of input `xv` (N, C, H, W) with weight `wv` (K, C/groups, R, S); padding is
+// (top, bottom, left, right). Validates the parameters and returns the geometry with the output
+// size (P, Q).
+cpu::Conv2dShape conv_shape(const TensorView& xv, const char* xname, const TensorView& wv,
+                            const char* wname, Pair stride, Quad padding, Pair dilation,
+                            int64_t groups) {
+  check_ndim(xv, xname, {4});
+  check_ndim(wv, wname, {4});
+  NNK_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, "stride must be positive, got (", stride[0],
+                  ", ", stride[1], ")");
+  NNK_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, "dilation must be positive, got (",
+                  dilation[0], ", ", dilation[1], ")");
+  for (int64_t p : padding) NNK_CHECK_VALUE(p >= 0, "padding must be non-negative, got ", p);
+  NNK_CHECK_VALUE(groups >= 1, "groups must be positive, got ", groups);
+  cpu::Conv2dShape s;
+  s.N = xv.shape[0];
+  s.C = xv.shape[1];
+  s.H = xv.shape[2];
+  s.W = xv.shape[3];
+  s.K = wv.shape[0];
+  s.R = wv.shape[2];
+  s.S = wv.shape[3];
+  s.sh = stride[0];
+  s.sw = stride[1];
+  s.ph = padding[0];
+  s.pw = padding[2];
+  s.dh = dilation[0];
+  s.dw = dilation[1];
+  s.groups = groups;
+  NNK_CHECK_VALUE(s.C % groups == 0, "groups=", groups, " must divide the input channels (", s.C,
+                  ")");
+  NNK_CHECK_VALUE(s.K % groups == 0, "groups=", groups, " must divide the output channels (", s.K,
+                  ")");
+  NNK_CHECK_VALUE(wv.shape[1] * groups == s.C, wname, " ", shape_str(wv), " expects ",
+                  wv.shape[1] * groups, " input channels (", wv.shape[1], " x groups=", groups,
+                  ") but ", xname, " ", shape_str(xv), " has ", s.C);
+  const int64_t eh = s.dh * (s.R - 1) + 1, ew = s.dw * (s.S - 1) + 1;  // dilated kernel extent
+  const int64_t hp = s.H + padding[0] + padding[1], wp = s.W + padding[2] + padding[3];
+  NNK_CHECK_VALUE(eh <= hp && ew <= wp, "the kernel (", eh, " x ", ew,
+                  " with dilation) is larger than the padded input (", hp, " x ", wp, ")");
+  s.P = (hp - eh) / s.sh + 1;
+  s.Q = (wp - ew) / s.sw + 1;
+  return s;
+}
+
+template <class T>
+cpu::View4<T> view4(const TensorView& v) {
+  return cpu::View4<T>{v.ptr<T>(), {v.strides[0], v.strides[1], v.strides[2], v.strides[3]}};
+}
+
+// (dim a, dim b) of v flatten into one index with the stride of b (size-1 dims never matter).
+bool flattens(const TensorView& v, int a, int b) {
+  return v.shape[a] <= 1 || v.shape[b] <= 1 || v.strides[a] == v.shape[b] * v.strides[b];
+}
+
+void check_weight_layout(const TensorView& w, const char* name) {
+  NNK_CHECK_VALUE(flattens(w, 2, 3) && (w.shape[1] <= 1 || w.shape[2] * w.shape[3] <= 1 ||
+                                        w.strides[1] == w.shape[2] * w.shape[3] * w.strides[3]),
+                  name, " must have its (C/groups, R, S) dims contiguous (e.g. .contiguous())");
+}
+
+void check_pixels_layout(const TensorView& v, const char* name) {
+  NNK_CHECK_VALUE(flattens(v, 2, 3), name,
+                  " must have its (H, W) dims flattenable "
+                  "(contiguous or channels_last)");
+}
+
+template <class F>
+void dispatch_float(const TensorView& ref, F&& f) {
+  if (ref.dtype == DType::f32)
+    f(static_cast<float*>(nullptr));
+  else
+    f(static_cast<double*>(nullptr));
+}
+
+void conv2d_forward(py::handle x_, py::handle w_, py::handle bias_, py::handle y_, Pair stride,
+                    Quad padding, Pair dilation, int64_t groups, uintptr_t stream) {
+  const TensorView x = view_of(x_, "input"), w = view_of(w_, "weight"), y = view_of(y_, "out");
+  check_float(x, "input");
+  check_like(w, "weight", x, "input");
+  check_like(y, "out", x, "input");
+  const cpu::Conv2dShape s = conv_shape(x, "input", w, "weight", stride, padding, dilation, groups);
+  check_shape(y, "out", {s.N, s.K, s.P, s.Q});
+  check_weight_layout(w, "weight");
+  check_pixels_layout(y, "out");
+  check_output(y, "out");
+  check_no_overlap(y, "out", x, "input");
+  check_no_overlap(y, "out", w, "weight");
+  TensorView bias;
+  if (!bias_.is_none()) {
+    bias = view_of(bias_, "bias");
+    check_like(bias, "bias", x, "input");
+    check_shape(bias, "bias", {s.K});
+    NNK_CHECK_VALUE(s.K <= 1 || bias.strides[0] == 1, "bias must be contiguous");
+    check_no_overlap(y, "out", bias, "bias");
+  }
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "conv2d on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::conv2d_forward<T>(s, view4<const T>(x), view4<const T>(w),
+                           bias_.is_none() ? nullptr : bias.ptr<const T>(), view4<T>(y));
+  });
+}
+
+void conv2d_backward_data(py::handle dy_, py::handle w_, py::handle dx_, Pair stride, Quad padding,
+                          Pair dilation, int64_t groups, uintptr_t stream) {
+  const TensorView dy = view_of(dy_, "grad_output"), w = view_of(w_, "weight"),
+                   dx = view_of(dx_, "grad_input");
+  check_float(dy, "grad_output");
+  check_like(w, "weight", dy, "grad_output");
+  check_like(dx, "grad_input", dy, "grad_output");
+  const cpu::Conv2dShape s =
+      conv_shape(dx, "grad_input", w, "weight", stride, padding, dilation, groups);
+  check_shape(dy, "grad_output", {s.N, s.K, s.P, s.Q});
+  check_weight_layout(w, "weight");
+  check_pixels_layout(dy, "grad_output");
+  check_output(dx, "grad_input");
+  check_no_overlap(dx, "grad_input", dy, "grad_output");
+  check_no_overlap(dx, "grad_input", w, "weight");
+  require_cuda_build(dy, "grad_output");
+  NNK_CHECK_IMPLEMENTED(dy.device == Device::cpu, "conv2d on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(dy, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::conv2d_backward_data<T>(s, view4<const T>(dy), view4<const T>(w), view4<T>(dx));
+  });
+}
+
+void conv2d_backward_weight(py::handle x_, py::handle dy_, py::handle dw_, py::handle db_,
+                            Pair stride, Quad padding, Pair dilation, int64_t groups,
+                            uintptr_t stream) {
+  const TensorView x = view_of(x_, "input"), dy = view_of(dy_, "grad_output"),
+                   dw = view_of(dw_, "grad_weight");
+  check_float(x, "input");
+  check_like(dy, "grad_output", x, "input");
+  check_like(dw, "grad_weight", x, "input");
+  const cpu::Conv2dShape s =
+      conv_shape(x, "input", dw, "grad_weight", stride, padding, dilation, groups);
+  check_shape(dy, "grad_output", {s.N, s.K, s.P, s.Q});
+  check_weight_layout(dw, "grad_weight");
+  check_pixels_layout(dy, "grad_output");
+  check_output(dw, "grad_weight");
+  check_no_overlap(dw, "grad_weight", x, "input");
+  check_no_overlap(dw, "grad_weight", dy, "grad_output");
+  TensorView db;
+  if (!db_.is_none()) {
+    db = view_of(db_, "grad_bias");
+    check_like(db, "grad_bias", x, "input");
+    check_shape(db, "grad_bias", {s.K});
+    NNK_CHECK_VALUE(s.K <= 1 || db.strides[0] == 1, "grad_bias must be contiguous");
+    check_output(db, "grad_bias");
+    check_no_overlap(db, "grad_bias", dw, "grad_weight");
+    check_no_overlap(db, "grad_bias", dy, "grad_output");
+  }
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "conv2d on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::conv2d_backward_weight<T>(s, view4<const T>(x), view4<const T>(dy), view4<T>(dw),
+                                   db_.is_none() ? nullptr : db.ptr<T>());
+  });
+}
+
+// out[c] = sum_{n,h,w} x[n, c, h, w] for a 4-D x whose (H, W) dims flatten.
+void sum_channels(py::handle x_, py::handle out_, uintptr_t stream) {
+  const TensorView x = view_of(x_, "x"), out = view_of(out_, "out");
+  check_float(x, "x");
+  check_like(out, "out", x, "x");
+  check_ndim(x, "x", {4});
+  check_shape(out, "out", {x.shape[1]});
+  check_pixels_layout(x, "x");
+  check_output(out, "out");
+  check_no_overlap(out, "out", x, "x");
+  require_cuda_build(x, "x");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "sum_channels on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::sum_channels(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.ptr<const T>(),
+                      x.strides[0], x.strides[1], x.strides[3], out.ptr<T>());
+  });
+}
+
 Isa isa_arg(const std::string& name) {
   Isa isa;
   NNK_CHECK_VALUE(isa_from_name(name.c_str(), &isa), "unknown ISA '", name,
@@ -240,6 +433,16 @@ PYBIND11_MODULE(_C, m) {
         "bias"_a = py::none(), "stream"_a = 0, "trans_a"_a = false, "trans_b"_a = false,
         "out = alpha * op(a) @ op(b) + beta * out (+ bias), 2-D or batched 3-D, any strides; "
         "op(x) swaps x's last two dims when trans_x.");
+  m.def("conv2d_forward", &conv2d_forward, "input"_a, "weight"_a, "bias"_a, "out"_a, "stride"_a,
+        "padding"_a, "dilation"_a, "groups"_a, "stream"_a = 0,
+        "out = conv2d(input, weight) + bias; padding = (top, bottom, left, right), zeros.");
+  m.def("conv2d_backward_data", &conv2d_backward_data, "grad_output"_a, "weight"_a, "grad_input"_a,
+        "stride"_a, "padding"_a, "dilation"_a, "groups"_a, "stream"_a = 0);
+  m.def("conv2d_backward_weight", &conv2d_backward_weight, "input"_a, "grad_output"_a,
+        "grad_weight"_a, "grad_bias"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a,
+        "stream"_a = 0);
+  m.def("sum_channels", &sum_channels, "x"_a, "out"_a, "stream"_a = 0,
+        "out[c] = sum over n, h, w of x[n, c, h, w].");
   m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");
   m.def(
       "gemm_kernel_name",

@@ -40,7 +40,7 @@ def threads(request):
     import nnkernels._ops as ops
 
     ops._user_threads = None
-    ops._sync_threads()
+    ops.sync_threads()
 
 
 def assert_matches_reference(ours, theirs, ref, *, k=1, scale=None, name="output", mult=8.0):

@@ -54,7 +54,7 @@ def test_threads_follow_torch_unless_set():
     finally:
         ops._user_threads = None
         torch.set_num_threads(before)
-        ops._sync_threads()
+        ops.sync_threads()
     assert _C.get_num_threads() == before
 
 

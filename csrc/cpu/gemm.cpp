@@ -31,6 +31,7 @@
 
 #include "common/isa.h"
 #include "common/threading.h"
+#include "common/workspace.h"
 #include "cpu/gemm_kernel.h"
 
 namespace nnk {
@@ -342,26 +343,6 @@ inline int resolve_threads(int nthreads) {
   return nthreads > 0 ? nthreads : num_threads();
 }
 
-// Packing buffer owned by the calling thread: 64-byte aligned, grown on demand, kept for reuse.
-struct PackBuffer {
-  void* p = nullptr;
-  size_t bytes = 0;
-  ~PackBuffer() { std::free(p); }
-  void* get(size_t n) {
-    if (n > bytes) {
-      std::free(p);
-      p = nullptr;
-      bytes = 0;
-      const size_t rounded = (n + 63) / 64 * 64;
-      p = std::aligned_alloc(64, rounded);
-      if (!p) throw std::bad_alloc();
-      bytes = rounded;
-    }
-    return p;
-  }
-};
-thread_local PackBuffer tls_pack;
-
 }  // namespace
 
 template <class T>
@@ -386,7 +367,7 @@ void gemm(const Gemm<T>& g, int nthreads, T* workspace) {
 template <class T>
 void gemm(const Gemm<T>& g, int nthreads) {
   const size_t ws = gemm_workspace(g, nthreads);
-  gemm(g, nthreads, ws ? static_cast<T*>(tls_pack.get(ws * sizeof(T))) : nullptr);
+  gemm(g, nthreads, ws ? thread_scratch<T>(Scratch::gemm, ws) : nullptr);
 }
 
 template <class T>
@@ -408,7 +389,7 @@ void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64
     return;
   }
   const size_t per = gemm_workspace(g, 1);
-  T* ws = per ? static_cast<T*>(tls_pack.get(per * nt * sizeof(T))) : nullptr;
+  T* ws = per ? thread_scratch<T>(Scratch::gemm, per * nt) : nullptr;
   parallel_for(
       batch, 1,
       [&](int64_t b0, int64_t b1) {

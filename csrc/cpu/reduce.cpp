@@ -48,6 +48,33 @@ void sum_rows(int64_t R, int64_t N, const T* x, int64_t rsx, int64_t csx, T* out
   }
 }
 
+template <class T>
+void sum_channels(int64_t N, int64_t C, int64_t HW, const T* x, int64_t sn, int64_t sc, int64_t si,
+                  T* out) {
+  // One channel per work item, its N * HW values summed in float64 (contiguous runs of HW when
+  // si == 1 vectorise).
+  parallel_for(C, N * HW >= 4096 ? 1 : 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double acc = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const T* p = x + n * sn + c * sc;
+        double part = 0;
+        if (si == 1) {
+          for (int64_t i = 0; i < HW; ++i) part += double(p[i]);
+        } else {
+          for (int64_t i = 0; i < HW; ++i) part += double(p[i * si]);
+        }
+        acc += part;
+      }
+      out[c] = T(acc);
+    }
+  });
+}
+
+template void sum_channels<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                                  int64_t, float*);
+template void sum_channels<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
+                                   int64_t, double*);
 template void sum_rows<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t);
 template void sum_rows<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*, int64_t);
 

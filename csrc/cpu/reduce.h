@@ -10,5 +10,11 @@ namespace cpu {
 template <class T>
 void sum_rows(int64_t R, int64_t N, const T* x, int64_t rsx, int64_t csx, T* out, int64_t so);
 
+// out[c] = sum_{n, i} x[n*sn + c*sc + i*si] for n < N, c < C, i < HW: the per-channel sum of an
+// (N, C, HW) tensor (conv2d's bias gradient, batch norm's statistics). Accumulates in float64.
+template <class T>
+void sum_channels(int64_t N, int64_t C, int64_t HW, const T* x, int64_t sn, int64_t sc, int64_t si,
+                  T* out);
+
 }  // namespace cpu
 }  // namespace nnk

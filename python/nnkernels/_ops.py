@@ -19,7 +19,7 @@ def set_num_threads(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
     _user_threads = n
-    _sync_threads()
+    sync_threads()
 
 
 def get_num_threads() -> int:
@@ -27,7 +27,7 @@ def get_num_threads() -> int:
     return _user_threads if _user_threads is not None else torch.get_num_threads()
 
 
-def _sync_threads() -> None:
+def sync_threads() -> None:
     global _synced_threads
     n = get_num_threads()
     if n != _synced_threads:
@@ -35,7 +35,7 @@ def _sync_threads() -> None:
         _synced_threads = n
 
 
-def _dl(x, name):
+def to_dl(x, name="tensor"):
     """A DLPack capsule of a torch tensor or a numpy array (borrowed, not copied)."""
     if type(x) is torch.Tensor:  # the common case first: no attribute probing
         return to_dlpack(x)
@@ -61,14 +61,14 @@ def gemm(a, b, out, alpha=1.0, beta=0.0, bias=None, trans_a=False, trans_b=False
     """out = alpha * op(a) @ op(b) + beta * out (+ bias per column); op(x) is x with its last two
     dims swapped when trans_x (a strided view, no copy). 2-D, or batched 3-D (a 2-D operand is
     shared across the batch). Any strides."""
-    _sync_threads()
+    sync_threads()
     _C.gemm(
-        _dl(a, "a"),
-        _dl(b, "b"),
-        _dl(out, "out"),
+        to_dl(a, "a"),
+        to_dl(b, "b"),
+        to_dl(out, "out"),
         alpha,
         beta,
-        None if bias is None else _dl(bias, "bias"),
+        None if bias is None else to_dl(bias, "bias"),
         _stream(out),
         trans_a,
         trans_b,
@@ -76,8 +76,15 @@ def gemm(a, b, out, alpha=1.0, beta=0.0, bias=None, trans_a=False, trans_b=False
     return out
 
 
+def sum_channels(x, out):
+    """out[c] = sum over n, h, w of x[n, c, h, w] for a 4-D x whose (H, W) dims flatten."""
+    sync_threads()
+    _C.sum_channels(to_dl(x, "x"), to_dl(out, "out"), _stream(out))
+    return out
+
+
 def sum_rows(x, out):
     """out[j] = sum_i x[i, j] for a 2-D x."""
-    _sync_threads()
-    _C.sum_rows(_dl(x, "x"), _dl(out, "out"), _stream(out))
+    sync_threads()
+    _C.sum_rows(to_dl(x, "x"), to_dl(out, "out"), _stream(out))
     return out

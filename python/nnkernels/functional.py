@@ -6,9 +6,10 @@ import math
 import torch
 
 from . import _checks
+from ._autograd import conv2d as _conv_ops
 from ._autograd import matmul as _mm_ops
 
-__all__ = ["linear", "matmul"]
+__all__ = ["conv2d", "linear", "matmul"]
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,3 +96,100 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor
         return _mm_ops.linear(input, weight, bias)
     x2 = input.reshape(math.prod(input.shape[:-1]), in_features)
     return _mm_ops.linear(x2, weight, bias).reshape(*input.shape[:-1], out_features)
+
+
+# ------------------------------------------------------------------------------------- conv2d
+
+
+def _pair(value, name, minimum):
+    """An int or a sequence of 1 or 2 ints as a 2-tuple, each at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+        raise TypeError(f"conv2d: {name} must be an int or a tuple of 2 ints, got {value!r}")
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) == 1:
+        pair = (pair[0], pair[0])
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        raise TypeError(f"conv2d: {name} must be an int or a tuple of 2 ints, got {value!r}")
+    if min(pair) < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"conv2d: {name} must be {what}, got {value!r}")
+    return pair
+
+
+def _is_channels_last(t) -> bool:
+    return (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution, as torch.nn.functional.conv2d (cross-correlation, zero padding).
+
+    input (N, C, H, W) or unbatched (C, H, W); weight (K, C/groups, R, S); bias (K,) or None.
+    stride and dilation: int or (h, w); padding: int, (h, w), 'valid' or 'same' (stride 1; an odd
+    total padding puts the extra row/column after, as torch does). Returns (N, K, P, Q), in
+    channels_last memory format when input or weight is.
+    """
+    _checks.check_operands(input, "input", weight, "weight", bias, "bias")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"conv2d: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(input.shape)}"
+        )
+    if weight.dim() != 4:
+        raise ValueError(
+            f"conv2d: weight must be 4-D (K, C/groups, R, S), got shape {tuple(weight.shape)}"
+        )
+    if input.dim() == 3:
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(
+            0
+        )
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
+    n, c, h, w = input.shape
+    k, cg, r, s = weight.shape
+    if c % groups or k % groups:
+        raise ValueError(
+            f"conv2d: groups={groups} must divide both the input channels ({c}) and the output "
+            f"channels ({k})"
+        )
+    if cg * groups != c:
+        raise ValueError(
+            f"conv2d: weight {tuple(weight.shape)} expects {cg * groups} input channels "
+            f"({cg} x groups={groups}) but input {tuple(input.shape)} has {c}"
+        )
+    if bias is not None and tuple(bias.shape) != (k,):
+        raise ValueError(f"conv2d: bias must have shape ({k},), got {tuple(bias.shape)}")
+    eh, ew = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1  # dilated kernel extent
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("conv2d: padding='same' is not supported for strided convolutions")
+            pad = ((eh - 1) // 2, eh - 1 - (eh - 1) // 2, (ew - 1) // 2, ew - 1 - (ew - 1) // 2)
+        else:
+            raise ValueError(
+                f"conv2d: padding must be 'valid', 'same', an int or a pair, got {padding!r}"
+            )
+    else:
+        ph, pw = _pair(padding, "padding", 0)
+        pad = (ph, ph, pw, pw)
+    if eh > h + pad[0] + pad[1] or ew > w + pad[2] + pad[3]:
+        raise ValueError(
+            f"conv2d: the kernel ({eh} x {ew} with dilation) is larger than the padded input "
+            f"({h + pad[0] + pad[1]} x {w + pad[2] + pad[3]})"
+        )
+    p = _conv_ops.ConvParams(
+        stride,
+        pad,
+        dilation,
+        groups,
+        tuple(input.shape),
+        tuple(weight.shape),
+        _is_channels_last(input) or _is_channels_last(weight),
+    )
+    return _conv_ops.conv(input, weight, bias, p)

@@ -110,7 +110,7 @@ def fma_peak_gflops(dtype: str) -> float:
     """Measured FMA throughput of this CPU on nnkernels' threads (cached per process)."""
     key = ("fma", dtype, nnkernels.get_num_threads(), _C.isa())
     if key not in _peaks:
-        nnkernels._ops._sync_threads()
+        nnkernels._ops.sync_threads()
         _peaks[key] = max(_C.fma_peak_gflops(dtype == "float64", 0, 0.15) for _ in range(3))
     return _peaks[key]
 

@@ -1,0 +1,313 @@
+"""nnkernels.functional.conv2d and nnkernels.nn.Conv2d against torch: outputs and the gradients of
+input, weight and bias on shapes that hit every path (im2col chunks, pointwise GEMM, groups and
+depthwise, strides, dilation, asymmetric 'same' padding, C = 1, batch of 1, kernel as large as
+the input), memory formats, threads, every ISA, gradcheck, padding modes and bad input."""
+
+import copy
+
+import nnkernels
+import nnkernels.functional as NF
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_reference
+
+# (name, N, C, H, W, K, R, S, kwargs)
+CASES = [
+    ("3x3 pad1", 2, 8, 9, 9, 16, 3, 3, dict(padding=1)),
+    ("3x3 valid", 3, 5, 10, 7, 6, 3, 3, dict()),
+    ("3x3 stride2 pad1", 2, 6, 11, 12, 7, 3, 3, dict(stride=2, padding=1)),
+    ("5x5 dilation2", 2, 3, 13, 14, 4, 5, 5, dict(dilation=2, padding=2)),
+    ("non-square 3x2 stride (2,1)", 2, 4, 9, 8, 5, 3, 2, dict(stride=(2, 1), padding=(1, 0))),
+    ("1x1 pointwise", 3, 16, 7, 9, 24, 1, 1, dict()),
+    ("1x1 stride 2", 2, 16, 14, 14, 32, 1, 1, dict(stride=2)),
+    ("1x1 padded", 2, 4, 5, 5, 6, 1, 1, dict(padding=1)),
+    ("groups 2", 2, 8, 8, 8, 12, 3, 3, dict(groups=2, padding=1)),
+    ("depthwise", 2, 12, 9, 9, 12, 3, 3, dict(groups=12, padding=1)),
+    ("depthwise x2 multiplier", 2, 6, 9, 9, 12, 3, 3, dict(groups=6, stride=2)),
+    ("C=1 first layer", 4, 1, 28, 28, 16, 3, 3, dict()),
+    ("batch of 1", 1, 7, 12, 12, 9, 3, 3, dict(padding=1)),
+    ("kernel as large as input", 2, 3, 5, 6, 4, 5, 6, dict()),
+    ("same, even kernel", 2, 4, 9, 10, 5, 4, 2, dict(padding="same")),
+    ("same, dilated", 2, 4, 9, 10, 5, 3, 3, dict(padding="same", dilation=(2, 3))),
+    ("valid string", 2, 4, 9, 10, 5, 3, 3, dict(padding="valid")),
+    ("primes", 3, 7, 17, 13, 11, 3, 5, dict(padding=(2, 1), stride=(1, 2))),
+    ("chunked im2col", 2, 32, 34, 33, 20, 3, 3, dict(padding=1)),
+    ("empty batch", 0, 4, 8, 8, 6, 3, 3, dict(padding=1)),
+    ("padding larger than kernel", 2, 3, 4, 4, 2, 2, 2, dict(padding=3)),
+]
+FAST = [
+    "3x3 pad1",
+    "1x1 pointwise",
+    "depthwise",
+    "chunked im2col",
+    "same, even kernel",
+    "C=1 first layer",
+]
+
+
+def _check_conv(x, w, b, kwargs, *, dx=True):
+    def leaves(cast, copy):
+        out = []
+        for i, t in enumerate((x, w, b)):
+            if t is None:
+                out.append(None)
+                continue
+            t = cast(t.detach())
+            if copy:
+                t = t.clone(memory_format=torch.preserve_format)
+            out.append(t.requires_grad_(dx or i > 0))
+        return out
+
+    ours_in = leaves(lambda t: t, False)
+    torch_in = leaves(lambda t: t, True)
+    ref_in = leaves(lambda t: t.double(), True)
+    ours = NF.conv2d(*ours_in, **kwargs)
+    theirs = F.conv2d(*torch_in, **kwargs)
+    ref = F.conv2d(*ref_in, **kwargs)
+    k_, cg, r, s = w.shape
+    assert_matches_reference(ours, theirs, ref, k=cg * r * s + 1, name="out")
+    assert ours.is_contiguous(memory_format=torch.channels_last) == theirs.is_contiguous(
+        memory_format=torch.channels_last
+    ), "output memory format differs from torch's"
+    if ref.numel() == 0:
+        return
+    g = torch.randn_like(ref)
+    want = [i for i, t in enumerate(ours_in) if t is not None and t.requires_grad]
+    gs = torch.autograd.grad(ours, [ours_in[i] for i in want], g.to(ours.dtype))
+    gs_t = torch.autograd.grad(theirs, [torch_in[i] for i in want], g.to(theirs.dtype))
+    gs_r = torch.autograd.grad(ref, [ref_in[i] for i in want], g)
+    groups = kwargs.get("groups", 1)
+    reduce = {
+        0: k_ // groups * r * s,
+        1: ref.shape[0] * ref.shape[2] * ref.shape[3],
+        2: ref.numel() // k_,
+    }
+    for i, a, t_, rr in zip(want, gs, gs_t, gs_r):
+        assert_matches_reference(
+            a, t_, rr, k=reduce[i], name=("grad input", "grad weight", "grad bias")[i]
+        )
+
+
+def _inputs(N, C, H, W, K, R, S, groups, dtype=torch.float32, bias=True):
+    x = torch.randn(N, C, H, W, dtype=dtype)
+    w = torch.randn(K, C // groups, R, S, dtype=dtype) / (C // groups * R * S) ** 0.5
+    b = torch.randn(K, dtype=dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv2d(case, dtype):
+    _, N, C, H, W, K, R, S, kw = case
+    _check_conv(*_inputs(N, C, H, W, K, R, S, kw.get("groups", 1), dtype), kw)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in FAST], ids=FAST)
+def test_conv2d_every_isa(isa, case):
+    _, N, C, H, W, K, R, S, kw = case
+    _check_conv(*_inputs(N, C, H, W, K, R, S, kw.get("groups", 1)), kw)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("N", [1, 2, 3, 6, 9])
+def test_conv2d_threads(threads, N):
+    """One image at a time with threaded GEMMs, or images side by side with per-thread partials."""
+    _check_conv(*_inputs(N, 6, 10, 9, 8, 3, 3, 1), dict(padding=1))
+
+
+def test_conv2d_no_bias_and_frozen_parts():
+    x, w, _ = _inputs(3, 4, 8, 8, 6, 3, 3, 1)
+    _check_conv(x, w, None, dict(padding=1))
+    _check_conv(
+        x, w, torch.randn(6), dict(padding=1), dx=False
+    )  # input needs no grad (first layer)
+    # only the bias needs a gradient
+    b = torch.randn(6, requires_grad=True)
+    NF.conv2d(x, w, b, padding=1).sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((6,), 64.0 * 3))
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "both"])
+def test_conv2d_channels_last(which):
+    x, w, b = _inputs(2, 8, 9, 10, 12, 3, 3, 1)
+    cl = torch.channels_last
+    if which in ("input", "both"):
+        x = x.to(memory_format=cl)
+    if which in ("weight", "both"):
+        w = w.to(memory_format=cl)
+    _check_conv(x, w, b, dict(padding=1, stride=(1, 2)))
+    _check_conv(x, w, b, dict())
+
+
+def test_conv2d_strided_views():
+    x = torch.randn(3, 10, 12, 20)[:, ::2, :, ::2]  # (3, 5, 12, 10), no unit stride anywhere
+    w = torch.randn(6, 5, 3, 3).transpose(2, 3)  # non-contiguous weight
+    _check_conv(x, w, torch.randn(6), dict(padding=1))
+    # a gradient that is not (H, W)-flattenable reaches the backward kernels
+    xx = torch.randn(2, 4, 9, 9, requires_grad=True)
+    ww = torch.randn(5, 4, 3, 3, requires_grad=True)
+    y = NF.conv2d(xx, ww, padding=1)
+    y.transpose(2, 3).contiguous().sum().backward()
+    y_t = F.conv2d(xx.detach(), ww.detach(), padding=1)
+    assert y.shape == y_t.shape and ww.grad.shape == ww.shape
+
+
+def test_conv2d_unbatched():
+    x = torch.randn(4, 9, 9)
+    w = torch.randn(6, 4, 3, 3)
+    torch.testing.assert_close(
+        NF.conv2d(x, w, padding=1), F.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_conv2d_gradcheck():
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for kw in (
+        dict(groups=2, padding=1, stride=(2, 1)),
+        dict(groups=2, padding="same", dilation=2),
+    ):
+        fn = lambda a, c, d, kw=kw: NF.conv2d(a, c, d, **kw)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    xs = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, c: NF.conv2d(a, c), (xs, ws))  # pointwise
+
+
+# ------------------------------------------------------------------------------------ nn.Conv2d
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same"])
+def test_module_matches_torch(padding_mode, padding):
+    torch.manual_seed(3)
+    kw = dict(padding=padding, padding_mode=padding_mode, bias=True)
+    ref = torch.nn.Conv2d(4, 6, (3, 4) if padding == "same" else 3, **kw)
+    ours = nnkernels.nn.Conv2d(4, 6, (3, 4) if padding == "same" else 3, **kw)
+    assert isinstance(ours, torch.nn.Conv2d)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 9, 10, requires_grad=True)
+    x_t = x.detach().clone().requires_grad_()
+    y, y_t = ours(x), ref(x_t)
+    assert_matches_reference(y, y_t, copy.deepcopy(ref).double()(x.detach().double()), k=49)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_t.backward(g)
+    torch.testing.assert_close(x.grad, x_t.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_module_constructor_arguments():
+    m = nnkernels.nn.Conv2d(
+        6,
+        4,
+        kernel_size=(3, 1),
+        stride=2,
+        padding=(1, 0),
+        dilation=2,
+        groups=2,
+        bias=False,
+        padding_mode="replicate",
+        dtype=torch.float64,
+    )
+    ref = torch.nn.Conv2d(6, 4, (3, 1), 2, (1, 0), 2, 2, False, "replicate", dtype=torch.float64)
+    ref.load_state_dict(m.state_dict())
+    assert m.bias is None and m.weight.dtype == torch.float64
+    assert repr(m).split("(", 1)[1] == repr(ref).split("(", 1)[1]
+    x = torch.randn(2, 6, 11, 7, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x))
+
+
+def test_course_cnn_trains_like_torch():
+    """The course CNN's conv layers; five SGD steps give the same parameters."""
+    torch.manual_seed(4)
+
+    def net(conv):
+        return torch.nn.Sequential(
+            conv(1, 8, 3),
+            torch.nn.ReLU(),
+            conv(8, 4, 3, padding=1, padding_mode="reflect"),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 10 * 10, 10),
+        )
+
+    ref, ours = net(torch.nn.Conv2d), net(nnkernels.nn.Conv2d)
+    ours.load_state_dict(ref.state_dict())
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.05)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.05)
+    x, y = torch.randn(16, 1, 12, 12), torch.randint(0, 10, (16,))
+    for _ in range(5):
+        for model, opt in ((ref, opt_r), (ours, opt_o)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (n, p_r), p_o in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(p_o, p_r, rtol=1e-4, atol=1e-5, msg=n)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _raises(exc, match, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        NF.conv2d(*args, **kwargs)
+
+
+def test_conv2d_bad_input():
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    _raises(
+        ValueError,
+        r"weight \(6, 4, 3, 3\) expects 4 input channels .* has 5",
+        torch.randn(2, 5, 8, 8),
+        w,
+    )
+    _raises(ValueError, "groups=3 must divide", x, torch.randn(6, 1, 3, 3), groups=3)
+    _raises(ValueError, "groups=4 must divide", x, torch.randn(6, 1, 3, 3), groups=4)
+    _raises(ValueError, "expects 8 input channels", x, torch.randn(6, 4, 3, 3), groups=2)
+    _raises(ValueError, "kernel .* larger than the padded input", x, torch.randn(6, 4, 9, 3))
+    _raises(ValueError, "kernel .* larger than the padded input", x, w, dilation=4)
+    _raises(ValueError, "input must be 4-D .* or 3-D", torch.randn(8, 8), w)
+    _raises(ValueError, "input must be 4-D .* or 3-D", torch.randn(1, 2, 4, 8, 8), w)
+    _raises(ValueError, "weight must be 4-D", x, torch.randn(6, 4, 3))
+    _raises(ValueError, "stride must be positive", x, w, stride=0)
+    _raises(ValueError, "stride must be positive", x, w, stride=(1, -1))
+    _raises(ValueError, "dilation must be positive", x, w, dilation=0)
+    _raises(ValueError, "padding must be non-negative", x, w, padding=-1)
+    _raises(TypeError, "stride must be an int or a tuple of 2 ints", x, w, stride=(1, 2, 3))
+    _raises(TypeError, "stride must be an int or a tuple of 2 ints", x, w, stride=1.5)
+    _raises(ValueError, "padding must be 'valid', 'same'", x, w, padding="full")
+    _raises(ValueError, "'same' is not supported for strided", x, w, padding="same", stride=2)
+    _raises(ValueError, "groups must be a positive int", x, w, groups=0)
+    _raises(ValueError, "groups must be a positive int", x, w, groups=True)
+    _raises(ValueError, r"bias must have shape \(6,\)", x, w, torch.randn(4))
+    _raises(TypeError, "weight has dtype float64", x, w.double())
+    _raises(TypeError, "input must be a floating-point tensor", x.long(), w)
+    _raises(NotImplementedError, "float16", x.half(), w.half())
+    _raises(ValueError, "weight is on meta", x, w.to("meta"))
+
+
+def test_native_conv_rejects_bad_calls():
+    """The binding validates on its own (what nnkernels.kernels users and future callers hit)."""
+    from nnkernels import _C
+    from torch.utils.dlpack import to_dlpack as D
+
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    y = torch.empty(2, 6, 6, 6)
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 6, 8, 8\)"):
+        _C.conv2d_forward(D(x), D(w), None, D(y), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    with pytest.raises(ValueError, match="stride must be positive"):
+        _C.conv2d_forward(D(x), D(w), None, D(y), (0, 1), (0, 0, 0, 0), (1, 1), 1)
+    with pytest.raises(ValueError, match="out must not share memory with input"):
+        _C.conv2d_forward(
+            D(x), D(torch.randn(4, 4, 1, 1)), None, D(x), (1, 1), (0, 0, 0, 0), (1, 1), 1
+        )
+    with pytest.raises(
+        ValueError, match=r"weight must have its \(C/groups, R, S\) dims contiguous"
+    ):
+        _C.conv2d_forward(D(x), D(w.transpose(2, 3)), None, D(y), (1, 1), (0, 0, 0, 0), (1, 1), 1)
