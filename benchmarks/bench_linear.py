@@ -1,6 +1,6 @@
 """Benchmark nnkernels linear against torch, side by side (the shared harness in nnkernels.bench).
 
-    python benchmarks/bench_linear.py [--device cpu|cuda] [--quick] [--json FILE] [--threads N]
+python benchmarks/bench_linear.py [--device cpu|cuda] [--quick] [--json FILE] [--threads N]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Benchmark nnkernels matmul against torch, side by side (the shared harness in nnkernels.bench).
 
-    python benchmarks/bench_matmul.py [--device cpu|cuda] [--quick] [--json FILE] [--threads N]
+python benchmarks/bench_matmul.py [--device cpu|cuda] [--quick] [--json FILE] [--threads N]
 """
 
 import sys

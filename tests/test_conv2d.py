@@ -35,6 +35,11 @@ CASES = [
     ("chunked im2col", 2, 32, 34, 33, 20, 3, 3, dict(padding=1)),
     ("empty batch", 0, 4, 8, 8, 6, 3, 3, dict(padding=1)),
     ("padding larger than kernel", 2, 3, 4, 4, 2, 2, 2, dict(padding=3)),
+    # 16+ input channels per group: the data gradient runs as a transposed forward convolution
+    ("wide: same, dilated, even", 2, 16, 9, 10, 8, 4, 3, dict(padding="same", dilation=(1, 2))),
+    ("wide: groups 2", 2, 32, 8, 8, 12, 3, 3, dict(groups=2, padding=1)),
+    ("wide: padding larger than kernel", 2, 16, 4, 5, 4, 2, 2, dict(padding=3)),
+    ("wide: 1x1", 2, 24, 6, 7, 10, 1, 1, dict()),
 ]
 FAST = [
     "3x3 pad1",

@@ -22,6 +22,15 @@ struct Gemm {
   T alpha = 1, beta = 0;
   const T* bias_m = nullptr;  // (M,) added to row i, or null
   const T* bias_n = nullptr;  // (N,) added to column j, or null
+
+  // Optional (CPU): B as a packing routine instead of strides, for operands that only exist
+  // implicitly (conv2d's im2col is written straight into the panels). When set, B/rsb/csb are
+  // ignored and the GEMM calls pack_b_fn(pack_b_ctx, p0, k, j0, n, nr, dst) to write rows
+  // [p0, p0+k) x columns [j0, j0+n) of B as ceil(n/nr) panels of k*nr: element (p0+kk, j0+q*nr+jj)
+  // at dst[q*nr*k + kk*nr + jj], columns past n zeroed. n <= 4096; called from every thread.
+  void (*pack_b_fn)(const void* ctx, int64_t p0, int64_t k, int64_t j0, int64_t n, int nr,
+                    T* dst) = nullptr;
+  const void* pack_b_ctx = nullptr;
 };
 
 }  // namespace nnk

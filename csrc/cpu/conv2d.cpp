@@ -2,19 +2,26 @@
 // (cpu/gemm.h). Per image n and group g, with Cg = C/groups, Kg = K/groups, CRS = Cg*R*S:
 //
 //   forward          Y[n]_g (Kg x PQ)  = W_g (Kg x CRS) . col (CRS x PQ)           bias in the
-//   store backward-data    dcol (CRS x PQ)   = W_g^T (CRS x Kg) . dY[n]_g (Kg x PQ), then col2im
-//   (+=) backward-weight  dW_g (Kg x CRS)  += dY[n]_g (Kg x PQ) . col^T (PQ x CRS)
+//   store backward-data    stride 1: the forward of dY with the flipped, channel-transposed weight;
+//                    else dcol (CRS x PQ) = W_g^T (CRS x Kg) . dY[n]_g, then col2im (+=)
+//   backward-weight  dW_g (Kg x CRS)  += dY[n]_g (Kg x PQ) . col^T (PQ x CRS)
 //
-// col is im2col of x[n]_g, built in chunks of output pixels so its buffer stays bounded
-// (kColBudget elements per thread) instead of 9x a large input. Pointwise convolutions (1x1,
-// stride 1, no padding) skip im2col: col is x[n]_g itself, read in place by the GEMM.
-// Work runs across images in parallel when there are enough of them (single-threaded GEMMs, one
-// scratch area per thread), otherwise image by image with multi-threaded GEMMs.
+// col = im2col of x[n]_g. The forward never materialises it: the GEMM calls a packing routine
+// that writes im2col rows straight into its B panels (so col exists one cache block at a time,
+// and the GEMM's threads share the work); for stride 1 from a zero-bordered copy of the image,
+// where every im2col row is a plain offset (PaddedPacker), else with bounds checks (ColPacker). The
+// backward passes build it in chunks of output pixels (kColBudget elements per thread) instead of
+// 9x a large input. Pointwise convolutions (1x1, stride 1, no padding) skip im2col: col is x[n]_g
+// itself, read in place. Work runs across images in parallel when there are enough of them
+// (single-threaded GEMMs, one scratch area per thread), otherwise image by image with
+// multi-threaded GEMMs.
 #include "cpu/conv2d.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/threading.h"
@@ -29,6 +36,8 @@ namespace {
 // Elements of im2col buffer per thread (1 MiB of float32 keeps it in L2/L3 next to the packing).
 constexpr int64_t kColBudget = int64_t(1) << 18;
 
+#define NNK_CONV_INLINE inline __attribute__((always_inline))
+
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -39,6 +48,16 @@ inline void valid_cols(int64_t off, int64_t stride, int64_t limit, int64_t q0, i
   const int64_t last = limit - 1 - off < 0 ? -1 : (limit - 1 - off) / stride;  // inclusive
   *lo = max64(q0, first);
   *hi = max64(*lo, min64(q1, last + 1));
+}
+
+// dst[i] = src[i * step] for i < n; restrict so that the contiguous case vectorises.
+template <class T>
+inline void copy_run(T* __restrict dst, const T* __restrict src, int64_t n, int64_t step) {
+  if (step == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * step];
+  }
 }
 
 template <class T>
@@ -67,53 +86,187 @@ struct Geometry {
     return pointwise && (s.H <= 1 || x.s[2] == s.W * x.s[3]);
   }
 
-  // col (CRS x len, row stride ld) = im2col of x[n]_g for output pixels [j0, j0 + len), zeros
-  // where a window leaves the input. kCol2Im: the adjoint instead, x[n]_g += col2im(col) (then x
-  // is the gradient being accumulated).
+  // One row of im2col: row (c, r, t) of col over output pixels [j0, j0 + len) of image n, group
+  // g, into out[0, len): x under the window, zeros where it leaves the input. kCol2Im: the
+  // adjoint instead, x[n]_g += out scattered back (x is then the gradient being accumulated).
   template <bool kCol2Im>
-  void im2col(std::conditional_t<kCol2Im, T*, const T*> xbase, const int64_t* xs, int64_t n,
-              int64_t g, int64_t j0, int64_t len, T* col, int64_t ld) const {
-    for (int64_t c = 0; c < Cg; ++c) {
-      const int64_t chan = n * xs[0] + (g * Cg + c) * xs[1];
-      for (int64_t r = 0; r < s.R; ++r)
-        for (int64_t t = 0; t < s.S; ++t) {
-          T* row = col + ((c * s.R + r) * s.S + t) * ld;
-          const int64_t hoff = r * s.dh - s.ph, woff = t * s.dw - s.pw;
-          int64_t p = j0 / s.Q, q = j0 % s.Q;
-          for (int64_t done = 0; done < len; q = 0, ++p) {
-            // Output columns [q, q + qn) of output row p are seg[0, qn).
-            const int64_t qn = min64(s.Q - q, len - done);
-            T* seg = row + done;
-            done += qn;
-            const int64_t ih = p * s.sh + hoff;
-            int64_t lo = q, hi = q;
-            if (ih >= 0 && ih < s.H) valid_cols(woff, s.sw, s.W, q, q + qn, &lo, &hi);
-            if constexpr (kCol2Im) {
-              for (int64_t qq = lo; qq < hi; ++qq)
-                xbase[chan + ih * xs[2] + (qq * s.sw + woff) * xs[3]] += seg[qq - q];
-            } else {
-              fill_row(xbase, xs, chan, ih, woff, q, qn, lo, hi, seg);
-            }
-          }
-        }
+  void im2col_row(std::conditional_t<kCol2Im, T*, const T*> xbase, const int64_t* xs, int64_t n,
+                  int64_t g, int64_t c, int64_t r, int64_t t, int64_t j0, int64_t len,
+                  std::conditional_t<kCol2Im, const T*, T*> out) const {
+    const int64_t chan = n * xs[0] + (g * Cg + c) * xs[1], step = s.sw * xs[3];
+    const int64_t hoff = r * s.dh - s.ph, woff = t * s.dw - s.pw;
+    // Output columns whose window column lies inside the input: [qa, qb), for every row.
+    int64_t qa, qb;
+    valid_cols(woff, s.sw, s.W, 0, s.Q, &qa, &qb);
+    int64_t p = j0 / s.Q, q = j0 % s.Q;
+    for (int64_t done = 0; done < len; q = 0, ++p) {
+      // Output columns [q, qe) of output row p are seg[q, qe).
+      const int64_t qn = min64(s.Q - q, len - done), qe = q + qn;
+      auto* seg = out + done - q;  // done >= q always
+      done += qn;
+      const int64_t ih = p * s.sh + hoff;
+      const bool inside = ih >= 0 && ih < s.H;
+      const int64_t lo = inside ? max64(q, min64(qa, qe)) : qe;
+      const int64_t hi = inside ? max64(lo, min64(qb, qe)) : qe;
+      const int64_t at = chan + ih * xs[2] + woff * xs[3];  // x under output column 0
+      if constexpr (kCol2Im) {
+        T* dst = xbase + at;
+        for (int64_t qq = lo; qq < hi; ++qq) dst[qq * step] += seg[qq];
+      } else {
+        for (int64_t qq = q; qq < lo; ++qq) seg[qq] = T(0);
+        if (hi > lo) copy_run(seg + lo, xbase + at + lo * step, hi - lo, step);
+        for (int64_t qq = hi; qq < qe; ++qq) seg[qq] = T(0);
+      }
     }
   }
 
-  // seg[0, qn) = output columns [q, q + qn): x where [lo, hi) says the window is inside, zeros
-  // elsewhere.
-  void fill_row(const T* xbase, const int64_t* xs, int64_t chan, int64_t ih, int64_t woff,
-                int64_t q, int64_t qn, int64_t lo, int64_t hi, T* seg) const {
-    for (int64_t qq = q; qq < lo; ++qq) seg[qq - q] = T(0);
-    if (hi > lo) {
-      const T* src = xbase + chan + ih * xs[2] + (lo * s.sw + woff) * xs[3];
-      const int64_t step = s.sw * xs[3];
-      if (step == 1) {
-        std::memcpy(seg + (lo - q), src, size_t(hi - lo) * sizeof(T));
-      } else {
-        for (int64_t qq = lo; qq < hi; ++qq) seg[qq - q] = src[(qq - lo) * step];
+  // col (CRS x len, row stride ld) = im2col of x[n]_g for output pixels [j0, j0 + len);
+  // kCol2Im: x[n]_g += col2im(col).
+  template <bool kCol2Im>
+  void im2col(std::conditional_t<kCol2Im, T*, const T*> xbase, const int64_t* xs, int64_t n,
+              int64_t g, int64_t j0, int64_t len, std::conditional_t<kCol2Im, const T*, T*> col,
+              int64_t ld) const {
+    for (int64_t c = 0, row = 0; c < Cg; ++c)
+      for (int64_t r = 0; r < s.R; ++r)
+        for (int64_t t = 0; t < s.S; ++t, ++row)
+          im2col_row<kCol2Im>(xbase, xs, n, g, c, r, t, j0, len, col + row * ld);
+  }
+};
+
+// The forward GEMM's B (col of image n, group g) written straight into the GEMM's panels
+// (Gemm::pack_b_fn): one im2col row at a time into an L1 buffer, then NR-wide pieces to each panel.
+template <class T>
+struct ColPacker {
+  static constexpr int64_t kMaxCols = 4096;  // the GEMM packs at most this many columns at once
+  const Geometry<T>* gm;
+  const T* x;
+  const int64_t* xs;
+  int64_t n, g;
+
+  // d[q * panel + i] = row[q * NR + i] for q < full, i < NR.
+  template <int NR>
+  static void copy_pieces(T* __restrict d, const T* __restrict row, int64_t full, int64_t panel) {
+    for (int64_t q = 0; q < full; ++q) std::memcpy(d + q * panel, row + q * NR, NR * sizeof(T));
+  }
+
+  static void pack(const void* ctx, int64_t p0, int64_t k, int64_t j0, int64_t ncols, int nr,
+                   T* dst) {
+    const ColPacker& cp = *static_cast<const ColPacker*>(ctx);
+    const Conv2dShape& s = cp.gm->s;
+    alignas(64) T row[kMaxCols];
+    const int64_t full = ncols / nr, rest = ncols % nr, panel = int64_t(nr) * k;
+    int64_t c = p0 / (s.R * s.S), r = p0 / s.S % s.R, t = p0 % s.S;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      cp.gm->template im2col_row<false>(cp.x, cp.xs, cp.n, cp.g, c, r, t, j0, ncols, row);
+      T* d = dst + kk * nr;
+      switch (nr) {  // fixed-size copies inline; every kernel's NR is one of these
+        case 4:
+          copy_pieces<4>(d, row, full, panel);
+          break;
+        case 8:
+          copy_pieces<8>(d, row, full, panel);
+          break;
+        case 16:
+          copy_pieces<16>(d, row, full, panel);
+          break;
+        case 32:
+          copy_pieces<32>(d, row, full, panel);
+          break;
+        default:
+          for (int64_t q = 0; q < full; ++q)
+            std::memcpy(d + q * panel, row + q * nr, size_t(nr) * sizeof(T));
+      }
+      if (rest) {
+        std::memcpy(d + full * panel, row + full * nr, size_t(rest) * sizeof(T));
+        std::memset(d + full * panel + rest, 0, size_t(nr - rest) * sizeof(T));
+      }
+      if (++t == s.S) {
+        t = 0;
+        if (++r == s.R) r = 0, ++c;
       }
     }
-    for (int64_t qq = hi; qq < q + qn; ++qq) seg[qq - q] = T(0);
+  }
+};
+
+// Stride-1 convolutions: x[n]_g is copied once into a zero-bordered buffer xp (Cg x Hp x Wp) that
+// covers every window, so im2col row (c, r, t) is simply xp + c*Hp*Wp + r*dh*Wp + t*dw read at
+// p*Wp + q for output pixel (p, q): contiguous along each output row, no bounds checks. Packing
+// is then copies of whole NR-wide pieces (split only where an output row ends).
+template <class T>
+struct PaddedPacker {
+  static constexpr int64_t kMaxK = 1024;  // the GEMM packs at most kc <= this many rows at once
+  const Geometry<T>* gm;
+  const T* xp;
+  int64_t Hp, Wp;
+
+  static int64_t rows(const Conv2dShape& s) { return s.P + (s.R - 1) * s.dh; }
+  static int64_t cols(const Conv2dShape& s) { return s.Q + (s.S - 1) * s.dw; }
+
+  // xp = x[n]_g with ph rows / pw columns of zeros before (negative: cropped) and enough after.
+  static void fill(const Geometry<T>& gm, const View4<const T>& x, int64_t n, int64_t g, T* xp) {
+    const Conv2dShape& s = gm.s;
+    const int64_t Hp = rows(s), Wp = cols(s);
+    for (int64_t c = 0; c < gm.Cg; ++c) {
+      const T* xc = x.p + n * x.s[0] + (g * gm.Cg + c) * x.s[1];
+      for (int64_t i = 0; i < Hp; ++i) {
+        T* d = xp + (c * Hp + i) * Wp;
+        const int64_t ih = i - s.ph;
+        int64_t lo = 0, hi = 0;  // padded columns that hold input: [lo, hi)
+        if (ih >= 0 && ih < s.H) {
+          lo = min64(Wp, max64(0, s.pw));
+          hi = max64(lo, min64(Wp, s.W + s.pw));
+        }
+        for (int64_t j = 0; j < lo; ++j) d[j] = T(0);
+        if (hi > lo) copy_run(d + lo, xc + ih * x.s[2] + (lo - s.pw) * x.s[3], hi - lo, x.s[3]);
+        for (int64_t j = hi; j < Wp; ++j) d[j] = T(0);
+      }
+    }
+  }
+
+  // d[kk * ld + e] = base[off[kk] + src + e] for kk < k, e < LEN: one piece of every packed row,
+  // as fixed-size copies (the compiler emits vector moves, no calls).
+  template <int LEN>
+  static void copy_rows(T* __restrict d, int64_t ld, const T* __restrict base, const int64_t* off,
+                        int64_t k, int64_t src) {
+    for (int64_t kk = 0; kk < k; ++kk)
+      std::memcpy(d + kk * ld, base + off[kk] + src, LEN * sizeof(T));
+  }
+  using CopyRows = void (*)(T*, int64_t, const T*, const int64_t*, int64_t, int64_t);
+  template <int... L>
+  static constexpr std::array<CopyRows, sizeof...(L) + 1> copy_table(
+      std::integer_sequence<int, L...>) {
+    return {nullptr, &copy_rows<L + 1>...};
+  }
+  static constexpr int kMaxPiece = 32;  // the widest NR of any kernel
+
+  static void pack(const void* ctx, int64_t p0, int64_t k, int64_t j0, int64_t ncols, int nr,
+                   T* dst) {
+    const PaddedPacker& pp = *static_cast<const PaddedPacker*>(ctx);
+    const Conv2dShape& s = pp.gm->s;
+    int64_t off[kMaxK];  // xp offset of im2col row p0 + kk
+    for (int64_t kk = 0, c = p0 / (s.R * s.S), r = p0 / s.S % s.R, t = p0 % s.S; kk < k; ++kk) {
+      off[kk] = (c * pp.Hp + r * s.dh) * pp.Wp + t * s.dw;
+      if (++t == s.S) {
+        t = 0;
+        if (++r == s.R) r = 0, ++c;
+      }
+    }
+    // Walk the columns as pieces that stay inside one output row and one panel.
+    int64_t p = j0 / s.Q, q = j0 % s.Q;
+    for (int64_t j = 0; j < ncols;) {
+      const int64_t jj = j % nr, len = min64(min64(nr - jj, s.Q - q), ncols - j);
+      T* d = dst + (j / nr) * nr * k + jj;
+      static constexpr auto table = copy_table(std::make_integer_sequence<int, kMaxPiece>());
+      table[len](d, nr, pp.xp, off, k, p * pp.Wp + q);
+      j += len;
+      q += len;
+      if (q == s.Q) q = 0, ++p;
+    }
+    if (const int64_t rest = ncols % nr) {  // zero the columns past ncols in the last panel
+      T* d = dst + (ncols / nr) * nr * k;
+      for (int64_t kk = 0; kk < k; ++kk)
+        for (int64_t e = rest; e < nr; ++e) d[kk * nr + e] = T(0);
+    }
   }
 };
 
@@ -155,24 +308,6 @@ void for_each_image(int64_t N, const Split& sp, T* ws, size_t per_thread, Body b
       sp.nt);
 }
 
-// The GEMM of image n, group g over output pixels [j0, j0+len) for each pass. Pointer fields are
-// filled by the caller; the shapes and strides here are also what sizes the scratch.
-template <class T>
-Gemm<T> forward_gemm(const Geometry<T>& gm, const View4<const T>& w, const View4<T>& y, bool pw,
-                     const View4<const T>& x, int64_t len, int64_t ld) {
-  Gemm<T> g;
-  g.M = gm.Kg;
-  g.N = len;
-  g.K = gm.CRS;
-  g.rsa = w.s[0];
-  g.csa = w.s[3];
-  g.rsb = pw ? x.s[1] : ld;
-  g.csb = pw ? x.s[3] : 1;
-  g.rsc = y.s[1];
-  g.csc = y.s[3];
-  return g;
-}
-
 template <class T>
 size_t gemm_scratch(Gemm<T> g, int nt, int64_t full, int64_t last) {
   g.N = full;
@@ -192,31 +327,50 @@ void conv2d_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, co
   if (s.N == 0 || s.K == 0 || gm.PQ == 0) return;
   const bool pw = gm.pointwise_ok(x);
   const Split sp = split_for(s.N);
-  const int64_t L = pw ? gm.PQ : gm.L, last = pw ? gm.PQ : gm.PQ - (gm.PQ - 1) / L * L;
-  const Gemm<T> shape = forward_gemm(gm, w, y, pw, x, L, L);
-  const size_t col = pw ? 0 : size_t(gm.CRS * L);
-  const size_t gws = gemm_scratch(shape, sp.gemm_nt, L, last);
 
-  T* ws = image_scratch<T>(sp, col + gws);
-  for_each_image(s.N, sp, ws, col + gws, [&](int64_t n, int, T* scratch) {
-    T* colbuf = scratch;
-    T* gemm_ws = scratch + col;
-    for (int64_t g = 0; g < s.groups; ++g)
-      for (int64_t j0 = 0; j0 < gm.PQ; j0 += L) {
-        const int64_t len = min64(L, gm.PQ - j0);
-        Gemm<T> gg = shape;
-        gg.N = len;
-        gg.A = w.p + g * gm.Kg * w.s[0];
-        if (pw) {
-          gg.B = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
-        } else {
-          gm.template im2col<false>(x.p, x.s, n, g, j0, len, colbuf, L);
-          gg.B = colbuf;
-        }
-        gg.C = y.p + n * y.s[0] + g * gm.Kg * y.s[1] + j0 * y.s[3];
-        gg.bias_m = bias ? bias + g * gm.Kg : nullptr;
-        gemm(gg, sp.gemm_nt, gemm_ws);
+  // A = W_g (Kg x CRS), B = col (CRS x PQ) packed by ColPacker, or x[n]_g in place (pointwise),
+  // C = Y[n]_g (Kg x PQ).
+  Gemm<T> shape;
+  shape.M = gm.Kg;
+  shape.N = gm.PQ;
+  shape.K = gm.CRS;
+  shape.rsa = w.s[0];
+  shape.csa = w.s[3];
+  shape.rsc = y.s[1];
+  shape.csc = y.s[3];
+  // Stride 1: im2col from a zero-bordered copy of the image (PaddedPacker); else ColPacker.
+  const bool padded = !pw && s.sh == 1 && s.sw == 1;
+  const int64_t Hp = PaddedPacker<T>::rows(s), Wp = PaddedPacker<T>::cols(s);
+  const size_t xp_elems = padded ? size_t(gm.Cg * Hp * Wp) : 0;
+  if (pw) {
+    shape.rsb = x.s[1];
+    shape.csb = x.s[3];
+  } else {
+    shape.pack_b_fn = padded ? &PaddedPacker<T>::pack : &ColPacker<T>::pack;
+  }
+  const size_t gws = gemm_workspace(shape, sp.gemm_nt);
+
+  T* ws = image_scratch<T>(sp, xp_elems + gws);
+  for_each_image(s.N, sp, ws, xp_elems + gws, [&](int64_t n, int, T* scratch) {
+    T* xp = scratch;
+    T* gemm_ws = scratch + xp_elems;
+    for (int64_t g = 0; g < s.groups; ++g) {
+      const ColPacker<T> packer{&gm, x.p, x.s, n, g};
+      const PaddedPacker<T> ppacker{&gm, xp, Hp, Wp};
+      Gemm<T> gg = shape;
+      gg.A = w.p + g * gm.Kg * w.s[0];
+      if (pw) {
+        gg.B = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
+      } else if (padded) {
+        PaddedPacker<T>::fill(gm, x, n, g, xp);
+        gg.pack_b_ctx = &ppacker;
+      } else {
+        gg.pack_b_ctx = &packer;
       }
+      gg.C = y.p + n * y.s[0] + g * gm.Kg * y.s[1];
+      gg.bias_m = bias ? bias + g * gm.Kg : nullptr;
+      gemm(gg, sp.gemm_nt, gemm_ws);
+    }
   });
 }
 
@@ -226,6 +380,35 @@ template <class T>
 void conv2d_backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, View4<T> dx) {
   const Geometry<T> gm(s);
   if (s.N == 0 || s.C == 0) return;
+  // The transposed forward's GEMM has Cg rows: with fewer than ~16 it only packs, col2im is
+  // faster (C = 1 first layers, depthwise).
+  if (s.sh == 1 && s.sw == 1 && gm.Cg >= 16) {
+    // dx[c, h, w] = sum_{k, r, t} w[k, c, r, t] dy[k, h + ph - r dh, w + pw - t dw]: a stride-1
+    // forward convolution of dy (K channels, P x Q) with w~[c, k, r', t'] = w[k, c, R-1-r',
+    // S-1-t'] per group, padded by dh - ph on top and (S-1) dw - pw on the left (negative
+    // crops), producing H x W. One code path (and its speed) for both directions.
+    Conv2dShape t = s;
+    t.C = s.K;
+    t.H = s.P;
+    t.W = s.Q;
+    t.K = s.C;
+    t.P = s.H;
+    t.Q = s.W;
+    t.ph = (s.R - 1) * s.dh - s.ph;
+    t.pw = (s.S - 1) * s.dw - s.pw;
+    const int64_t RS = s.R * s.S;
+    T* wt = thread_scratch<T>(Scratch::conv_weight, size_t(s.C * gm.Kg * RS) + 1);
+    for (int64_t g = 0; g < s.groups; ++g)
+      for (int64_t c = 0; c < gm.Cg; ++c)
+        for (int64_t k = 0; k < gm.Kg; ++k)
+          for (int64_t r = 0; r < s.R; ++r)
+            for (int64_t u = 0; u < s.S; ++u)
+              wt[(((g * gm.Cg + c) * gm.Kg + k) * s.R + r) * s.S + u] =
+                  w.p[(g * gm.Kg + k) * w.s[0] + c * w.s[1] + (s.R - 1 - r) * w.s[2] +
+                      (s.S - 1 - u) * w.s[3]];
+    conv2d_forward<T>(t, dy, View4<const T>{wt, {gm.Kg * RS, RS, s.S, 1}}, nullptr, dx);
+    return;
+  }
   const View4<const T> dxc{dx.p, {dx.s[0], dx.s[1], dx.s[2], dx.s[3]}};
   const bool pw = gm.pointwise_ok(dxc) && gm.Kg > 0;
   const Split sp = split_for(s.N);

@@ -127,7 +127,7 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   const int64_t mb = ceil_div(rows, uk.mc);
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
   p.pack_a = !(ntiles <= kSkinnyPanels && (g.csa == 1 || g.rsa == 1));
-  p.pack_b = !(mtiles <= kSmallMTiles && g.csb == 1);
+  p.pack_b = g.pack_b_fn || !(mtiles <= kSmallMTiles && g.csb == 1);
   p.whole_k = p.pack_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
   p.bsize = p.pack_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
   p.per_thread = size_t((p.pack_a ? p.mc : uk.mr) * p.kc + p.kc * uk.nr);
@@ -160,7 +160,8 @@ void scale_only(const Gemm<T>& g) {
 // W^T): the large W is then read in place as the A operand, and only the small A^T is packed.
 template <class T>
 Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
-  const bool swap = g.csb != 1 && g.rsb == 1 && g.M <= kSkinnyPanels * uk.nr && g.N > g.M;
+  const bool swap =
+      !g.pack_b_fn && g.csb != 1 && g.rsb == 1 && g.M <= kSkinnyPanels * uk.nr && g.N > g.M;
   if (!swap) return g;
   Gemm<T> t = g;
   t.M = g.N;
@@ -288,9 +289,13 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
       const int64_t kc = min64(p.kc, g.K - pc);
       int64_t s0, s1;
       split_range(npanels, p.nt, tid, &s0, &s1);
-      if (s0 < s1)
-        uk.pack_b(kc, min64(nc, s1 * NR) - s0 * NR, g.B + pc * g.rsb + (jc + s0 * NR) * g.csb,
-                  g.rsb, g.csb, dst + s0 * NR * kc);
+      if (s0 >= s1) return;
+      const int64_t n = min64(nc, s1 * NR) - s0 * NR;
+      if (g.pack_b_fn)
+        g.pack_b_fn(g.pack_b_ctx, pc, kc, jc + s0 * NR, n, int(NR), dst + s0 * NR * kc);
+      else
+        uk.pack_b(kc, n, g.B + pc * g.rsb + (jc + s0 * NR) * g.csb, g.rsb, g.csb,
+                  dst + s0 * NR * kc);
     };
     if (p.whole_k) {
       // Block pc lives at bpack + pc * (npanels * NR): the blocks before it hold pc rows of K.

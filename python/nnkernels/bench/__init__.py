@@ -10,9 +10,9 @@ import torch
 
 import nnkernels
 
-from . import harness, linear, matmul
+from . import conv2d, harness, linear, matmul
 
-SUITES = {"matmul": matmul.cases, "linear": linear.cases}
+SUITES = {"matmul": matmul.cases, "linear": linear.cases, "conv2d": conv2d.cases}
 
 
 def _ops_arg(values):

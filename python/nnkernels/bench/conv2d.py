@@ -1,0 +1,49 @@
+"""conv2d benchmark cases: nnkernels.functional.conv2d vs torch.nn.functional.conv2d (oneDNN on
+CPU, cuDNN on CUDA), forward and forward+backward, on a ResNet/MNIST-like suite."""
+
+import torch
+
+import nnkernels.functional as NF
+
+from .harness import Case
+
+# name, N, C, H, W, K, kernel, stride, padding, input needs grad
+SUITE = [
+    ("resnet 3x3 64->64 56^2", 8, 64, 56, 56, 64, 3, 1, 1, True),
+    ("resnet 3x3 128->128 28^2", 8, 128, 28, 28, 128, 3, 1, 1, True),
+    ("resnet 1x1 s2 64->128 56^2", 8, 64, 56, 56, 128, 1, 2, 0, True),
+    ("mnist conv1 1->64 28^2", 64, 1, 28, 28, 64, 3, 1, 0, False),  # images need no gradient
+    ("mnist conv2 64->32 26^2", 64, 64, 26, 26, 32, 3, 1, 0, True),
+]
+
+
+def _case(spec, device, backward):
+    name, N, C, H, W, K, k, stride, pad, need_dx = spec
+    x = torch.randn(N, C, H, W, device=device, requires_grad=backward and need_dx)
+    w = (torch.randn(K, C, k, k, device=device) / (C * k * k) ** 0.5).requires_grad_(backward)
+    b = torch.randn(K, device=device, requires_grad=backward)
+    P, Q = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+    g = torch.randn(N, K, P, Q, device=device)
+    leaves = tuple(t for t in (x, w, b) if t.requires_grad)
+
+    def make(fn):
+        if not backward:
+            return lambda: fn(x, w, b, stride=stride, padding=pad)
+        return lambda: torch.autograd.grad(fn(x, w, b, stride=stride, padding=pad), leaves, g)
+
+    fwd = 2.0 * N * K * C * k * k * P * Q
+    passes = 1 + (2 if need_dx else 1) if backward else 1
+    return Case(
+        op="conv2d",
+        name=f"{name} b{N} " + ("fwd+bwd" if backward else "fwd"),
+        dtype="float32",
+        ours=make(NF.conv2d),
+        torch=make(torch.nn.functional.conv2d),
+        flops=fwd * passes,
+    )
+
+
+def cases(device: str, quick: bool):
+    if quick:
+        return [_case(SUITE[1], device, True), _case(SUITE[3], device, True)]
+    return [_case(s, device, bwd) for s in SUITE for bwd in (False, True)]
