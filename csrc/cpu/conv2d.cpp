@@ -458,28 +458,33 @@ template <class T>
 void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, View4<T> dw,
                             T* dbias) {
   const Geometry<T> gm(s);
-  if (dbias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
-  if (s.K == 0 || gm.CRS == 0) return;
+  if (s.K == 0) return;
   const bool pw = gm.pointwise_ok(x);
+  // The bias gradient rides along as one more column of B, a row of ones under col: the GEMM
+  // then also writes sum_pixels dY[k] (no second pass over dY). Pointwise reads x in place, so
+  // there it is a separate channel sum.
+  const bool fused_bias = dbias && !pw;
+  if (dbias && !fused_bias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
+  if (gm.CRS == 0 && !fused_bias) return;
   const Split sp = split_for(s.N);
   const int64_t L = pw ? gm.PQ : max64(gm.L, 1), last = pw ? gm.PQ : gm.PQ - (gm.PQ - 1) / L * L;
-  // Each thread sums its images into its own (K x CRS) partial when images run in parallel;
-  // otherwise straight into dw.
-  const bool partials = sp.images;
-  const int64_t ldp = gm.CRS;
+  const int64_t ld = gm.CRS + (fused_bias ? 1 : 0);  // columns of the (K x ld) partial sums
 
-  // A = dY[n]_g (Kg x len), B = col^T (len x CRS) or X[n]_g^T (pointwise), C = dW_g (Kg x CRS).
+  // A = dY[n]_g (Kg x len), B = [col; 1]^T (len x ld) or X[n]_g^T (pointwise), C = partial_g.
+  // Each thread sums its images into its own partial (one, shared by the GEMM's threads, when
+  // images run one at a time); the partials are added in thread order at the end.
   Gemm<T> shape;
   shape.M = gm.Kg;
-  shape.N = gm.CRS;
+  shape.N = ld;
   shape.rsa = dy.s[1];
   shape.csa = dy.s[3];
   shape.rsb = pw ? x.s[3] : 1;
   shape.csb = pw ? x.s[1] : L;
-  shape.rsc = partials ? ldp : dw.s[0];
-  shape.csc = partials ? 1 : dw.s[3];
-  const size_t col = pw ? 0 : size_t(gm.CRS * L);
-  const size_t part = partials ? size_t(s.K * ldp) : 0;
+  shape.rsc = ld;
+  shape.csc = 1;
+  shape.beta = T(1);
+  const size_t col = pw ? 0 : size_t(ld * L);
+  const size_t part = size_t(s.K * ld);
   size_t gws = 0;
   if (gm.PQ) {
     Gemm<T> a = shape, b = shape;
@@ -488,21 +493,16 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
     gws = std::max(gemm_workspace(a, sp.gemm_nt), gemm_workspace(b, sp.gemm_nt));
   }
   const size_t per = col + part + gws;
-  std::vector<char> used(size_t(sp.nt), 0);  // threads that wrote their partial
-
-  auto zero_dw = [&](T* p, int64_t rs, int64_t cs) {
-    for (int64_t k = 0; k < s.K; ++k)
-      for (int64_t j = 0; j < gm.CRS; ++j) p[k * rs + j * cs] = T(0);
-  };
-  if (!partials) zero_dw(dw.p, dw.s[0], dw.s[3]);
+  const int nparts = sp.images ? sp.nt : 1;
+  std::vector<char> used(size_t(nparts), 0);  // partials that hold a sum
 
   T* ws = image_scratch<T>(sp, per);
   for_each_image(s.N, sp, ws, per, [&](int64_t n, int tid, T* scratch) {
     T* colbuf = scratch;
     T* mine = scratch + col;
     T* gemm_ws = scratch + col + part;
-    if (partials && !used[size_t(tid)]) {
-      zero_dw(mine, ldp, 1);
+    if (!used[size_t(tid)]) {
+      std::fill(mine, mine + part, T(0));
       used[size_t(tid)] = 1;
     }
     for (int64_t g = 0; g < s.groups; ++g)
@@ -515,27 +515,28 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
           gg.B = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
         } else {
           gm.template im2col<false>(x.p, x.s, n, g, j0, len, colbuf, L);
+          if (fused_bias) std::fill(colbuf + gm.CRS * L, colbuf + gm.CRS * L + len, T(1));
           gg.B = colbuf;
         }
-        gg.C = partials ? mine + g * gm.Kg * ldp : dw.p + g * gm.Kg * dw.s[0];
-        gg.beta = T(1);
+        gg.C = mine + g * gm.Kg * ld;
         gemm(gg, sp.gemm_nt, gemm_ws);
       }
   });
 
-  if (partials) {
-    // dw = the threads' partials, added in thread order.
-    zero_dw(dw.p, dw.s[0], dw.s[3]);
-    for (int t = 0; t < sp.nt; ++t) {
-      if (!used[size_t(t)]) continue;
-      const T* part_t = ws + per * t + col;
-      parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t j = 0; j < gm.CRS; ++j)
-            dw.p[k * dw.s[0] + j * dw.s[3]] += part_t[k * ldp + j];
-      });
+  // dw (and dbias) = the partials, added in thread order (zero when there were no images).
+  parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t j = 0; j < ld; ++j) {
+        T acc = T(0);
+        for (int t = 0; t < nparts; ++t)
+          if (used[size_t(t)]) acc += ws[per * t + col + size_t(k * ld + j)];
+        if (j < gm.CRS)
+          dw.p[k * dw.s[0] + j * dw.s[3]] = acc;
+        else
+          dbias[k] = acc;
+      }
     }
-  }
+  });
 }
 
 #define NNK_INSTANTIATE_CONV(T)                                                                 \
