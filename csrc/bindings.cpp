@@ -224,6 +224,39 @@ void check_pixels_layout(const TensorView& v, const char* name) {
                   "(contiguous or channels_last)");
 }
 
+#if defined(NNK_WITH_CUDA)
+// The CUDA kernels' view of a convolution: geometry plus the strides of (x or dx), (w or dw),
+// (y or dy).
+cuda::ConvIndex conv_index(const cpu::Conv2dShape& s, const TensorView& x, const TensorView& w,
+                           const TensorView& y) {
+  cuda::ConvIndex ix;
+  ix.N = s.N;
+  ix.C = s.C;
+  ix.H = s.H;
+  ix.W = s.W;
+  ix.K = s.K;
+  ix.R = s.R;
+  ix.S = s.S;
+  ix.P = s.P;
+  ix.Q = s.Q;
+  ix.sh = s.sh;
+  ix.sw = s.sw;
+  ix.ph = s.ph;
+  ix.pw = s.pw;
+  ix.dh = s.dh;
+  ix.dw = s.dw;
+  ix.groups = s.groups;
+  ix.Cg = s.C / s.groups;
+  ix.Kg = s.K / s.groups;
+  for (int d = 0; d < 4; ++d) {
+    ix.xs[d] = x.strides[d];
+    ix.ws[d] = w.strides[d];
+    ix.ys[d] = y.strides[d];
+  }
+  return ix;
+}
+#endif
+
 template <class F>
 void dispatch_float(const TensorView& ref, F&& f) {
   if (ref.dtype == DType::f32)
@@ -254,8 +287,15 @@ void conv2d_forward(py::handle x_, py::handle w_, py::handle bias_, py::handle y
     check_no_overlap(y, "out", bias, "bias");
   }
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "conv2d on CUDA is not built yet");
   py::gil_scoped_release nogil;
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    cuda::conv2d_forward(conv_index(s, x, w, y), x.ptr<const float>(), w.ptr<const float>(),
+                         bias_.is_none() ? nullptr : bias.ptr<const float>(), y.ptr<float>(),
+                         x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::conv2d_forward<T>(s, view4<const T>(x), view4<const T>(w),
@@ -275,12 +315,20 @@ void conv2d_backward_data(py::handle dy_, py::handle w_, py::handle dx_, Pair st
   check_shape(dy, "grad_output", {s.N, s.K, s.P, s.Q});
   check_weight_layout(w, "weight");
   check_pixels_layout(dy, "grad_output");
+  check_pixels_layout(dx, "grad_input");
   check_output(dx, "grad_input");
   check_no_overlap(dx, "grad_input", dy, "grad_output");
   check_no_overlap(dx, "grad_input", w, "weight");
   require_cuda_build(dy, "grad_output");
-  NNK_CHECK_IMPLEMENTED(dy.device == Device::cpu, "conv2d on CUDA is not built yet");
   py::gil_scoped_release nogil;
+  if (dy.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    cuda::conv2d_backward_data(conv_index(s, dx, w, dy), dy.ptr<const float>(),
+                               w.ptr<const float>(), dx.ptr<float>(), dy.device_id,
+                               reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   dispatch_float(dy, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::conv2d_backward_data<T>(s, view4<const T>(dy), view4<const T>(w), view4<T>(dx));
@@ -314,8 +362,15 @@ void conv2d_backward_weight(py::handle x_, py::handle dy_, py::handle dw_, py::h
     check_no_overlap(db, "grad_bias", dy, "grad_output");
   }
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "conv2d on CUDA is not built yet");
   py::gil_scoped_release nogil;
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    cuda::conv2d_backward_weight(
+        conv_index(s, x, dw, dy), x.ptr<const float>(), dy.ptr<const float>(), dw.ptr<float>(),
+        db_.is_none() ? nullptr : db.ptr<float>(), x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::conv2d_backward_weight<T>(s, view4<const T>(x), view4<const T>(dy), view4<T>(dw),
@@ -334,8 +389,15 @@ void sum_channels(py::handle x_, py::handle out_, uintptr_t stream) {
   check_output(out, "out");
   check_no_overlap(out, "out", x, "x");
   require_cuda_build(x, "x");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "sum_channels on CUDA is not built yet");
   py::gil_scoped_release nogil;
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    cuda::sum_channels(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.ptr<const float>(),
+                       x.strides[0], x.strides[1], x.strides[3], out.ptr<float>(), x.device_id,
+                       reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::sum_channels(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.ptr<const T>(),

@@ -12,10 +12,11 @@ pytestmark = pytest.mark.skipif(not nnkernels.cuda_available(), reason="no CUDA 
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    before = torch.backends.cuda.matmul.allow_tf32
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _grads(fn, tensors):
@@ -96,3 +97,49 @@ def test_cuda_gradcheck_float32_path():
     y = NF.linear(x, w)
     y.sum().backward()
     torch.testing.assert_close(w.grad, torch.ones(4, 3, device="cuda").mT @ x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "N,C,H,W,K,R,S,kw",
+    [
+        (2, 8, 9, 9, 16, 3, 3, dict(padding=1)),
+        (3, 6, 11, 12, 7, 3, 3, dict(stride=2, padding=1)),
+        (2, 4, 13, 14, 6, 5, 3, dict(dilation=(2, 1), padding="same")),
+        (2, 12, 9, 9, 12, 3, 3, dict(groups=12, padding=1)),
+        (2, 16, 14, 14, 32, 1, 1, dict(stride=2)),
+        (4, 1, 28, 28, 16, 3, 3, dict()),
+        (1, 32, 34, 33, 20, 3, 3, dict(padding=1)),
+        (2, 300, 9, 8, 260, 3, 3, dict(padding=1)),  # several M / N / K tiles
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_conv2d(N, C, H, W, K, R, S, kw, channels_last):
+    g = kw.get("groups", 1)
+    x = torch.randn(N, C, H, W, device="cuda")
+    w = torch.randn(K, C // g, R, S, device="cuda") / (C // g * R * S) ** 0.5
+    b = torch.randn(K, device="cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    fn = lambda *t: NF.conv2d(*t, **kw)  # noqa: E731
+    ref_fn = lambda *t: torch.nn.functional.conv2d(*t, **kw)  # noqa: E731
+    ours, gs, gy = _grads(fn, (x, w, b))
+    theirs, gs_t, _ = _grads(ref_fn, (x, w, b))
+    ref, gs_r, _ = _grads(ref_fn, [t.double() for t in (x, w, b)])
+    assert_matches_reference(ours, theirs, ref, k=C // g * R * S + 1, name="out")
+    n_pix = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    for name, k, o, t, r in zip(
+        ("input", "weight", "bias"), (K // g * R * S, n_pix, n_pix), gs, gs_t, gs_r
+    ):
+        assert_matches_reference(o, t, r, k=k, name=f"grad {name}")
+
+
+def test_cuda_conv2d_module_and_stream():
+    m = nnkernels.nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect").cuda()
+    ref = torch.nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect").cuda()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4, 10, 10, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = m(x)
+    s.synchronize()
+    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/gemm_args.h"
+#include "cuda/conv2d_index.cuh"
 
 namespace nnk {
 namespace cuda {
@@ -17,6 +18,18 @@ std::string compiled_archs();  // e.g. "80,90"
 // gemm.cu: `batch` products, item b at A + b*sa, B + b*sb, C + b*sc (see common/gemm_args.h).
 void sgemm(const Gemm<float>& g, int64_t batch, int64_t sa, int64_t sb, int64_t sc, int device,
            void* stream);
+
+// conv2d.cu: implicit-GEMM convolution (shapes and strides in ix, conv2d_index.cuh). The
+// weight's (C/groups, R, S) dims, and the pixels of y / dx / dy, must flatten.
+void conv2d_forward(const ConvIndex& ix, const float* x, const float* w, const float* bias,
+                    float* y, int device, void* stream);
+void conv2d_backward_data(const ConvIndex& ix, const float* dy, const float* w, float* dx,
+                          int device, void* stream);
+void conv2d_backward_weight(const ConvIndex& ix, const float* x, const float* dy, float* dw,
+                            float* dbias, int device, void* stream);
+// out[c] = sum_{n, i} x[n*sn + c*sc + i*si].
+void sum_channels(int64_t N, int64_t C, int64_t HW, const float* x, int64_t sn, int64_t sc,
+                  int64_t si, float* out, int device, void* stream);
 
 // reduce.cu: out[j*so] = sum_i x[i*rsx + j*csx], i < R, j < N.
 void sum_rows(int64_t R, int64_t N, const float* x, int64_t rsx, int64_t csx, float* out,
