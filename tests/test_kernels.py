@@ -126,3 +126,26 @@ def test_linear_kernel_out(lib):
     )
     with pytest.raises(ValueError, match="out must be contiguous"):
         K.linear(x, w, b, out=strided)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_conv2d_kernel(lib):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((6, 2, 3, 2)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    kw = dict(stride=(2, 1), padding=(1, 2, 0, 1), dilation=(1, 2), groups=2)
+    want = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(torch.from_numpy(x).double(), (0, 1, 1, 2)),
+        torch.from_numpy(w).double(),
+        torch.from_numpy(b).double(),
+        stride=(2, 1),
+        dilation=(1, 2),
+        groups=2,
+    ).numpy()
+    if lib == "torch":
+        x, w, b = (torch.from_numpy(t) for t in (x, w, b))
+    got = np.asarray(K.conv2d(x, w, b, **kw))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    same = np.asarray(K.conv2d(x, w, None, padding="same", groups=2))
+    assert same.shape == (2, 6, 9, 8)

@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from . import _ops
+from . import _C, _ops
 
-__all__ = ["matmul", "linear"]
+__all__ = ["conv2d", "linear", "matmul"]
 
 
 def _is_numpy(x) -> bool:
@@ -99,3 +99,54 @@ def linear(input, weight, bias=None, out=None):
             o2 = out.reshape(rows, n)
     _ops.gemm(x2, weight, o2, bias=bias, trans_b=True)
     return o2.reshape(*lead, n) if out is None else out
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """out = conv2d(input, weight) + bias for input (N, C, H, W), weight (K, C/groups, R, S),
+    bias (K,) or None. stride, dilation: int or (h, w); padding: int, (h, w), (top, bottom, left,
+    right), 'valid' or 'same' (zeros). Returns out (N, K, P, Q)."""
+    from .functional import _pair
+
+    kind = _kind([("input", input), ("weight", weight), ("bias", bias), ("out", out)])
+    if _ndim(input) != 4 or _ndim(weight) != 4:
+        raise ValueError(
+            f"conv2d: input must be (N, C, H, W) and weight (K, C/groups, R, S), got shapes "
+            f"{tuple(input.shape)} and {tuple(weight.shape)}"
+        )
+    sh, sw = _pair(stride, "stride", 1)
+    dh, dw = _pair(dilation, "dilation", 1)
+    r, s = weight.shape[2], weight.shape[3]
+    eh, ew = dh * (r - 1) + 1, dw * (s - 1) + 1
+    if padding == "valid":
+        pad = (0, 0, 0, 0)
+    elif padding == "same":
+        pad = ((eh - 1) // 2, eh - 1 - (eh - 1) // 2, (ew - 1) // 2, ew - 1 - (ew - 1) // 2)
+    elif isinstance(padding, (tuple, list)) and len(padding) == 4:
+        pad = tuple(padding)
+    else:
+        ph, pw = _pair(padding, "padding", 0)
+        pad = (ph, ph, pw, pw)
+    n, _, h, w = input.shape
+    p = (h + pad[0] + pad[1] - eh) // sh + 1
+    q = (w + pad[2] + pad[3] - ew) // sw + 1
+    if kind == "torch":
+        weight = weight.contiguous()
+    else:
+        import numpy as np
+
+        weight = np.ascontiguousarray(weight)
+    if out is None:
+        out = _empty(kind, input, (n, weight.shape[0], max(p, 0), max(q, 0)))
+    _ops.sync_threads()
+    _C.conv2d_forward(
+        _ops.to_dl(input, "input"),
+        _ops.to_dl(weight, "weight"),
+        None if bias is None else _ops.to_dl(bias, "bias"),
+        _ops.to_dl(out, "out"),
+        (sh, sw),
+        pad,
+        (dh, dw),
+        groups,
+        _ops._stream(out),
+    )
+    return out
