@@ -20,98 +20,57 @@ namespace {
 
 using namespace tile;
 
-// Forward B: col[crs][pix] of item (n, g).
-struct Im2colB {
+// Element functions of the implicit operands (gemm_tile.cuh's Implicit<F>): f(item, w, k).
+
+// Forward B: col[crs = k][pix = w] of item (n, g).
+struct Im2col {
   ConvIndex ix;
   const float* x;
-  int mode = kWide;
-  __device__ void load(int64_t item, int64_t n0, int64_t k0, int64_t kend, int tid,
-                       float r[4]) const {
-    const int64_t n = item / ix.groups, g = item - n * ix.groups, PQ = ix.P * ix.Q;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int w, k;
-      slab_coord(mode, tid, e, &w, &k);
-      const int64_t pix = n0 + w, crs = k0 + k;
-      const int64_t off = (pix < PQ && crs < kend) ? ix.col(n, g, crs, pix) : -1;
-      r[e] = off >= 0 ? x[off] : 0.f;
-    }
+  __device__ float operator()(int64_t item, int64_t pix, int64_t crs) const {
+    const int64_t n = item / ix.groups,
+                  off = pix < ix.P * ix.Q ? ix.col(n, item - n * ix.groups, crs, pix) : -1;
+    return off >= 0 ? x[off] : 0.f;
   }
 };
 
-// Backward-data A: W~[c][krs] of group g.
-struct WeightTA {
+// Backward-data A: W~[c = w][krs = k] of group g.
+struct WeightT {
   ConvIndex ix;
   const float* w;
-  int mode = kAlongK;
-  __device__ void load(int64_t item, int64_t m0, int64_t k0, int64_t kend, int tid,
-                       float r[4]) const {
-    const int64_t g = item % ix.groups;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int wi, k;
-      slab_coord(mode, tid, e, &wi, &k);
-      const int64_t c = m0 + wi, krs = k0 + k;
-      r[e] = (c < ix.Cg && krs < kend) ? w[ix.weight_t(g, c, krs)] : 0.f;
-    }
+  __device__ float operator()(int64_t item, int64_t c, int64_t krs) const {
+    return c < ix.Cg ? w[ix.weight_t(item % ix.groups, c, krs)] : 0.f;
   }
 };
 
-// Backward-data B: gather(dY)[krs][pix] of item (n, g), pix over the input's H x W.
-struct DyGatherB {
+// Backward-data B: gather(dY)[krs = k][pix = w] of item (n, g), pix over the input's H x W.
+struct DyGather {
   ConvIndex ix;
   const float* dy;
-  int mode = kWide;
-  __device__ void load(int64_t item, int64_t n0, int64_t k0, int64_t kend, int tid,
-                       float r[4]) const {
-    const int64_t n = item / ix.groups, g = item - n * ix.groups, HW = ix.H * ix.W;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int w, k;
-      slab_coord(mode, tid, e, &w, &k);
-      const int64_t pix = n0 + w, krs = k0 + k;
-      const int64_t off = (pix < HW && krs < kend) ? ix.dy_gather(n, g, krs, pix) : -1;
-      r[e] = off >= 0 ? dy[off] : 0.f;
-    }
+  __device__ float operator()(int64_t item, int64_t pix, int64_t krs) const {
+    const int64_t n = item / ix.groups;
+    const int64_t off = pix < ix.H * ix.W ? ix.dy_gather(n, item - n * ix.groups, krs, pix) : -1;
+    return off >= 0 ? dy[off] : 0.f;
   }
 };
 
-// Backward-weight A: dY[k][(n, pix)] of group g = item / ksplit.
-struct DyRowA {
+// Backward-weight A: dY[m = w][(n, pix) = k] of group g = item / ksplit.
+struct DyRow {
   ConvIndex ix;
   const float* dy;
   int64_t ksplit;
-  int mode = kAlongK;
-  __device__ void load(int64_t item, int64_t m0, int64_t k0, int64_t kend, int tid,
-                       float r[4]) const {
-    const int64_t g = item / ksplit;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int w, k;
-      slab_coord(mode, tid, e, &w, &k);
-      const int64_t m = m0 + w, npix = k0 + k;
-      r[e] = (m < ix.Kg && npix < kend) ? dy[ix.dy_row(g, m, npix)] : 0.f;
-    }
+  __device__ float operator()(int64_t item, int64_t m, int64_t npix) const {
+    return m < ix.Kg ? dy[ix.dy_row(item / ksplit, m, npix)] : 0.f;
   }
 };
 
-// Backward-weight B: col^T[(n, pix)][crs] of group g = item / ksplit.
-struct ColTB {
+// Backward-weight B: col^T[(n, pix) = k][crs = w] of group g = item / ksplit.
+struct ColT {
   ConvIndex ix;
   const float* x;
   int64_t ksplit;
-  int mode = kAlongK;
-  __device__ void load(int64_t item, int64_t n0, int64_t k0, int64_t kend, int tid,
-                       float r[4]) const {
-    const int64_t g = item / ksplit, CRS = ix.Cg * ix.R * ix.S;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int w, k;
-      slab_coord(mode, tid, e, &w, &k);
-      const int64_t crs = n0 + w, npix = k0 + k;
-      const int64_t off = (crs < CRS && npix < kend) ? ix.col_t(g, npix, crs) : -1;
-      r[e] = off >= 0 ? x[off] : 0.f;
-    }
+  __device__ float operator()(int64_t item, int64_t crs, int64_t npix) const {
+    const int64_t off = crs < ix.Cg * ix.R * ix.S ? ix.col_t(item / ksplit, npix, crs) : -1;
+    return off >= 0 ? x[off] : 0.f;
   }
 };
 
@@ -153,7 +112,7 @@ void launch(const P& pr, cudaStream_t stream, const char* what) {
 void conv2d_forward(const ConvIndex& ix, const float* x, const float* w, const float* bias,
                     float* y, int device, void* stream) {
   if (ix.N == 0 || ix.K == 0 || ix.P * ix.Q == 0) return;
-  Problem<Strided, Im2colB, StoreC> pr;
+  Problem<Strided, Implicit<Im2col>, StoreC> pr;
   pr.M = ix.Kg;
   pr.N = ix.P * ix.Q;
   pr.K = ix.Cg * ix.R * ix.S;
@@ -169,8 +128,7 @@ void conv2d_forward(const ConvIndex& ix, const float* x, const float* w, const f
   pr.a.mode = (ix.ws[3] == 1 && ix.ws[0] % 4 == 0 && (reinterpret_cast<uintptr_t>(w) & 15) == 0)
                   ? kVecK
                   : kAlongK;
-  pr.b.ix = ix;
-  pr.b.x = x;
+  pr.b = {Im2col{ix, x}, kWide};  // consecutive threads on consecutive pixels
   pr.epi.C = y;
   pr.epi.rsc = ix.ys[1];
   pr.epi.csc = ix.ys[3];  // (P, Q) flatten (checked by the binding)
@@ -189,16 +147,14 @@ void conv2d_forward(const ConvIndex& ix, const float* x, const float* w, const f
 void conv2d_backward_data(const ConvIndex& ix, const float* dy, const float* w, float* dx,
                           int device, void* stream) {
   if (ix.N == 0 || ix.C == 0 || ix.H * ix.W == 0) return;
-  Problem<WeightTA, DyGatherB, StoreC> pr;
+  Problem<Implicit<WeightT>, Implicit<DyGather>, StoreC> pr;
   pr.M = ix.Cg;
   pr.N = ix.H * ix.W;
   pr.K = ix.Kg * ix.R * ix.S;
   pr.items = ix.N * ix.groups;
   pr.ksplit = 1;
-  pr.a.ix = ix;
-  pr.a.w = w;
-  pr.b.ix = ix;
-  pr.b.dy = dy;
+  pr.a = {WeightT{ix, w}, kAlongK};
+  pr.b = {DyGather{ix, dy}, kWide};
   pr.epi.C = dx;
   pr.epi.rsc = ix.xs[1];
   pr.epi.csc = ix.xs[3];  // (H, W) of dx flatten (checked by the binding)
@@ -233,18 +189,14 @@ void conv2d_backward_weight(const ConvIndex& ix, const float* x, const float* dy
   const int64_t most = (K + 1023) / 1024;
   if (ksplit > most) ksplit = most;
   if (ksplit < 1) ksplit = 1;
-  Problem<DyRowA, ColTB, AddC> pr;
+  Problem<Implicit<DyRow>, Implicit<ColT>, AddC> pr;
   pr.M = ix.Kg;
   pr.N = CRS;
   pr.K = K;
   pr.items = ix.groups * ksplit;
   pr.ksplit = ksplit;
-  pr.a.ix = ix;
-  pr.a.dy = dy;
-  pr.a.ksplit = ksplit;
-  pr.b.ix = ix;
-  pr.b.x = x;
-  pr.b.ksplit = ksplit;
+  pr.a = {DyRow{ix, dy, ksplit}, kAlongK};  // consecutive threads on consecutive pixels
+  pr.b = {ColT{ix, x, ksplit}, kAlongK};
   pr.epi.C = dw;
   pr.epi.rsc = ix.ws[0];
   pr.epi.csc = ix.ws[3];

@@ -127,6 +127,24 @@ struct Strided {
   }
 };
 
+// An implicit operand: element (w, k) of item b is f(b, w, k), the functor returning 0 past the
+// operand's edge along w; zero at k >= kend. For operands that exist only as index math (conv2d).
+template <class F>
+struct Implicit {
+  F f;
+  int mode;
+  __device__ __forceinline__ void load(int64_t item, int64_t w0, int64_t k0, int64_t kend, int tid,
+                                       float r[4]) const {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int w, k;
+      slab_coord(mode, tid, e, &w, &k);
+      const int64_t kk = k0 + k;
+      r[e] = kk < kend ? f(item, w0 + w, kk) : 0.f;
+    }
+  }
+};
+
 // The accumulators of one tile: C(m0..m0+127, n0..n0+127) = sum over k in [kb, ke).
 template <class AOp, class BOp>
 __device__ __forceinline__ void mainloop(const AOp& a, const BOp& b, int64_t item, int64_t m0,
@@ -186,7 +204,7 @@ struct Problem {
 };
 
 template <class AOp, class BOp, class Epi>
-__global__ void __launch_bounds__(THREADS) gemm_kernel(Problem<AOp, BOp, Epi> pr) {
+__global__ void __launch_bounds__(THREADS, 1) gemm_kernel(Problem<AOp, BOp, Epi> pr) {
   __shared__ __align__(16) float As[2][BK][kRow];
   __shared__ __align__(16) float Bs[2][BK][kRow];
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
