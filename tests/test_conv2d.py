@@ -143,6 +143,13 @@ def test_conv2d_channels_last(which):
         w = w.to(memory_format=cl)
     _check_conv(x, w, b, dict(padding=1, stride=(1, 2)))
     _check_conv(x, w, b, dict())
+    wd = torch.randn(16, 1, 3, 3)  # depthwise x2 on channels_last
+    _check_conv(
+        x,
+        wd.to(memory_format=cl) if which != "input" else wd,
+        b.repeat(2)[:16],
+        dict(groups=8, padding=1),
+    )
 
 
 def test_conv2d_strided_views():
@@ -180,6 +187,13 @@ def test_conv2d_gradcheck():
     xs = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, c: NF.conv2d(a, c), (xs, ws))  # pointwise
+    # depthwise (direct loops), with a channel multiplier and a stride
+    xd = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(6, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    bd = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, c, d: NF.conv2d(a, c, d, groups=3, stride=(2, 1), padding=1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (xd, wd, bd))
+    assert torch.autograd.gradgradcheck(fn, (xd, wd, bd))
 
 
 # ------------------------------------------------------------------------------------ nn.Conv2d

@@ -6,6 +6,7 @@
 //                    else dcol (CRS x PQ) = W_g^T (CRS x Kg) . dY[n]_g, then col2im (+=)
 //   backward-weight  dW_g (Kg x CRS)  += dY[n]_g (Kg x PQ) . col^T (PQ x CRS)
 //
+// Depthwise convolutions (groups == C) run as direct loops instead (see "depthwise" below).
 // col = im2col of x[n]_g. The forward never materialises it: the GEMM calls a packing routine
 // that writes im2col rows straight into its B panels (so col exists one cache block at a time,
 // and the GEMM's threads share the work); for stride 1 from a zero-bordered copy of the image,
@@ -203,10 +204,18 @@ struct PaddedPacker {
   static int64_t cols(const Conv2dShape& s) { return s.Q + (s.S - 1) * s.dw; }
 
   // xp = x[n]_g with ph rows / pw columns of zeros before (negative: cropped) and enough after.
-  static void fill(const Geometry<T>& gm, const View4<const T>& x, int64_t n, int64_t g, T* xp) {
+  static void fill(const Geometry<T>& gm, const View4<const T>& x, int64_t n, int64_t g, T* xp,
+                   int nthreads) {
+    parallel_for(
+        gm.Cg, 1, [&](int64_t c0, int64_t c1) { fill_channels(gm, x, n, g, xp, c0, c1); },
+        nthreads);
+  }
+
+  static void fill_channels(const Geometry<T>& gm, const View4<const T>& x, int64_t n, int64_t g,
+                            T* xp, int64_t c0, int64_t c1) {
     const Conv2dShape& s = gm.s;
     const int64_t Hp = rows(s), Wp = cols(s);
-    for (int64_t c = 0; c < gm.Cg; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const T* xc = x.p + n * x.s[0] + (g * gm.Cg + c) * x.s[1];
       for (int64_t i = 0; i < Hp; ++i) {
         T* d = xp + (c * Hp + i) * Wp;
@@ -316,6 +325,160 @@ size_t gemm_scratch(Gemm<T> g, int nt, int64_t full, int64_t last) {
   return std::max(a, gemm_workspace(g, nt));
 }
 
+// ---------------------------------------------------------------------------------- depthwise
+// groups == C (one input channel per group, K = C * mult): a GEMM with one row per group only
+// packs, so direct loops instead, per (image, channel) plane, each row of taps vectorised along the
+// output width. Rows accumulate in a per-thread buffer of Q elements (or W for the data gradient).
+
+inline bool is_depthwise(const Conv2dShape& s) { return s.C > 1 && s.groups == s.C; }
+
+// acc[i] += a * x[i * step], i < n (vectorised when step == 1).
+template <class T>
+NNK_CONV_INLINE void axpy(T* __restrict acc, T a, const T* __restrict x, int64_t step, int64_t n) {
+  if (step == 1) {
+    for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i * step];
+  }
+}
+
+// sum_i a[i * sa] * b[i * sb], i < n; with unit strides in 8 independent lanes so it vectorises
+// without reassociation flags.
+template <class T>
+NNK_CONV_INLINE T dot(const T* __restrict a, int64_t sa, const T* __restrict b, int64_t sb,
+                      int64_t n) {
+  T sum = T(0);
+  int64_t i = 0;
+  if (sa == 1 && sb == 1) {
+    T lane[8] = {};
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < 8; ++l) sum += lane[l];
+  }
+  for (; i < n; ++i) sum += a[i * sa] * b[i * sb];
+  return sum;
+}
+
+// fn(r, t, ih, lo, hi, woff) for every tap whose row ih of output row p lies inside the input;
+// output columns [lo, hi) then read input column q * sw + woff.
+template <class F>
+NNK_CONV_INLINE void for_each_tap(const Conv2dShape& s, int64_t p, F&& fn) {
+  for (int64_t r = 0; r < s.R; ++r) {
+    const int64_t ih = p * s.sh - s.ph + r * s.dh;
+    if (ih < 0 || ih >= s.H) continue;
+    for (int64_t t = 0; t < s.S; ++t) {
+      const int64_t woff = t * s.dw - s.pw;
+      int64_t lo, hi;
+      valid_cols(woff, s.sw, s.W, 0, s.Q, &lo, &hi);
+      fn(r, t, ih, lo, hi, woff);
+    }
+  }
+}
+
+template <class T>
+void depthwise_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, const T* bias,
+                       View4<T> y) {
+  const int64_t mult = s.K / s.C;
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  T* rows = thread_scratch<T>(Scratch::conv, size_t(s.Q) * nt + 1);
+  parallel_for(
+      s.N * s.K, 1,
+      [&](int64_t b, int64_t e) {
+        T* acc = rows + size_t(s.Q) * thread_id();
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t n = i / s.K, k = i % s.K;
+          const T* xc = x.p + n * x.s[0] + (k / mult) * x.s[1];
+          const T* wk = w.p + k * w.s[0];
+          for (int64_t p = 0; p < s.P; ++p) {
+            const T b0 = bias ? bias[k] : T(0);
+            for (int64_t q = 0; q < s.Q; ++q) acc[q] = b0;
+            for_each_tap(
+                s, p, [&](int64_t r, int64_t t, int64_t ih, int64_t lo, int64_t hi, int64_t woff) {
+                  const int64_t step = s.sw * x.s[3];
+                  axpy(acc + lo, wk[r * w.s[2] + t * w.s[3]],
+                       xc + ih * x.s[2] + woff * x.s[3] + lo * step, step, hi - lo);
+                });
+            T* yr = y.p + n * y.s[0] + k * y.s[1] + p * y.s[2];
+            for (int64_t q = 0; q < s.Q; ++q) yr[q * y.s[3]] = acc[q];
+          }
+        }
+      },
+      nt);
+}
+
+template <class T>
+void depthwise_backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w,
+                             View4<T> dx) {
+  const int64_t mult = s.K / s.C;
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  T* rows = thread_scratch<T>(Scratch::conv, size_t(s.W) * s.H * nt + 1);
+  parallel_for(
+      s.N * s.C, 1,
+      [&](int64_t b, int64_t e) {
+        T* plane = rows + size_t(s.W) * s.H * thread_id();  // dx[n, c] accumulated contiguously
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t n = i / s.C, c = i % s.C;
+          std::fill(plane, plane + s.H * s.W, T(0));
+          for (int64_t j = 0; j < mult; ++j) {
+            const int64_t k = c * mult + j;
+            const T* wk = w.p + k * w.s[0];
+            for (int64_t p = 0; p < s.P; ++p) {
+              const T* dyr = dy.p + n * dy.s[0] + k * dy.s[1] + p * dy.s[2];
+              for_each_tap(
+                  s, p,
+                  [&](int64_t r, int64_t t, int64_t ih, int64_t lo, int64_t hi, int64_t woff) {
+                    const T wv = wk[r * w.s[2] + t * w.s[3]];
+                    T* dxr = plane + ih * s.W + woff;
+                    if (s.sw == 1)
+                      axpy(dxr + lo, wv, dyr + lo * dy.s[3], dy.s[3], hi - lo);
+                    else
+                      for (int64_t q = lo; q < hi; ++q) dxr[q * s.sw] += wv * dyr[q * dy.s[3]];
+                  });
+            }
+          }
+          T* out = dx.p + n * dx.s[0] + c * dx.s[1];
+          for (int64_t h = 0; h < s.H; ++h)
+            for (int64_t q = 0; q < s.W; ++q) out[h * dx.s[2] + q * dx.s[3]] = plane[h * s.W + q];
+        }
+      },
+      nt);
+}
+
+template <class T>
+void depthwise_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy,
+                               View4<T> dw, T* dbias) {
+  const int64_t mult = s.K / s.C, RS = s.R * s.S;
+  // One output channel per work item: its R*S taps (and bias) summed over images and rows,
+  // each row's dot product in T, the rows in float64.
+  parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<double> acc(size_t(RS) + 1);
+    for (int64_t k = k0; k < k1; ++k) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T* xc = x.p + n * x.s[0] + (k / mult) * x.s[1];
+        for (int64_t p = 0; p < s.P; ++p) {
+          const T* dyr = dy.p + n * dy.s[0] + k * dy.s[1] + p * dy.s[2];
+          if (dbias) {
+            const T one = T(1);
+            acc[size_t(RS)] += double(dot(dyr, dy.s[3], &one, 0, s.Q));
+          }
+          for_each_tap(
+              s, p, [&](int64_t r, int64_t t, int64_t ih, int64_t lo, int64_t hi, int64_t woff) {
+                const int64_t step = s.sw * x.s[3];
+                acc[size_t(r * s.S + t)] +=
+                    double(dot(dyr + lo * dy.s[3], dy.s[3],
+                               xc + ih * x.s[2] + woff * x.s[3] + lo * step, step, hi - lo));
+              });
+        }
+      }
+      for (int64_t r = 0; r < s.R; ++r)
+        for (int64_t t = 0; t < s.S; ++t)
+          dw.p[k * dw.s[0] + r * dw.s[2] + t * dw.s[3]] = T(acc[size_t(r * s.S + t)]);
+      if (dbias) dbias[k] = T(acc[size_t(RS)]);
+    }
+  });
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------ forward
@@ -325,6 +488,7 @@ void conv2d_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, co
                     View4<T> y) {
   const Geometry<T> gm(s);
   if (s.N == 0 || s.K == 0 || gm.PQ == 0) return;
+  if (is_depthwise(s)) return depthwise_forward(s, x, w, bias, y);
   const bool pw = gm.pointwise_ok(x);
   const Split sp = split_for(s.N);
 
@@ -362,7 +526,7 @@ void conv2d_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, co
       if (pw) {
         gg.B = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
       } else if (padded) {
-        PaddedPacker<T>::fill(gm, x, n, g, xp);
+        PaddedPacker<T>::fill(gm, x, n, g, xp, sp.gemm_nt);
         gg.pack_b_ctx = &ppacker;
       } else {
         gg.pack_b_ctx = &packer;
@@ -380,6 +544,7 @@ template <class T>
 void conv2d_backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, View4<T> dx) {
   const Geometry<T> gm(s);
   if (s.N == 0 || s.C == 0) return;
+  if (is_depthwise(s)) return depthwise_backward_data(s, dy, w, dx);
   // The transposed forward's GEMM has Cg rows: with fewer than ~16 it only packs, col2im is
   // faster (C = 1 first layers, depthwise).
   if (s.sh == 1 && s.sw == 1 && gm.Cg >= 16) {
@@ -459,6 +624,7 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
                             T* dbias) {
   const Geometry<T> gm(s);
   if (s.K == 0) return;
+  if (is_depthwise(s)) return depthwise_backward_weight(s, x, dy, dw, dbias);
   const bool pw = gm.pointwise_ok(x);
   // The bias gradient rides along as one more column of B, a row of ones under col: the GEMM
   // then also writes sum_pixels dY[k] (no second pass over dY). Pointwise reads x in place, so
@@ -466,8 +632,11 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
   const bool fused_bias = dbias && !pw;
   if (dbias && !fused_bias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
   if (gm.CRS == 0 && !fused_bias) return;
-  const Split sp = split_for(s.N);
+  // Work items are (image, chunk of output pixels): im2col and the GEMMs of any batch size,
+  // a single large image included, spread over the threads with per-thread partial sums.
   const int64_t L = pw ? gm.PQ : max64(gm.L, 1), last = pw ? gm.PQ : gm.PQ - (gm.PQ - 1) / L * L;
+  const int64_t chunks = gm.PQ ? (gm.PQ + L - 1) / L : 0, items = s.N * chunks;
+  const Split sp = split_for(items);
   const int64_t ld = gm.CRS + (fused_bias ? 1 : 0);  // columns of the (K x ld) partial sums
 
   // A = dY[n]_g (Kg x len), B = [col; 1]^T (len x ld) or X[n]_g^T (pointwise), C = partial_g.
@@ -497,7 +666,7 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
   std::vector<char> used(size_t(nparts), 0);  // partials that hold a sum
 
   T* ws = image_scratch<T>(sp, per);
-  for_each_image(s.N, sp, ws, per, [&](int64_t n, int tid, T* scratch) {
+  for_each_image(items, sp, ws, per, [&](int64_t item, int tid, T* scratch) {
     T* colbuf = scratch;
     T* mine = scratch + col;
     T* gemm_ws = scratch + col + part;
@@ -505,22 +674,21 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
       std::fill(mine, mine + part, T(0));
       used[size_t(tid)] = 1;
     }
-    for (int64_t g = 0; g < s.groups; ++g)
-      for (int64_t j0 = 0; j0 < gm.PQ; j0 += L) {
-        const int64_t len = min64(L, gm.PQ - j0);
-        Gemm<T> gg = shape;
-        gg.K = len;
-        gg.A = dy.p + n * dy.s[0] + g * gm.Kg * dy.s[1] + j0 * dy.s[3];
-        if (pw) {
-          gg.B = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
-        } else {
-          gm.template im2col<false>(x.p, x.s, n, g, j0, len, colbuf, L);
-          if (fused_bias) std::fill(colbuf + gm.CRS * L, colbuf + gm.CRS * L + len, T(1));
-          gg.B = colbuf;
-        }
-        gg.C = mine + g * gm.Kg * ld;
-        gemm(gg, sp.gemm_nt, gemm_ws);
+    const int64_t n = item / chunks, j0 = item % chunks * L, len = min64(L, gm.PQ - j0);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      Gemm<T> gg = shape;
+      gg.K = len;
+      gg.A = dy.p + n * dy.s[0] + g * gm.Kg * dy.s[1] + j0 * dy.s[3];
+      if (pw) {
+        gg.B = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
+      } else {
+        gm.template im2col<false>(x.p, x.s, n, g, j0, len, colbuf, L);
+        if (fused_bias) std::fill(colbuf + gm.CRS * L, colbuf + gm.CRS * L + len, T(1));
+        gg.B = colbuf;
       }
+      gg.C = mine + g * gm.Kg * ld;
+      gemm(gg, sp.gemm_nt, gemm_ws);
+    }
   });
 
   // dw (and dbias) = the partials, added in thread order (zero when there were no images).
