@@ -117,11 +117,22 @@ def _pair(value, name, minimum):
 
 
 def _is_channels_last(t) -> bool:
-    return (
-        t.dim() == 4
-        and not t.is_contiguous()
-        and t.is_contiguous(memory_format=torch.channels_last)
-    )
+    """torch's suggest_memory_format() == channels_last for a 4-D tensor, decided from the strides
+    as c10's is_channels_last_strides_2d does (so ambiguous shapes, C == 1 or H == W == 1, come
+    out as torch's own conv would have them)."""
+    if t.dim() != 4:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
