@@ -14,6 +14,7 @@
 #include "common/checks.h"
 #include "common/isa.h"
 #include "common/threading.h"
+#include "cpu/batch_norm.h"
 #include "cpu/conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_kernel.h"
@@ -405,6 +406,200 @@ void sum_channels(py::handle x_, py::handle out_, uintptr_t stream) {
   });
 }
 
+// -------------------------------------------------------------------------------- batch norm
+
+// An (N, C, *) activation as the (N, C, S) view of the batch-norm kernels; the spatial dims must
+// flatten into one (contiguous and channels_last do).
+template <class T>
+cpu::View3<T> view3(const TensorView& v, const char* name) {
+  cpu::View3<T> r;
+  r.p = v.ptr<T>();
+  r.N = v.shape[0];
+  r.C = v.shape[1];
+  r.S = 1;
+  r.sn = v.strides[0];
+  r.sc = v.strides[1];
+  r.ss = 1;
+  if (v.ndim >= 3) {
+    r.S = v.ndim == 3 ? v.shape[2] : v.shape[2] * v.shape[3];
+    r.ss = v.strides[v.ndim - 1];
+  }
+  return r;
+}
+
+TensorView bn_activation(py::handle h, const char* name, const TensorView* like,
+                         const char* like_name) {
+  TensorView v = view_of(h, name);
+  if (like) {
+    check_like(v, name, *like, like_name);
+    NNK_CHECK_VALUE(v.ndim == like->ndim, name, " must have the shape of ", like_name);
+    for (int d = 0; d < v.ndim; ++d)
+      NNK_CHECK_VALUE(v.shape[d] == like->shape[d], name, " ", shape_str(v),
+                      " must have the shape of ", like_name, " ", shape_str(*like));
+  } else {
+    check_float(v, name);
+    check_ndim(v, name, {2, 3, 4});
+  }
+  if (v.ndim == 4) check_pixels_layout(v, name);
+  return v;
+}
+
+// A per-channel vector: (C,), contiguous, like `ref`.
+TensorView bn_channel(py::handle h, const char* name, const TensorView& ref, bool output) {
+  TensorView v = view_of(h, name);
+  check_like(v, name, ref, "input");
+  check_shape(v, name, {ref.shape[1]});
+  NNK_CHECK_VALUE(ref.shape[1] <= 1 || v.strides[0] == 1, name, " must be contiguous");
+  if (output) check_output(v, name);
+  return v;
+}
+
+template <class T>
+const T* opt_ptr(const TensorView& v, py::handle h) {
+  return h.is_none() ? nullptr : v.ptr<const T>();
+}
+
+void bn_forward_train(py::handle x_, py::handle y_, py::handle w_, py::handle b_, double eps,
+                      double momentum, py::handle mean_, py::handle invstd_, py::handle rm_,
+                      py::handle rv_, uintptr_t stream) {
+  const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
+  const TensorView y = bn_activation(y_, "out", &x, "input");
+  check_output(y, "out");
+  check_no_overlap(y, "out", x, "input");
+  TensorView w, b, rm, rv;
+  if (!w_.is_none()) w = bn_channel(w_, "weight", x, false);
+  if (!b_.is_none()) b = bn_channel(b_, "bias", x, false);
+  if (!rm_.is_none()) rm = bn_channel(rm_, "running_mean", x, true);
+  if (!rv_.is_none()) rv = bn_channel(rv_, "running_var", x, true);
+  const TensorView mean = bn_channel(mean_, "save_mean", x, true);
+  const TensorView invstd = bn_channel(invstd_, "save_invstd", x, true);
+  NNK_CHECK_VALUE(x.shape[0] * view3<const float>(x, "input").S > 1 || x.shape[1] == 0,
+                  "expected more than 1 value per channel when training, got input of shape ",
+                  shape_str(x));
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::batch_norm_forward_train<T>(
+        view3<const T>(x, "input"), view3<T>(y, "out"), opt_ptr<T>(w, w_), opt_ptr<T>(b, b_), eps,
+        momentum, mean.ptr<T>(), invstd.ptr<T>(), rm_.is_none() ? nullptr : rm.ptr<T>(),
+        rv_.is_none() ? nullptr : rv.ptr<T>());
+  });
+}
+
+void bn_stats(py::handle x_, py::handle mean_, py::handle m2_, uintptr_t stream) {
+  const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
+  const TensorView mean = bn_channel(mean_, "mean", x, true), m2 = bn_channel(m2_, "m2", x, true);
+  NNK_CHECK_VALUE(x.shape[0] * view3<const float>(x, "input").S > 0 || x.shape[1] == 0,
+                  "batch statistics need at least one value per channel");
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::batch_norm_stats<T>(view3<const T>(x, "input"), mean.ptr<T>(), m2.ptr<T>());
+  });
+}
+
+void bn_apply(py::handle x_, py::handle y_, py::handle center_, py::handle scale_,
+              py::handle shift_, uintptr_t stream) {
+  const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
+  const TensorView y = bn_activation(y_, "out", &x, "input");
+  check_output(y, "out");
+  check_no_overlap(y, "out", x, "input");
+  TensorView center;
+  if (!center_.is_none()) center = bn_channel(center_, "center", x, false);
+  const TensorView scale = bn_channel(scale_, "scale", x, false);
+  const TensorView shift = bn_channel(shift_, "shift", x, false);
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::batch_norm_apply<T>(view3<const T>(x, "input"), view3<T>(y, "out"),
+                             opt_ptr<T>(center, center_), scale.ptr<const T>(),
+                             shift.ptr<const T>());
+  });
+}
+
+void bn_backward_reduce(py::handle dy_, py::handle x_, py::handle mean_, py::handle invstd_,
+                        py::handle sdy_, py::handle sdyx_, uintptr_t stream) {
+  const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
+  const TensorView dy = bn_activation(dy_, "grad_output", &x, "input");
+  const TensorView mean = bn_channel(mean_, "mean", x, false);
+  const TensorView invstd = bn_channel(invstd_, "invstd", x, false);
+  const TensorView sdy = bn_channel(sdy_, "sum_dy", x, true);
+  const TensorView sdyx = bn_channel(sdyx_, "sum_dy_xhat", x, true);
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::batch_norm_backward_reduce<T>(view3<const T>(dy, "grad_output"),
+                                       view3<const T>(x, "input"), mean.ptr<const T>(),
+                                       invstd.ptr<const T>(), sdy.ptr<T>(), sdyx.ptr<T>());
+  });
+}
+
+void bn_backward_apply(py::handle dy_, py::handle x_, py::handle mean_, py::handle invstd_,
+                       py::handle w_, py::handle mdy_, py::handle mdyx_, py::handle dx_,
+                       uintptr_t stream) {
+  const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
+  const TensorView dy = bn_activation(dy_, "grad_output", &x, "input");
+  const TensorView dx = bn_activation(dx_, "grad_input", &x, "input");
+  check_output(dx, "grad_input");
+  check_no_overlap(dx, "grad_input", x, "input");
+  check_no_overlap(dx, "grad_input", dy, "grad_output");
+  const TensorView mean = bn_channel(mean_, "mean", x, false);
+  const TensorView invstd = bn_channel(invstd_, "invstd", x, false);
+  TensorView w;
+  if (!w_.is_none()) w = bn_channel(w_, "weight", x, false);
+  const TensorView mdy = bn_channel(mdy_, "mean_dy", x, false);
+  const TensorView mdyx = bn_channel(mdyx_, "mean_dy_xhat", x, false);
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::batch_norm_backward_apply<T>(view3<const T>(dy, "grad_output"), view3<const T>(x, "input"),
+                                      mean.ptr<const T>(), invstd.ptr<const T>(), opt_ptr<T>(w, w_),
+                                      mdy.ptr<const T>(), mdyx.ptr<const T>(),
+                                      view3<T>(dx, "grad_input"));
+  });
+}
+
+void bn_backward_train(py::handle dy_, py::handle x_, py::handle mean_, py::handle invstd_,
+                       py::handle w_, py::handle dx_, py::handle dw_, py::handle db_,
+                       uintptr_t stream) {
+  const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
+  const TensorView dy = bn_activation(dy_, "grad_output", &x, "input");
+  const TensorView mean = bn_channel(mean_, "mean", x, false);
+  const TensorView invstd = bn_channel(invstd_, "invstd", x, false);
+  TensorView w, dx, dw, db;
+  if (!w_.is_none()) w = bn_channel(w_, "weight", x, false);
+  if (!dx_.is_none()) {
+    dx = bn_activation(dx_, "grad_input", &x, "input");
+    check_output(dx, "grad_input");
+    check_no_overlap(dx, "grad_input", x, "input");
+    check_no_overlap(dx, "grad_input", dy, "grad_output");
+  }
+  if (!dw_.is_none()) dw = bn_channel(dw_, "grad_weight", x, true);
+  if (!db_.is_none()) db = bn_channel(db_, "grad_bias", x, true);
+  require_cuda_build(x, "input");
+  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::View3<T> dxv;
+    if (!dx_.is_none()) dxv = view3<T>(dx, "grad_input");
+    cpu::batch_norm_backward_train<T>(view3<const T>(dy, "grad_output"), view3<const T>(x, "input"),
+                                      mean.ptr<const T>(), invstd.ptr<const T>(), opt_ptr<T>(w, w_),
+                                      dxv, dw_.is_none() ? nullptr : dw.ptr<T>(),
+                                      db_.is_none() ? nullptr : db.ptr<T>());
+  });
+}
+
 Isa isa_arg(const std::string& name) {
   Isa isa;
   NNK_CHECK_VALUE(isa_from_name(name.c_str(), &isa), "unknown ISA '", name,
@@ -503,6 +698,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d_backward_weight", &conv2d_backward_weight, "input"_a, "grad_output"_a,
         "grad_weight"_a, "grad_bias"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a,
         "stream"_a = 0);
+  m.def("batch_norm_forward_train", &bn_forward_train, "input"_a, "out"_a, "weight"_a, "bias"_a,
+        "eps"_a, "momentum"_a, "save_mean"_a, "save_invstd"_a, "running_mean"_a, "running_var"_a,
+        "stream"_a = 0);
+  m.def("batch_norm_stats", &bn_stats, "input"_a, "mean"_a, "m2"_a, "stream"_a = 0);
+  m.def("batch_norm_apply", &bn_apply, "input"_a, "out"_a, "center"_a, "scale"_a, "shift"_a,
+        "stream"_a = 0, "out = (input - center) * scale + shift per channel (center None: 0).");
+  m.def("batch_norm_backward_reduce", &bn_backward_reduce, "grad_output"_a, "input"_a, "mean"_a,
+        "invstd"_a, "sum_dy"_a, "sum_dy_xhat"_a, "stream"_a = 0);
+  m.def("batch_norm_backward_apply", &bn_backward_apply, "grad_output"_a, "input"_a, "mean"_a,
+        "invstd"_a, "weight"_a, "mean_dy"_a, "mean_dy_xhat"_a, "grad_input"_a, "stream"_a = 0);
+  m.def("batch_norm_backward_train", &bn_backward_train, "grad_output"_a, "input"_a, "mean"_a,
+        "invstd"_a, "weight"_a, "grad_input"_a, "grad_weight"_a, "grad_bias"_a, "stream"_a = 0);
   m.def("sum_channels", &sum_channels, "x"_a, "out"_a, "stream"_a = 0,
         "out[c] = sum over n, h, w of x[n, c, h, w].");
   m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");

@@ -6,10 +6,11 @@ import math
 import torch
 
 from . import _checks
+from ._autograd import batch_norm as _bn_ops
 from ._autograd import conv2d as _conv_ops
 from ._autograd import matmul as _mm_ops
 
-__all__ = ["conv2d", "linear", "matmul"]
+__all__ = ["batch_norm", "conv2d", "linear", "matmul"]
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -204,3 +205,56 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         _is_channels_last(input) or _is_channels_last(weight),
     )
     return _conv_ops.conv(input, weight, bias, p)
+
+
+# --------------------------------------------------------------------------------- batch_norm
+
+
+def batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    """Batch normalization, as torch.nn.functional.batch_norm.
+
+    input (N, C, *): statistics per channel over N and the other dims. training: normalise with
+    the batch statistics (biased variance) and, when running_mean / running_var are given, update
+    them in place: running = (1 - momentum) * running + momentum * batch (unbiased variance).
+    Otherwise normalise with the running statistics. weight, bias: (C,) or None.
+    """
+    _checks.check_operands(
+        input,
+        "input",
+        weight,
+        "weight",
+        bias,
+        "bias",
+        running_mean,
+        "running_mean",
+        running_var,
+        "running_var",
+    )
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: input must be (N, C, *), got shape {tuple(input.shape)}")
+    c = input.shape[1]
+    for t, name in (
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+        (weight, "weight"),
+        (bias, "bias"),
+    ):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(
+                f"batch_norm: {name} must have shape ({c},) for an input with {c} channels, got {tuple(t.shape)}"
+            )
+    if training:
+        if input.numel() // max(c, 1) <= 1 and c > 0:
+            raise ValueError(
+                f"batch_norm: expected more than 1 value per channel when training, got input of "
+                f"shape {tuple(input.shape)}"
+            )
+    elif running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_norm: running_mean and running_var must be given when training=False"
+        )
+    return _bn_ops.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )

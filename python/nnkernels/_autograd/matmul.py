@@ -17,10 +17,12 @@ import torch
 from .. import _ops
 
 
-def _recording(a, b, c=None) -> bool:
-    """Whether autograd must record an op on these inputs (c may be None)."""
+def _recording(a, b=None, c=None) -> bool:
+    """Whether autograd must record an op on these inputs (b and c may be None)."""
     return torch.is_grad_enabled() and (
-        a.requires_grad or b.requires_grad or (c is not None and c.requires_grad)
+        a.requires_grad
+        or (b is not None and b.requires_grad)
+        or (c is not None and c.requires_grad)
     )
 
 
