@@ -731,4 +731,14 @@ PYBIND11_MODULE(_C, m) {
       },
       "fp64"_a = false, "threads"_a = 0, "seconds"_a = 0.2,
       "Measured FMA throughput of the active CPU path, GFLOP/s.");
+  m.def(
+      "copy_bandwidth_gbs",
+      [](int64_t bytes, int reps, int threads) {
+        NNK_CHECK_VALUE(bytes > 0 && bytes <= (int64_t(1) << 34), "bytes must be in (0, 16 GiB]");
+        NNK_CHECK_VALUE(reps >= 1 && reps <= 1000, "reps must be in [1, 1000]");
+        py::gil_scoped_release nogil;
+        return cpu::copy_bandwidth_gbs(bytes, reps, threads);
+      },
+      "bytes"_a = int64_t(256) << 20, "reps"_a = 8, "threads"_a = 0,
+      "Memory bandwidth of a non-temporal copy on the CPU, GB/s of read + written bytes.");
 }

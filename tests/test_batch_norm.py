@@ -102,12 +102,21 @@ def test_batch_norm_optional_parts(affine, running):
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize(
-    "shape", [(2, 1, 90, 90), (8, 3, 40, 40), (4, 64, 12, 12), (300, 7), (2, 5, 2000)]
+    "shape",
+    [(2, 1, 90, 90), (8, 3, 40, 40), (4, 64, 12, 12), (300, 7), (2, 5, 2000), (40000, 1)],
 )
-def test_batch_norm_thread_splits(threads, shape):
-    """Channels per thread (fused), rows per thread (few channels), pixels per thread (channels
-    last / (N, C)): every split, large enough to fork, gives torch's result."""
+def test_batch_norm_thread_splits(isa, threads, shape):
+    """Every ISA's loops under every work split, large enough to fork: whole channels per thread
+    (the fused sweep by channels), every channel shared by all threads (the cooperative sweep:
+    C = 1, C = 3, one long row cut into pieces for (N, 1)), pixels per thread ((N, C))."""
     _bn_case(shape, training=True)
+    _bn_case(shape, training=False)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 9, 7), (3, 20, 7, 9), (2, 3, 1, 1)])
+def test_batch_norm_channels_last_isa(isa, shape):
+    """The pixel loops of every ISA: C below, at and above the vector width, odd pixel counts."""
+    _bn_case(shape, training=True, channels_last=True)
 
 
 def test_batch_norm_large_offset_is_stable():
@@ -120,12 +129,60 @@ def test_batch_norm_large_offset_is_stable():
     assert_matches_reference(ours, theirs, ref, k=x.numel() // 4)
     # with an eps far below the variance (1e-4) the output has unit variance per channel
     y = NF.batch_norm(x, None, None, training=True, eps=1e-12)
-    torch.testing.assert_close(y.var(dim=(0, 2, 3), unbiased=False), torch.ones(4), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        y.var(dim=(0, 2, 3), unbiased=False), torch.ones(4), rtol=1e-4, atol=1e-4
+    )
 
 
-def test_batch_norm_big_tensor_streams():
-    """Outputs above 8 MiB are written with non-temporal stores (the fused per-channel path)."""
-    _bn_case((8, 16, 128, 130), training=True)
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((8, 16, 127, 131), False), ((8, 16, 128, 130), True), ((8, 17, 127, 120), True)],
+)
+def test_batch_norm_big_tensor_streams(isa, shape, channels_last):
+    """Outputs above 8 MiB are written with non-temporal stores: rows that start unaligned (odd
+    H*W), pixel rows aligned (C = 16) and not (C = 17, plain stores)."""
+    _bn_case(shape, training=True, channels_last=channels_last)
+
+
+def _grad_layout_case(x, g):
+    """Forward and backward with gradient g (any layout) against torch and the float64 reference."""
+    c = x.shape[1]
+    w, b = torch.randn(c), torch.randn(c)
+    outs = []
+    same = lambda t: t  # noqa: E731
+    for fn, cast in (
+        (NF.batch_norm, same),
+        (F.batch_norm, same),
+        (F.batch_norm, torch.Tensor.double),
+    ):
+        xi = cast(x).detach().requires_grad_()
+        wi, bi = cast(w).requires_grad_(), cast(b).requires_grad_()
+        y = fn(xi, None, None, wi, bi, training=True)
+        outs.append((y, torch.autograd.grad(y, (xi, wi, bi), cast(g))))
+    (y, gs), (yt, gst), (yr, gsr) = outs
+    n = x.numel() // c
+    assert_matches_reference(y, yt, yr, k=n, name="out")
+    for name, a, t_, r in zip(("grad input", "grad weight", "grad bias"), gs, gst, gsr):
+        assert_matches_reference(a, t_, r, k=n, name=name)
+
+
+def test_batch_norm_strided_views(isa):
+    """Views in any layout: (N, C, L) with channels innermost (the pixel loops), batch-major rows
+    far apart (the row loops), and every stride of its own (the strided loops)."""
+    _grad_layout_case(torch.randn(8, 30, 6).transpose(1, 2), torch.randn(8, 6, 30))
+    _grad_layout_case(torch.randn(6, 8, 30).transpose(0, 1), torch.randn(8, 6, 30))
+    _grad_layout_case(torch.randn(8, 6, 30)[:, :, ::3], torch.randn(8, 6, 10))
+    _grad_layout_case(torch.randn(6, 5, 9, 16)[:, :, 1:8, ::2], torch.randn(6, 5, 7, 8))
+
+
+def test_batch_norm_gradient_in_another_layout():
+    """x channels_last with a contiguous gradient, x contiguous with a channels_last one, and an
+    expanded (stride 0) gradient from a sum: all as torch."""
+    x = torch.randn(4, 6, 9, 7)
+    g = torch.randn(4, 6, 9, 7)
+    _grad_layout_case(x.to(memory_format=torch.channels_last), g)
+    _grad_layout_case(x, g.to(memory_format=torch.channels_last))
+    _grad_layout_case(x, torch.ones(()).expand(4, 6, 9, 7))
 
 
 def test_batch_norm_gradcheck():

@@ -7,14 +7,17 @@
 // with different -m flags never merge at link time (an AVX-512 copy picked for the AVX2 path would
 // fault on a CPU without AVX-512).
 //
-// Simd<T> provides: V (the register type), W (lanes), zero, set1, load, store, fma (a*b+c), mul,
-// add. On AVX2 and AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double)
-// with 256-bit shuffles: the AVX-512 unit uses the very same code as the AVX2 one.
+// Simd<T> provides: V (the register type), W (lanes), zero, set1, load, store, stream (a
+// non-temporal store to a sizeof(V)-aligned address), fma (a*b+c), mul, add, sub. On AVX2 and
+// AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double) with 256-bit
+// shuffles: the AVX-512 unit uses the very same code as the AVX2 one.
 #pragma once
 #include <cstdint>
 
 #if defined(NNK_ISA_AVX512) || defined(NNK_ISA_AVX2)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #if defined(NNK_ISA_AVX512)
@@ -51,9 +54,11 @@ struct Simd<float> {
   static NNK_INLINE V set1(float x) { return _mm512_set1_ps(x); }
   static NNK_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
   static NNK_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static NNK_INLINE void stream(float* p, V v) { _mm512_stream_ps(p, v); }
   static NNK_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static NNK_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static NNK_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
 };
 
 template <>
@@ -64,9 +69,11 @@ struct Simd<double> {
   static NNK_INLINE V set1(double x) { return _mm512_set1_pd(x); }
   static NNK_INLINE V load(const double* p) { return _mm512_loadu_pd(p); }
   static NNK_INLINE void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static NNK_INLINE void stream(double* p, V v) { _mm512_stream_pd(p, v); }
   static NNK_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static NNK_INLINE V mul(V a, V b) { return _mm512_mul_pd(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static NNK_INLINE V sub(V a, V b) { return _mm512_sub_pd(a, b); }
 };
 
 #elif defined(NNK_ISA_AVX2)
@@ -79,9 +86,11 @@ struct Simd<float> {
   static NNK_INLINE V set1(float x) { return _mm256_set1_ps(x); }
   static NNK_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
   static NNK_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static NNK_INLINE void stream(float* p, V v) { _mm256_stream_ps(p, v); }
   static NNK_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static NNK_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static NNK_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
 };
 
 template <>
@@ -92,9 +101,11 @@ struct Simd<double> {
   static NNK_INLINE V set1(double x) { return _mm256_set1_pd(x); }
   static NNK_INLINE V load(const double* p) { return _mm256_loadu_pd(p); }
   static NNK_INLINE void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static NNK_INLINE void stream(double* p, V v) { _mm256_stream_pd(p, v); }
   static NNK_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static NNK_INLINE V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static NNK_INLINE V sub(V a, V b) { return _mm256_sub_pd(a, b); }
 };
 
 #endif
@@ -213,9 +224,20 @@ struct Simd {
     return v;
   }
   static NNK_INLINE void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+  static NNK_INLINE void stream(T* p, V v) {
+#if defined(__SSE2__)
+    if constexpr (sizeof(T) == 4)
+      _mm_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m128>(v));
+    else
+      _mm_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m128d>(v));
+#else
+    store(p, v);
+#endif
+  }
   static NNK_INLINE V fma(V a, V b, V c) { return a * b + c; }
   static NNK_INLINE V mul(V a, V b) { return a * b; }
   static NNK_INLINE V add(V a, V b) { return a + b; }
+  static NNK_INLINE V sub(V a, V b) { return a - b; }
 };
 
 #endif

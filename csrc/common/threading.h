@@ -60,4 +60,29 @@ void parallel_for(int64_t n, int64_t grain, F&& fn, int max_threads = 0) {
 #endif
 }
 
+// Runs fn(tid, team) once on each thread of one parallel region of `nt` threads, tid < team.
+// team_barrier(team) inside fn synchronises them. team is the size OpenMP granted: a short team
+// (OMP_THREAD_LIMIT, dynamic teams) may be smaller than nt; 1 inside a parallel region.
+template <class F>
+void team_run(int nt, F&& fn) {
+  if (nt <= 1 || in_parallel_region()) {
+    fn(0, 1);
+    return;
+  }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(nt)
+  fn(omp_get_thread_num(), omp_get_num_threads());
+#else
+  fn(0, 1);
+#endif
+}
+
+inline void team_barrier(int team) {
+#if defined(_OPENMP)
+  if (team > 1) {
+#pragma omp barrier
+  }
+#endif
+}
+
 }  // namespace nnk

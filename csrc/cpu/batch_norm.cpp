@@ -1,23 +1,28 @@
-// Batch normalization on the CPU (see batch_norm.h for the math and the plan).
+// Batch normalization on the CPU (see batch_norm.h for the math): threading, statistics and the
+// choice of loop order; the SIMD inner loops are per ISA (batch_norm_kernel.h).
 //
-// Two loop orders over the (N, C, S) view:
-//   channel-major (NCHW, (N, C, L)): a channel is N rows of S values; with at least as many
-//     channels as threads, each thread takes whole channels and runs the statistics (or the
-//     gradient reduction) and then the elementwise pass on one channel before the next, so the
-//     second pass reads the channel from cache: two passes over memory fused into one.
-//   pixel-major (channels_last, (N, C)): each (n, s) holds C contiguous values; threads take
-//     ranges of pixels, vectorise across channels and keep per-thread partial sums.
-// With fewer channels than threads, channel-major work is split by rows instead (partials again).
-// Sums are shifted (x - first element of the channel), accumulated in T lanes along a row and in
-// float64 across rows and threads, so the result does not depend on the thread count beyond
-// float64 rounding. Outputs larger than kStreamBytes are written with non-temporal stores (no
-// read-for-ownership of lines that are overwritten whole).
+// Views are first normalised: with S == 1 ((N, C) inputs) the batch dim becomes the spatial one
+// (N' = 1, S' = N, ss' = sn). Then one of three layouts, for all operands of a call together:
+//   rows     every operand has ss == 1 (NCHW, (N, C, L)): a channel is N unit-stride rows of S.
+//            With enough channels, each thread takes whole channels and runs the statistics (or
+//            the gradient sums) and then the elementwise pass on one channel before the next: the
+//            second pass reads the channel from cache, two passes over memory fused into one.
+//            With few channels, rows are cut into pieces and split across threads instead.
+//   pixels   every operand has sc == 1 (channels_last, (N, C)): pixels of C contiguous values;
+//            threads take ranges of pixels and vectorise across channels.
+//   strided  anything else (non-contiguous views): plain loops, one channel per iteration.
+// Partial sums are float64 per thread and added in thread order, so results depend on the thread
+// count only through float64 rounding. Outputs larger than kStreamBytes are written with
+// non-temporal stores (no read-for-ownership of lines that are overwritten whole).
 #include "cpu/batch_norm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "common/isa.h"
 #include "common/threading.h"
+#include "cpu/batch_norm_kernel.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -25,9 +30,47 @@
 
 namespace nnk {
 namespace cpu {
+
+template <class T>
+const BatchNormKernels<T>& active_batch_norm_kernels() {
+  switch (active_isa()) {
+#if defined(NNK_X86)
+    case Isa::avx512:
+      return batch_norm_kernels_avx512<T>();
+    case Isa::avx2:
+      return batch_norm_kernels_avx2<T>();
+#endif
+    default:
+      return batch_norm_kernels_scalar<T>();
+  }
+}
+template const BatchNormKernels<float>& active_batch_norm_kernels<float>();
+template const BatchNormKernels<double>& active_batch_norm_kernels<double>();
+
 namespace {
 
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
+constexpr int64_t kMinParallel = int64_t(1) << 15;  // elements; below, fork/join would dominate
+
+enum class Layout { rows, pixels, strided };
+
+template <class T>
+View3<T> normalised(View3<T> v) {
+  if (v.S == 1 && v.N != 1) {
+    v.S = v.N;
+    v.ss = v.sn;
+    v.N = 1;
+    v.sn = 0;
+  }
+  return v;
+}
+
+template <class... Vs>
+Layout layout_of(const Vs&... v) {
+  if (((v.ss == 1 || v.S == 1) && ...)) return Layout::rows;
+  if (((v.sc == 1) && ...)) return Layout::pixels;
+  return Layout::strided;
+}
 
 template <class T>
 inline T* row_of(const View3<T>& v, int64_t n, int64_t c) {
@@ -35,85 +78,18 @@ inline T* row_of(const View3<T>& v, int64_t n, int64_t c) {
 }
 
 template <class T>
-bool pixel_major(const View3<T>& v) {
-  return v.sc == 1 && v.C > 1;
+inline T* pixel_of(const View3<T>& v, int64_t n, int64_t s) {
+  return v.p + n * v.sn + s * v.ss;
 }
-
-// ------------------------------------------------------------------------------ row kernels
-// Each works on one row of S values (strides given) and vectorises along it when unit-stride:
-// lane arrays instead of one accumulator so that the compiler needs no reassociation flags.
 
 template <class T>
-void row_sums(const T* __restrict x, int64_t ss, int64_t S, T shift, double* s1, double* s2) {
-  T l1[8] = {}, l2[8] = {};
-  int64_t i = 0;
-  if (ss == 1)
-    for (; i + 8 <= S; i += 8)
-      for (int l = 0; l < 8; ++l) {
-        const T d = x[i + l] - shift;
-        l1[l] += d;
-        l2[l] += d * d;
-      }
-  T t1 = T(0), t2 = T(0);
-  for (; i < S; ++i) {
-    const T d = x[i * ss] - shift;
-    t1 += d;
-    t2 += d * d;
-  }
-  double a = double(t1), b = double(t2);
-  for (int l = 0; l < 8; ++l) a += double(l1[l]), b += double(l2[l]);
-  *s1 += a;
-  *s2 += b;
+inline T& at(const View3<T>& v, int64_t n, int64_t c, int64_t s) {
+  return v.p[n * v.sn + c * v.sc + s * v.ss];
 }
 
-// sum dy and sum dy * (x - mean) along a row.
 template <class T>
-void row_grad_sums(const T* __restrict dy, int64_t sdy, const T* __restrict x, int64_t sx,
-                   int64_t S, T mean, double* sum_dy, double* sum_dyx) {
-  T l1[8] = {}, l2[8] = {};
-  int64_t i = 0;
-  if (sdy == 1 && sx == 1)
-    for (; i + 8 <= S; i += 8)
-      for (int l = 0; l < 8; ++l) {
-        l1[l] += dy[i + l];
-        l2[l] += dy[i + l] * (x[i + l] - mean);
-      }
-  T t1 = T(0), t2 = T(0);
-  for (; i < S; ++i) {
-    t1 += dy[i * sdy];
-    t2 += dy[i * sdy] * (x[i * sx] - mean);
-  }
-  double a = double(t1), b = double(t2);
-  for (int l = 0; l < 8; ++l) a += double(l1[l]), b += double(l2[l]);
-  *sum_dy += a;
-  *sum_dyx += b;
-}
-
-// y = f(i) along a row; streaming stores for unit-stride rows when `stream`.
-template <class T, class F>
-inline void write_row(T* __restrict y, int64_t sy, int64_t S, bool stream, F&& f) {
-  if (sy != 1) {
-    for (int64_t i = 0; i < S; ++i) y[i * sy] = f(i);
-    return;
-  }
-#if defined(__SSE2__)
-  if (stream) {
-    constexpr int W = 16 / sizeof(T);
-    int64_t i = 0;
-    for (; i < S && (reinterpret_cast<uintptr_t>(y + i) & 15); ++i) y[i] = f(i);
-    for (; i + W <= S; i += W) {
-      alignas(16) T v[W];
-      for (int l = 0; l < W; ++l) v[l] = f(i + l);
-      if constexpr (sizeof(T) == 4)
-        _mm_stream_ps(reinterpret_cast<float*>(y + i), _mm_load_ps(reinterpret_cast<float*>(v)));
-      else
-        _mm_stream_pd(reinterpret_cast<double*>(y + i), _mm_load_pd(reinterpret_cast<double*>(v)));
-    }
-    for (; i < S; ++i) y[i] = f(i);
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < S; ++i) y[i] = f(i);
+bool stream_output(const View3<T>& y) {
+  return y.p && y.N * y.C * y.S * int64_t(sizeof(T)) >= kStreamBytes;
 }
 
 inline void stream_fence() {
@@ -122,30 +98,8 @@ inline void stream_fence() {
 #endif
 }
 
-// ------------------------------------------------------------------------------- partial sums
-// Per-channel float64 sums (two per channel) for every thread, added in thread order.
-struct Partials {
-  int nt;
-  int64_t C;
-  std::vector<double> v;  // [thread][2][C]
-  Partials(int threads, int64_t channels)
-      : nt(threads), C(channels), v(size_t(threads) * 2 * size_t(channels), 0.0) {}
-  double* a(int t) { return v.data() + size_t(t) * 2 * C; }
-  double* b(int t) { return a(t) + C; }
-  void total(int64_t c, double* x, double* y) const {
-    double sx = 0, sy = 0;
-    for (int t = 0; t < nt; ++t) {
-      sx += v[size_t(t) * 2 * C + c];
-      sy += v[size_t(t) * 2 * C + C + c];
-    }
-    *x = sx;
-    *y = sy;
-  }
-};
-
-inline int threads_for(int64_t work) {
-  const int nt = in_parallel_region() ? 1 : num_threads();
-  return work < (int64_t(1) << 15) ? 1 : nt;  // small tensors: fork/join would dominate
+inline int threads_for(int64_t elements) {
+  return elements < kMinParallel || in_parallel_region() ? 1 : num_threads();
 }
 
 // Runs fn(tid, begin, end) over [0, n) split evenly on `nt` threads (thread ids 0..nt-1).
@@ -167,49 +121,158 @@ void split_threads(int64_t n, int nt, F&& fn) {
       nt);
 }
 
-// Shifted sums of every channel: s1 = sum (x - shift), s2 = sum (x - shift)^2, shift[c] = the
-// channel's first element. Channel-major work is split by channels (or rows, with few channels).
-template <class T>
-void channel_sums(const View3<const T>& x, const T* shift, std::vector<double>* s1,
-                  std::vector<double>* s2) {
-  const int nt = threads_for(x.N * x.C * x.S);
-  if (!pixel_major(x) && x.C >= nt) {
+// Rows cut into pieces so that even one row keeps every thread busy: item i is piece i % K of row
+// i / K (rows in memory order n*C + c), each piece `len` long (a multiple of 64).
+struct Pieces {
+  int64_t rows, S, K, len;
+  Pieces(int64_t N, int64_t C, int64_t S_, int nt) : rows(N * C), S(S_) {
+    K = rows >= 4 * nt ? 1 : (4 * nt + rows - 1) / std::max<int64_t>(rows, 1);
+    len = std::max<int64_t>(64, ((S + K - 1) / K + 63) / 64 * 64);
+    K = std::max<int64_t>(1, (S + len - 1) / len);
+  }
+  int64_t items() const { return rows * K; }
+  // fn(n, c, s0, s1) for items [b, e) of an (N, C) grid of rows
+  template <class F>
+  void each(int64_t C, int64_t b, int64_t e, F&& fn) const {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = i / K, s0 = (i % K) * len;
+      fn(r / C, r % C, s0, std::min(S, s0 + len));
+    }
+  }
+};
+
+// Per-channel float64 sums (two per channel) for every thread, added in thread order.
+struct Partials {
+  int nt;
+  int64_t C;
+  std::vector<double> v;  // [thread][2][C]
+  Partials(int threads, int64_t channels)
+      : nt(threads), C(channels), v(size_t(threads) * 2 * size_t(channels), 0.0) {}
+  double* a(int t) { return v.data() + size_t(t) * 2 * C; }
+  double* b(int t) { return a(t) + C; }
+  void totals(std::vector<double>* x, std::vector<double>* y) const {
+    x->assign(size_t(C), 0.0);
+    y->assign(size_t(C), 0.0);
+    for (int t = 0; t < nt; ++t)
+      for (int64_t c = 0; c < C; ++c) {
+        (*x)[size_t(c)] += v[size_t(t) * 2 * C + c];
+        (*y)[size_t(c)] += v[size_t(t) * 2 * C + C + c];
+      }
+  }
+};
+
+// fn(n, s, P) for the runs of pixels [b, e) of an (N, S) grid of pixels that stay within one n.
+template <class F>
+void pixel_runs(int64_t S, int64_t b, int64_t e, F&& fn) {
+  while (b < e) {
+    const int64_t n = b / S, s = b % S, P = std::min(e - b, S - s);
+    fn(n, s, P);
+    b += P;
+  }
+}
+
+// The training passes on the pixel layout in one parallel region: each thread reduces its range
+// of pixels into per-channel partials, and after one barrier combines them (every thread, in
+// thread order: the same totals) and runs the elementwise pass over the same range, which is
+// still in its cache when the range fits.
+//   reduce(b, e, double* a, double* q)    a[c], q[c] += the sums over pixels [b, e)
+//   finish(s1, s2, bool write) -> coefs   per-channel coefficients from the totals; write: store
+//                                         the per-channel outputs (exactly one thread does)
+//   apply(coefs, b, e)                    the elementwise pass over pixels [b, e)
+template <class Reduce, class Finish, class Apply>
+void pixel_sweep(int64_t pixels, int64_t C, Reduce&& reduce, Finish&& finish, Apply&& apply) {
+  const int nt = threads_for(pixels * C);
+  Partials part(nt, C);
+  team_run(nt, [&](int tid, int team) {
+    int64_t b, e;
+    split_range(pixels, team, tid, &b, &e);
+    reduce(b, e, part.a(tid), part.b(tid));
+    team_barrier(team);
+    std::vector<double> s1, s2;
+    part.totals(&s1, &s2);
+    apply(finish(s1, s2, tid == 0), b, e);
+    stream_fence();
+  });
+}
+
+// ------------------------------------------------------------------------ fused channel sweep
+// The training forward and backward are two passes over each channel: a reduction (statistics or
+// gradient sums), then an elementwise pass that needs the channel's totals. Done channel by
+// channel, the second pass finds the channel in cache; and the elementwise pass of channel c runs
+// the reduction of channel c + 1 in the same loop, so that the loads of c + 1 from memory overlap
+// the (non-temporal) stores of c: one read and one write stream at once, where separate passes
+// would leave the write bandwidth idle while reading and vice versa. Two ways to share the work:
+//   by channels    each thread sweeps whole channels of its own, without synchronisation; used
+//                  whenever the channels divide well between the threads. (Measured on Zen 3,
+//                  32x64x56x56: faster than the cooperative sweep even though a channel's inputs
+//                  exceed L2 - a barrier per channel waits for the slowest thread each time.)
+//   cooperative    all threads sweep every channel, each its share of the rows, with a barrier per
+//                  channel: any channel count splits evenly (C = 1 included).
+// Each step walks the rows in the direction opposite to the previous one, so that the elementwise
+// pass starts with the rows the reduction read last (still in L2) - the same direction each time
+// would re-read the channel in the order it was read, the worst order for an LRU cache.
+//
+//   reduce(c, n, s0, s1, double* a, double* b)      a, b += the sums over row n, [s0, s1) of c
+//   finish(c, a, b, bool write) -> coef             the channel's coefficients; write: store c's
+//                                                   per-channel outputs (exactly one thread does)
+//   apply(c, coef, n, s0, s1, next, double* a, b)   elementwise over the piece of c, and when
+//                                                   next >= 0 the reduction of channel next's
+//                                                   same piece into a, b
+template <class Reduce, class Finish, class Apply>
+void fused_sweep(int64_t N, int64_t C, int64_t S, Reduce&& reduce, Finish&& finish, Apply&& apply) {
+  const int nt = threads_for(N * C * S);
+  const bool own = nt <= 1 || C % nt == 0 || C >= 4 * nt;
+  if (own) {
     parallel_for(
-        x.C, 1,
+        C, 1,
         [&](int64_t c0, int64_t c1) {
+          double a = 0, b = 0;
+          for (int64_t n = 0; n < N; ++n) reduce(c0, n, int64_t(0), S, &a, &b);
           for (int64_t c = c0; c < c1; ++c) {
-            double a = 0, b = 0;
-            for (int64_t n = 0; n < x.N; ++n)
-              row_sums(row_of(x, n, c), x.ss, x.S, shift[c], &a, &b);
-            (*s1)[size_t(c)] = a;
-            (*s2)[size_t(c)] = b;
+            const auto coef = finish(c, a, b, true);
+            a = b = 0;
+            const bool down = (c - c0) % 2 == 0;  // against the order c's rows were read in
+            for (int64_t j = 0; j < N; ++j)
+              apply(c, coef, down ? N - 1 - j : j, int64_t(0), S, c + 1 < c1 ? c + 1 : -1, &a, &b);
           }
+          stream_fence();  // the apply passes may store non-temporally
         },
         nt);
     return;
   }
-  Partials part(nt, x.C);
-  if (pixel_major(x)) {
-    split_threads(x.N * x.S, nt, [&](int t, int64_t b, int64_t e) {
-      double *pa = part.a(t), *pb = part.b(t);
-      for (int64_t i = b; i < e; ++i) {
-        const T* px = x.p + (i / x.S) * x.sn + (i % x.S) * x.ss;
-        for (int64_t c = 0; c < x.C; ++c) {
-          const double d = double(px[c] - shift[c]);
-          pa[c] += d;
-          pb[c] += d * d;
-        }
+  const Pieces pieces(N, 1, S, nt);
+  std::vector<double> part(size_t(nt) * 2 * size_t(C), 0.0);  // [thread][c][2]
+  team_run(nt, [&](int tid, int team) {
+    int64_t b, e;
+    split_range(pieces.items(), team, tid, &b, &e);
+    auto mine = [&](int64_t c) { return part.data() + (size_t(tid) * size_t(C) + size_t(c)) * 2; };
+    if (C > 0)
+      pieces.each(1, b, e, [&](int64_t n, int64_t, int64_t s0, int64_t s1) {
+        reduce(int64_t(0), n, s0, s1, mine(0), mine(0) + 1);
+      });
+    team_barrier(team);
+    for (int64_t c = 0; c < C; ++c) {
+      double ta = 0, tb = 0;  // every thread adds the partials in the same order: same totals
+      for (int t = 0; t < team; ++t) {
+        ta += part[(size_t(t) * size_t(C) + size_t(c)) * 2];
+        tb += part[(size_t(t) * size_t(C) + size_t(c)) * 2 + 1];
       }
-    });
-  } else {
-    split_threads(x.N, nt, [&](int t, int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n)
-        for (int64_t c = 0; c < x.C; ++c)
-          row_sums(row_of(x, n, c), x.ss, x.S, shift[c], &part.a(t)[c], &part.b(t)[c]);
-    });
-  }
-  for (int64_t c = 0; c < x.C; ++c) part.total(c, &(*s1)[size_t(c)], &(*s2)[size_t(c)]);
+      const auto coef = finish(c, ta, tb, tid == 0);
+      const int64_t next = c + 1 < C ? c + 1 : -1;
+      double* acc = next >= 0 ? mine(next) : nullptr;
+      const bool down = c % 2 == 0;  // against the order c's pieces were read in
+      for (int64_t j = b; j < e; ++j) {
+        const int64_t i = down ? e - 1 - (j - b) : j;
+        const int64_t n = i / pieces.K, s0 = (i % pieces.K) * pieces.len;
+        apply(c, coef, n, s0, std::min(S, s0 + pieces.len), next, acc, acc ? acc + 1 : nullptr);
+      }
+      team_barrier(team);
+    }
+    stream_fence();
+  });
 }
+
+// ------------------------------------------------------------------------------- statistics
 
 template <class T>
 std::vector<T> first_elements(const View3<const T>& x) {
@@ -218,7 +281,7 @@ std::vector<T> first_elements(const View3<const T>& x) {
   return shift;
 }
 
-// mean and m2 = sum (x - mean)^2 from shifted sums over `count` values.
+// mean and m2 = sum (x - mean)^2 from sums of (x - shift) over `count` values.
 inline void finish_stats(double shift, double s1, double s2, double count, double* mean,
                          double* m2) {
   const double d = s1 / count;
@@ -227,33 +290,165 @@ inline void finish_stats(double shift, double s1, double s2, double count, doubl
   if (*m2 < 0) *m2 = 0;
 }
 
+// ------------------------------------------------------------------------- whole-view passes
+// The unfused passes (eval, the pieces SyncBatchNorm combines across processes, the training
+// passes of the strided layout), each written once per layout:
+//   rows     pieces of rows split evenly across threads: row(n, c, s0, s1, ...)
+//   pixels   ranges of pixels split evenly across threads: pix(n, s, P, ...)
+//   strided  whole channels per thread, element by element: one(n, c, s, ...)
+
+// Per-channel float64 sums into s1, s2; each callback adds to the per-thread arrays a, q (C each).
+template <class Row, class Pix, class One>
+void sum_all(Layout layout, int64_t N, int64_t C, int64_t S, Row&& row, Pix&& pix, One&& one,
+             std::vector<double>* s1, std::vector<double>* s2) {
+  const int nt = threads_for(N * C * S);
+  Partials part(nt, C);
+  switch (layout) {
+    case Layout::rows: {
+      const Pieces pc(N, C, S, nt);
+      split_threads(pc.items(), nt, [&](int t, int64_t b, int64_t e) {
+        pc.each(C, b, e, [&](int64_t n, int64_t c, int64_t s0, int64_t s1_) {
+          row(n, c, s0, s1_, part.a(t), part.b(t));
+        });
+      });
+      break;
+    }
+    case Layout::pixels:
+      split_threads(N * S, nt, [&](int t, int64_t b, int64_t e) {
+        pixel_runs(S, b, e,
+                   [&](int64_t n, int64_t s, int64_t P) { pix(n, s, P, part.a(t), part.b(t)); });
+      });
+      break;
+    case Layout::strided:  // channel c only ever in thread slot 0's column c: no race
+      parallel_for(
+          C, 1,
+          [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c)
+              for (int64_t n = 0; n < N; ++n)
+                for (int64_t s = 0; s < S; ++s) one(n, c, s, part.a(0), part.b(0));
+          },
+          nt);
+      break;
+  }
+  part.totals(s1, s2);
+}
+
+// An elementwise pass (stream: the callbacks store non-temporally; each thread fences after).
+template <class Row, class Pix, class One>
+void for_all(Layout layout, int64_t N, int64_t C, int64_t S, bool stream, Row&& row, Pix&& pix,
+             One&& one) {
+  const int nt = threads_for(N * C * S);
+  switch (layout) {
+    case Layout::rows: {
+      const Pieces pc(N, C, S, nt);
+      split_threads(pc.items(), nt, [&](int, int64_t b, int64_t e) {
+        pc.each(C, b, e, row);
+        if (stream) stream_fence();
+      });
+      break;
+    }
+    case Layout::pixels:
+      split_threads(N * S, nt, [&](int, int64_t b, int64_t e) {
+        pixel_runs(S, b, e, pix);
+        if (stream) stream_fence();
+      });
+      break;
+    case Layout::strided:
+      parallel_for(
+          C, 1,
+          [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c)
+              for (int64_t n = 0; n < N; ++n)
+                for (int64_t s = 0; s < S; ++s) one(n, c, s);
+          },
+          nt);
+      break;
+  }
+}
+
+// s1[c] = sum (x - shift[c]), s2[c] = sum (x - shift[c])^2.
+template <class T>
+void channel_sums(const View3<const T>& x, const T* shift, std::vector<double>* s1,
+                  std::vector<double>* s2) {
+  const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+  sum_all(
+      layout_of(x), x.N, x.C, x.S,
+      [&](int64_t n, int64_t c, int64_t s0, int64_t s1_, double* a, double* q) {
+        k.row_sums(row_of(x, n, c) + s0, s1_ - s0, shift[c], a + c, q + c);
+      },
+      [&](int64_t n, int64_t s, int64_t P, double* a, double* q) {
+        k.pix_sums(pixel_of(x, n, s), x.ss, P, x.C, shift, a, q);
+      },
+      [&](int64_t n, int64_t c, int64_t s, double* a, double* q) {
+        const double d = double(at(x, n, c, s) - shift[c]);
+        a[c] += d;
+        q[c] += d * d;
+      },
+      s1, s2);
+}
+
 // y = (x - center[c]) * scale[c] + shift[c] over the whole view.
 template <class T>
 void apply_all(const View3<const T>& x, const View3<T>& y, const T* center, const T* scale,
                const T* shift) {
-  const int nt = threads_for(x.N * x.C * x.S);
-  const bool stream = x.N * x.C * x.S * int64_t(sizeof(T)) >= kStreamBytes;
-  if (pixel_major(x) && y.sc == 1) {
-    split_threads(x.N * x.S, nt, [&](int, int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t n = i / x.S, s = i % x.S;
-        const T* px = x.p + n * x.sn + s * x.ss;
-        T* py = y.p + n * y.sn + s * y.ss;
-        for (int64_t c = 0; c < x.C; ++c) py[c] = (px[c] - center[c]) * scale[c] + shift[c];
-      }
-    });
-    return;
-  }
-  split_threads(x.N * x.C, nt, [&](int, int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n = i / x.C, c = i % x.C;
-      const T* px = row_of(x, n, c);
-      const T m = center[c], a = scale[c], o = shift[c];
-      write_row(row_of(y, n, c), y.ss, x.S, stream,
-                [&](int64_t k) { return (px[k * x.ss] - m) * a + o; });
-    }
-    if (stream) stream_fence();
-  });
+  const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+  const bool stream = stream_output(y);
+  for_all(
+      layout_of(x, y), x.N, x.C, x.S, stream,
+      [&](int64_t n, int64_t c, int64_t s0, int64_t s1) {
+        k.row_affine(row_of(x, n, c) + s0, row_of(y, n, c) + s0, s1 - s0, center[c], scale[c],
+                     shift[c], stream, nullptr, T(0), nullptr, nullptr);
+      },
+      [&](int64_t n, int64_t s, int64_t P) {
+        k.pix_affine(pixel_of(x, n, s), x.ss, pixel_of(y, n, s), y.ss, P, x.C, center, scale, shift,
+                     stream);
+      },
+      [&](int64_t n, int64_t c, int64_t s) {
+        at(y, n, c, s) = (at(x, n, c, s) - center[c]) * scale[c] + shift[c];
+      });
+}
+
+// s1[c] = sum dy, s2[c] = sum dy * (x - mean[c]).
+template <class T>
+void grad_sums(const View3<const T>& dy, const View3<const T>& x, const T* mean,
+               std::vector<double>* s1, std::vector<double>* s2) {
+  const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+  sum_all(
+      layout_of(dy, x), x.N, x.C, x.S,
+      [&](int64_t n, int64_t c, int64_t s0, int64_t s1_, double* a, double* q) {
+        k.row_grad_sums(row_of(dy, n, c) + s0, row_of(x, n, c) + s0, s1_ - s0, mean[c], a + c,
+                        q + c);
+      },
+      [&](int64_t n, int64_t s, int64_t P, double* a, double* q) {
+        k.pix_grad_sums(pixel_of(dy, n, s), dy.ss, pixel_of(x, n, s), x.ss, P, x.C, mean, a, q);
+      },
+      [&](int64_t n, int64_t c, int64_t s, double* a, double* q) {
+        const T g = at(dy, n, c, s);
+        a[c] += double(g);
+        q[c] += double(g * (at(x, n, c, s) - mean[c]));
+      },
+      s1, s2);
+}
+
+// dx = (dy - k0[c] - (x - mean[c]) * k1[c]) * k2[c] over the whole view.
+template <class T>
+void grad_apply(const View3<const T>& dy, const View3<const T>& x, const T* mean, const T* k0,
+                const T* k1, const T* k2, const View3<T>& dx) {
+  const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+  const bool stream = stream_output(dx);
+  for_all(
+      layout_of(dy, x, dx), x.N, x.C, x.S, stream,
+      [&](int64_t n, int64_t c, int64_t s0, int64_t s1) {
+        k.row_grad(row_of(dy, n, c) + s0, row_of(x, n, c) + s0, row_of(dx, n, c) + s0, s1 - s0,
+                   mean[c], k0[c], k1[c], k2[c], stream, nullptr, nullptr, T(0), nullptr, nullptr);
+      },
+      [&](int64_t n, int64_t s, int64_t P) {
+        k.pix_grad(pixel_of(dy, n, s), dy.ss, pixel_of(x, n, s), x.ss, pixel_of(dx, n, s), dx.ss, P,
+                   x.C, mean, k0, k1, k2, stream);
+      },
+      [&](int64_t n, int64_t c, int64_t s) {
+        at(dx, n, c, s) = (at(dy, n, c, s) - k0[c] - (at(x, n, c, s) - mean[c]) * k1[c]) * k2[c];
+      });
 }
 
 }  // namespace
@@ -262,8 +457,9 @@ void apply_all(const View3<const T>& x, const View3<T>& y, const T* center, cons
 
 template <class T>
 void batch_norm_stats(View3<const T> x, T* mean, T* m2) {
+  x = normalised(x);
   const std::vector<T> shift = first_elements(x);
-  std::vector<double> s1(size_t(x.C)), s2(size_t(x.C));
+  std::vector<double> s1, s2;
   channel_sums(x, shift.data(), &s1, &s2);
   const double count = double(x.N * x.S);
   for (int64_t c = 0; c < x.C; ++c) {
@@ -277,6 +473,8 @@ void batch_norm_stats(View3<const T> x, T* mean, T* m2) {
 template <class T>
 void batch_norm_apply(View3<const T> x, View3<T> y, const T* center, const T* scale,
                       const T* shift) {
+  x = normalised(x);
+  y = normalised(y);
   if (center) {
     apply_all(x, y, center, scale, shift);
   } else {
@@ -291,141 +489,95 @@ template <class T>
 void batch_norm_forward_train(View3<const T> x, View3<T> y, const T* w, const T* b, double eps,
                               double momentum, T* save_mean, T* save_invstd, T* running_mean,
                               T* running_var) {
+  x = normalised(x);
+  y = normalised(y);
   const double count = double(x.N * x.S);
   const std::vector<T> shift = first_elements(x);
-  // Channel statistics -> save_mean / save_invstd / running stats, and y = (x - mean) * a + o.
-  std::vector<T> a(size_t(x.C)), o(size_t(x.C));
-  auto finish = [&](int64_t c, double s1, double s2) {
+  struct Coef {
+    T mean, scale, shift;  // y = (x - mean) * scale + shift
+  };
+  // From the channel's shifted sums: its coefficients and (write) save_mean, save_invstd and the
+  // running statistics.
+  auto finish = [&](int64_t c, double s1, double s2, bool write) {
     double mu, m2;
     finish_stats(double(shift[size_t(c)]), s1, s2, count, &mu, &m2);
     const double invstd = 1.0 / std::sqrt(m2 / count + eps);
-    save_mean[c] = T(mu);
-    save_invstd[c] = T(invstd);
-    if (running_mean) running_mean[c] = T((1 - momentum) * double(running_mean[c]) + momentum * mu);
-    if (running_var)
-      running_var[c] = T((1 - momentum) * double(running_var[c]) +
-                         momentum * (count > 1 ? m2 / (count - 1) : m2 / count));
-    a[size_t(c)] = T(invstd * (w ? double(w[c]) : 1.0));
-    o[size_t(c)] = b ? b[c] : T(0);
+    if (write) {
+      save_mean[c] = T(mu);
+      save_invstd[c] = T(invstd);
+      if (running_mean)
+        running_mean[c] = T((1 - momentum) * double(running_mean[c]) + momentum * mu);
+      if (running_var)
+        running_var[c] = T((1 - momentum) * double(running_var[c]) +
+                           momentum * (count > 1 ? m2 / (count - 1) : m2 / count));
+    }
+    return Coef{T(mu), T(invstd * (w ? double(w[c]) : 1.0)), b ? b[c] : T(0)};
   };
 
-  const int nt = threads_for(x.N * x.C * x.S);
-  if (!pixel_major(x) && x.C >= nt) {
-    // One channel at a time per thread: its statistics, then its output while still in cache.
-    const bool stream = x.N * x.C * x.S * int64_t(sizeof(T)) >= kStreamBytes;
-    parallel_for(
-        x.C, 1,
-        [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
-            double s1 = 0, s2 = 0;
-            for (int64_t n = 0; n < x.N; ++n)
-              row_sums(row_of(x, n, c), x.ss, x.S, shift[c], &s1, &s2);
-            finish(c, s1, s2);
-            const T mc = save_mean[c], ac = a[size_t(c)], oc = o[size_t(c)];
-            for (int64_t n = 0; n < x.N; ++n) {
-              const T* px = row_of(x, n, c);
-              write_row(row_of(y, n, c), y.ss, x.S, stream,
-                        [&](int64_t k) { return (px[k * x.ss] - mc) * ac + oc; });
-            }
-          }
-          if (stream) stream_fence();
+  if (layout_of(x, y) == Layout::rows) {
+    const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+    const bool stream = stream_output(y);
+    fused_sweep(
+        x.N, x.C, x.S,
+        [&](int64_t c, int64_t n, int64_t s0, int64_t s1, double* a, double* q) {
+          k.row_sums(row_of(x, n, c) + s0, s1 - s0, shift[size_t(c)], a, q);
         },
-        nt);
+        finish,
+        [&](int64_t c, const Coef& f, int64_t n, int64_t s0, int64_t s1, int64_t next, double* a,
+            double* q) {
+          const bool more = next >= 0;
+          k.row_affine(row_of(x, n, c) + s0, row_of(y, n, c) + s0, s1 - s0, f.mean, f.scale,
+                       f.shift, stream, more ? row_of(x, n, next) + s0 : nullptr,
+                       more ? shift[size_t(next)] : T(0), a, q);
+        });
     return;
   }
-  std::vector<double> s1(size_t(x.C)), s2(size_t(x.C));
+  struct Coefs {
+    std::vector<T> mean, scale, shift;
+  };
+  auto finish_all = [&](const std::vector<double>& s1, const std::vector<double>& s2, bool write) {
+    Coefs f{std::vector<T>(size_t(x.C)), std::vector<T>(size_t(x.C)), std::vector<T>(size_t(x.C))};
+    for (int64_t c = 0; c < x.C; ++c) {
+      const Coef one = finish(c, s1[size_t(c)], s2[size_t(c)], write);
+      f.mean[size_t(c)] = one.mean;
+      f.scale[size_t(c)] = one.scale;
+      f.shift[size_t(c)] = one.shift;
+    }
+    return f;
+  };
+  if (layout_of(x, y) == Layout::pixels) {
+    const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+    const bool stream = stream_output(y);
+    pixel_sweep(
+        x.N * x.S, x.C,
+        [&](int64_t b, int64_t e, double* a, double* q) {
+          pixel_runs(x.S, b, e, [&](int64_t n, int64_t s, int64_t P) {
+            k.pix_sums(pixel_of(x, n, s), x.ss, P, x.C, shift.data(), a, q);
+          });
+        },
+        finish_all,
+        [&](const Coefs& f, int64_t b, int64_t e) {
+          pixel_runs(x.S, b, e, [&](int64_t n, int64_t s, int64_t P) {
+            k.pix_affine(pixel_of(x, n, s), x.ss, pixel_of(y, n, s), y.ss, P, x.C, f.mean.data(),
+                         f.scale.data(), f.shift.data(), stream);
+          });
+        });
+    return;
+  }
+  std::vector<double> s1, s2;
   channel_sums(x, shift.data(), &s1, &s2);
-  for (int64_t c = 0; c < x.C; ++c) finish(c, s1[size_t(c)], s2[size_t(c)]);
-  apply_all(x, y, save_mean, a.data(), o.data());
+  const Coefs f = finish_all(s1, s2, true);
+  apply_all(x, y, f.mean.data(), f.scale.data(), f.shift.data());
 }
 
 // ----------------------------------------------------------------------------------- backward
 
-namespace {
-
-// sum dy and sum dy * (x - mean) of every channel (float64).
-template <class T>
-void grad_sums(const View3<const T>& dy, const View3<const T>& x, const T* mean,
-               std::vector<double>* sdy, std::vector<double>* sdyx) {
-  const int nt = threads_for(x.N * x.C * x.S);
-  if (!pixel_major(x) && x.C >= nt) {
-    parallel_for(
-        x.C, 1,
-        [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
-            double a = 0, b = 0;
-            for (int64_t n = 0; n < x.N; ++n)
-              row_grad_sums(row_of(dy, n, c), dy.ss, row_of(x, n, c), x.ss, x.S, mean[c], &a, &b);
-            (*sdy)[size_t(c)] = a;
-            (*sdyx)[size_t(c)] = b;
-          }
-        },
-        nt);
-    return;
-  }
-  Partials part(nt, x.C);
-  if (pixel_major(x) && dy.sc == 1) {
-    split_threads(x.N * x.S, nt, [&](int t, int64_t b, int64_t e) {
-      double *pa = part.a(t), *pb = part.b(t);
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t n = i / x.S, s = i % x.S;
-        const T* px = x.p + n * x.sn + s * x.ss;
-        const T* pd = dy.p + n * dy.sn + s * dy.ss;
-        for (int64_t c = 0; c < x.C; ++c) {
-          pa[c] += double(pd[c]);
-          pb[c] += double(pd[c] * (px[c] - mean[c]));
-        }
-      }
-    });
-  } else {
-    split_threads(x.N, nt, [&](int t, int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n)
-        for (int64_t c = 0; c < x.C; ++c)
-          row_grad_sums(row_of(dy, n, c), dy.ss, row_of(x, n, c), x.ss, x.S, mean[c], &part.a(t)[c],
-                        &part.b(t)[c]);
-    });
-  }
-  for (int64_t c = 0; c < x.C; ++c) part.total(c, &(*sdy)[size_t(c)], &(*sdyx)[size_t(c)]);
-}
-
-// dx = (dy - k0[c] - (x - mean[c]) * k1[c]) * k2[c] over the whole view.
-template <class T>
-void grad_apply(const View3<const T>& dy, const View3<const T>& x, const T* mean, const T* k0,
-                const T* k1, const T* k2, const View3<T>& dx) {
-  const int nt = threads_for(x.N * x.C * x.S);
-  const bool stream = x.N * x.C * x.S * int64_t(sizeof(T)) >= kStreamBytes;
-  if (pixel_major(x) && dy.sc == 1 && dx.sc == 1) {
-    split_threads(x.N * x.S, nt, [&](int, int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t n = i / x.S, s = i % x.S;
-        const T* px = x.p + n * x.sn + s * x.ss;
-        const T* pd = dy.p + n * dy.sn + s * dy.ss;
-        T* po = dx.p + n * dx.sn + s * dx.ss;
-        for (int64_t c = 0; c < x.C; ++c)
-          po[c] = (pd[c] - k0[c] - (px[c] - mean[c]) * k1[c]) * k2[c];
-      }
-    });
-    return;
-  }
-  split_threads(x.N * x.C, nt, [&](int, int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n = i / x.C, c = i % x.C;
-      const T* px = row_of(x, n, c);
-      const T* pd = row_of(dy, n, c);
-      const T m = mean[c], a0 = k0[c], a1 = k1[c], a2 = k2[c];
-      write_row(row_of(dx, n, c), dx.ss, x.S, stream,
-                [&](int64_t k) { return (pd[k * dy.ss] - a0 - (px[k * x.ss] - m) * a1) * a2; });
-    }
-    if (stream) stream_fence();
-  });
-}
-
-}  // namespace
-
 template <class T>
 void batch_norm_backward_reduce(View3<const T> dy, View3<const T> x, const T* mean, const T* invstd,
                                 T* sum_dy, T* sum_dy_xhat) {
-  std::vector<double> sdy(size_t(x.C)), sdyx(size_t(x.C));
+  dy = normalised(dy);
+  x = normalised(x);
+  std::vector<double> sdy, sdyx;
   grad_sums(dy, x, mean, &sdy, &sdyx);
   for (int64_t c = 0; c < x.C; ++c) {
     sum_dy[c] = T(sdy[size_t(c)]);
@@ -436,6 +588,9 @@ void batch_norm_backward_reduce(View3<const T> dy, View3<const T> x, const T* me
 template <class T>
 void batch_norm_backward_apply(View3<const T> dy, View3<const T> x, const T* mean, const T* invstd,
                                const T* w, const T* mean_dy, const T* mean_dy_xhat, View3<T> dx) {
+  dy = normalised(dy);
+  x = normalised(x);
+  dx = normalised(dx);
   // dx = (dy - mean_dy - (x - mean) * invstd * mean_dy_xhat) * invstd * w
   std::vector<T> k1(size_t(x.C)), k2(size_t(x.C));
   for (int64_t c = 0; c < x.C; ++c) {
@@ -448,50 +603,77 @@ void batch_norm_backward_apply(View3<const T> dy, View3<const T> x, const T* mea
 template <class T>
 void batch_norm_backward_train(View3<const T> dy, View3<const T> x, const T* mean, const T* invstd,
                                const T* w, View3<T> dx, T* dw, T* db) {
+  dy = normalised(dy);
+  x = normalised(x);
+  dx = normalised(dx);
   const double count = double(x.N * x.S);
-  std::vector<T> k0(size_t(x.C)), k1(size_t(x.C)), k2(size_t(x.C));
-  // From the channel's sums: dw, db and the coefficients of dx.
-  auto finish = [&](int64_t c, double sdy, double sdyx) {
+  struct Coef {
+    T k0, k1, k2;  // dx = (dy - k0 - (x - mean) * k1) * k2
+  };
+  // From the channel's sums: the coefficients of dx and (write) dw, db.
+  auto finish = [&](int64_t c, double sdy, double sdyx, bool write) {
     const double is = double(invstd[c]);
-    if (dw) dw[c] = T(sdyx * is);
-    if (db) db[c] = T(sdy);
-    k0[size_t(c)] = T(sdy / count);
-    k1[size_t(c)] = T(sdyx / count * is * is);
-    k2[size_t(c)] = T(is * (w ? double(w[c]) : 1.0));
+    if (write && dw) dw[c] = T(sdyx * is);
+    if (write && db) db[c] = T(sdy);
+    return Coef{T(sdy / count), T(sdyx / count * is * is), T(is * (w ? double(w[c]) : 1.0))};
   };
 
-  const int nt = threads_for(x.N * x.C * x.S);
-  if (!pixel_major(x) && x.C >= nt) {
-    // One channel at a time per thread: its gradient sums, then its dx from cache.
-    const bool stream = dx.p && x.N * x.C * x.S * int64_t(sizeof(T)) >= kStreamBytes;
-    parallel_for(
-        x.C, 1,
-        [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
-            double sdy = 0, sdyx = 0;
-            for (int64_t n = 0; n < x.N; ++n)
-              row_grad_sums(row_of(dy, n, c), dy.ss, row_of(x, n, c), x.ss, x.S, mean[c], &sdy,
-                            &sdyx);
-            finish(c, sdy, sdyx);
-            if (!dx.p) continue;
-            const T m = mean[c], a0 = k0[size_t(c)], a1 = k1[size_t(c)], a2 = k2[size_t(c)];
-            for (int64_t n = 0; n < x.N; ++n) {
-              const T* px = row_of(x, n, c);
-              const T* pd = row_of(dy, n, c);
-              write_row(row_of(dx, n, c), dx.ss, x.S, stream, [&](int64_t k) {
-                return (pd[k * dy.ss] - a0 - (px[k * x.ss] - m) * a1) * a2;
-              });
-            }
-          }
-          if (stream) stream_fence();
+  const Layout layout = dx.p ? layout_of(dy, x, dx) : layout_of(dy, x);
+  if (layout == Layout::rows && dx.p) {
+    const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+    const bool stream = stream_output(dx);
+    fused_sweep(
+        x.N, x.C, x.S,
+        [&](int64_t c, int64_t n, int64_t s0, int64_t s1, double* a, double* q) {
+          k.row_grad_sums(row_of(dy, n, c) + s0, row_of(x, n, c) + s0, s1 - s0, mean[c], a, q);
         },
-        nt);
+        finish,
+        [&](int64_t c, const Coef& f, int64_t n, int64_t s0, int64_t s1, int64_t next, double* a,
+            double* q) {
+          const bool more = next >= 0;
+          k.row_grad(row_of(dy, n, c) + s0, row_of(x, n, c) + s0, row_of(dx, n, c) + s0, s1 - s0,
+                     mean[c], f.k0, f.k1, f.k2, stream, more ? row_of(dy, n, next) + s0 : nullptr,
+                     more ? row_of(x, n, next) + s0 : nullptr, more ? mean[next] : T(0), a, q);
+        });
     return;
   }
-  std::vector<double> sdy(size_t(x.C)), sdyx(size_t(x.C));
+  struct Coefs {
+    std::vector<T> k0, k1, k2;
+  };
+  auto finish_all = [&](const std::vector<double>& sdy, const std::vector<double>& sdyx,
+                        bool write) {
+    Coefs f{std::vector<T>(size_t(x.C)), std::vector<T>(size_t(x.C)), std::vector<T>(size_t(x.C))};
+    for (int64_t c = 0; c < x.C; ++c) {
+      const Coef one = finish(c, sdy[size_t(c)], sdyx[size_t(c)], write);
+      f.k0[size_t(c)] = one.k0;
+      f.k1[size_t(c)] = one.k1;
+      f.k2[size_t(c)] = one.k2;
+    }
+    return f;
+  };
+  if (layout == Layout::pixels && dx.p) {
+    const BatchNormKernels<T>& k = active_batch_norm_kernels<T>();
+    const bool stream = stream_output(dx);
+    pixel_sweep(
+        x.N * x.S, x.C,
+        [&](int64_t b, int64_t e, double* a, double* q) {
+          pixel_runs(x.S, b, e, [&](int64_t n, int64_t s, int64_t P) {
+            k.pix_grad_sums(pixel_of(dy, n, s), dy.ss, pixel_of(x, n, s), x.ss, P, x.C, mean, a, q);
+          });
+        },
+        finish_all,
+        [&](const Coefs& f, int64_t b, int64_t e) {
+          pixel_runs(x.S, b, e, [&](int64_t n, int64_t s, int64_t P) {
+            k.pix_grad(pixel_of(dy, n, s), dy.ss, pixel_of(x, n, s), x.ss, pixel_of(dx, n, s),
+                       dx.ss, P, x.C, mean, f.k0.data(), f.k1.data(), f.k2.data(), stream);
+          });
+        });
+    return;
+  }
+  std::vector<double> sdy, sdyx;
   grad_sums(dy, x, mean, &sdy, &sdyx);
-  for (int64_t c = 0; c < x.C; ++c) finish(c, sdy[size_t(c)], sdyx[size_t(c)]);
-  if (dx.p) grad_apply(dy, x, mean, k0.data(), k1.data(), k2.data(), dx);
+  const Coefs f = finish_all(sdy, sdyx, true);
+  if (dx.p) grad_apply(dy, x, mean, f.k0.data(), f.k1.data(), f.k2.data(), dx);
 }
 
 #define NNK_INSTANTIATE_BN(T)                                                                     \

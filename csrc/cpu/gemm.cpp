@@ -135,14 +135,6 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   return p;
 }
 
-inline void team_barrier(int nt) {
-#if defined(_OPENMP)
-  if (nt > 1) {
-#pragma omp barrier
-  }
-#endif
-}
-
 // C = beta * C + biases: the whole product when K == 0 or alpha == 0.
 template <class T>
 void scale_only(const Gemm<T>& g) {
@@ -319,28 +311,16 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
 
 template <class T>
 void run(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws) {
-  if (p.nt == 1) {
-    run_thread(g, uk, p, ws, 0);
-    return;
-  }
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(p.nt)
-  {
-    // A short team (OMP_THREAD_LIMIT, dynamic teams) cannot run a split made for p.nt threads;
-    // its thread 0 then runs every tile alone.
-    if (omp_get_num_threads() == p.nt) {
-      run_thread(g, uk, p, ws, omp_get_thread_num());
-    } else if (omp_get_thread_num() == 0) {
+  team_run(p.nt, [&](int tid, int team) {
+    // A short team cannot run a split made for p.nt threads: its thread 0 runs every tile alone.
+    if (team == p.nt) {
+      run_thread(g, uk, p, ws, tid);
+    } else if (tid == 0) {
       Plan one = p;
       one.nt = one.tm = one.tn = 1;
       run_thread(g, uk, one, ws, 0);
     }
-  }
-#else
-  Plan one = p;
-  one.nt = one.tm = one.tn = 1;
-  run_thread(g, uk, one, ws, 0);
-#endif
+  });
 }
 
 inline int resolve_threads(int nthreads) {

@@ -1,7 +1,13 @@
 #include "cpu/peak.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <memory>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "common/threading.h"
 #include "cpu/gemm_kernel.h"
@@ -47,6 +53,47 @@ static double peak(int nthreads, double seconds) {
 
 double fma_peak_gflops(bool fp64, int nthreads, double seconds) {
   return fp64 ? peak<double>(nthreads, seconds) : peak<float>(nthreads, seconds);
+}
+
+double copy_bandwidth_gbs(int64_t bytes, int reps, int nthreads) {
+  const int nt = nthreads > 0 ? nthreads : num_threads();
+  const int64_t n = std::max<int64_t>(bytes / 8, 64) / 16 * 16;  // floats per buffer, 64-B lines
+  std::unique_ptr<float[]> a(new float[size_t(n) + 16]), b(new float[size_t(n) + 16]);
+  auto align = [](float* p) {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  };
+  float* src = align(a.get());
+  float* dst = align(b.get());
+  // First touch by the threads that copy (and page faults outside the timed copies).
+  parallel_for(
+      n, 1 << 16,
+      [&](int64_t s, int64_t e) {
+        std::fill(src + s, src + e, 1.0f);
+        std::fill(dst + s, dst + e, 0.0f);
+      },
+      nt);
+  using clock = std::chrono::steady_clock;
+  double best = 1e30;
+  for (int r = 0; r < std::max(reps, 1); ++r) {
+    const auto t0 = clock::now();
+    parallel_for(
+        n / 16, 1024,
+        [&](int64_t s, int64_t e) {
+          for (int64_t i = s * 16; i < e * 16; i += 16) {
+#if defined(__SSE2__)
+            for (int k = 0; k < 16; k += 4) _mm_stream_ps(dst + i + k, _mm_load_ps(src + i + k));
+#else
+            std::copy(src + i, src + i + 16, dst + i);
+#endif
+          }
+#if defined(__SSE2__)
+          _mm_sfence();
+#endif
+        },
+        nt);
+    best = std::min(best, std::chrono::duration<double>(clock::now() - t0).count());
+  }
+  return 2.0 * double(n) * sizeof(float) / best * 1e-9;
 }
 
 }  // namespace cpu

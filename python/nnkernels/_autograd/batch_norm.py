@@ -37,6 +37,25 @@ def as_kernel_input(x):
     return x
 
 
+def grad_like(dy, xk):
+    """dy in the memory layout of the kernels' input xk, so that the kernels take one fast loop
+    order for both (as torch does; a gradient in another layout, e.g. expanded, costs one copy)."""
+    dyk = as_kernel_input(dy)
+    if dyk.stride() == xk.stride():
+        return dyk
+    if xk.is_contiguous():
+        return dyk.contiguous()
+    if xk.dim() == 4 and xk.is_contiguous(memory_format=torch.channels_last):
+        return dyk.contiguous(memory_format=torch.channels_last)
+    return dyk
+
+
+def _as_shape(t, x):
+    """t (a kernel output) with x's shape: a view only when the kernels saw a reshaped x (a view
+    output costs autograd extra work on every call)."""
+    return t if t is None or t.shape == x.shape else t.reshape(x.shape)
+
+
 def _channel(t, c, dtype, device):
     return torch.empty(c, dtype=dtype, device=device) if t is None else t
 
@@ -62,7 +81,7 @@ def forward_train(x, w, b, running_mean, running_var, momentum, eps):
         _dl(running_var),
         _stream(x),
     )
-    return y.reshape(x.shape), mean, invstd
+    return _as_shape(y, x), mean, invstd
 
 
 def eval_scale_shift(w, b, running_var, eps):
@@ -79,7 +98,7 @@ def apply(x, center, scale, shift):
     y = torch.empty_like(xk)
     _ops.sync_threads()
     _C.batch_norm_apply(_dl(xk), _dl(y), _dl(center), _dl(scale), _dl(shift), _stream(x))
-    return y.reshape(x.shape)
+    return _as_shape(y, x)
 
 
 def _composite_grads(x, w, dy, training, mean, invstd, eps, needs):
@@ -121,7 +140,8 @@ class BatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: stay differentiable
             dx, dw, db = _composite_grads(x, w, dy, ctx.training, mean, invstd, ctx.eps, needs)
             return dx, dw, db, None, None, None, None, None
-        xk, dyk = as_kernel_input(x), as_kernel_input(dy)
+        xk = as_kernel_input(x)
+        dyk = grad_like(dy, xk)
         c = x.shape[1]
         dx = torch.empty_like(xk) if needs[0] else None
         dw = torch.empty(c, dtype=x.dtype, device=x.device) if needs[1] else None
@@ -152,7 +172,7 @@ class BatchNormFunction(torch.autograd.Function):
                 _C.batch_norm_apply(
                     _dl(dyk), _dl(dx), None, _dl(scale), _dl(torch.zeros_like(scale)), _stream(x)
                 )
-        return (None if dx is None else dx.reshape(x.shape)), dw, db, None, None, None, None, None
+        return _as_shape(dx, x), dw, db, None, None, None, None, None
 
 
 def batch_norm(x, running_mean, running_var, w, b, training, momentum, eps):
@@ -223,7 +243,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         import torch.distributed as dist
 
         x, w, mean, invstd = ctx.saved_tensors
-        xk, dyk = as_kernel_input(x), as_kernel_input(dy)
+        xk = as_kernel_input(x)
+        dyk = grad_like(dy, xk)
         c = x.shape[1]
         sums = torch.zeros(2, c, dtype=x.dtype, device=x.device)  # sum dy, sum dy * xhat
         if x.numel():
@@ -252,5 +273,5 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     _dl(dx),
                     _stream(x),
                 )
-            dx = dx.reshape(x.shape)
+            dx = _as_shape(dx, x)
         return dx, dw, db, None, None, None, None, None, None

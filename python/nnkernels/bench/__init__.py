@@ -10,9 +10,14 @@ import torch
 
 import nnkernels
 
-from . import conv2d, harness, linear, matmul
+from . import batch_norm, conv2d, harness, linear, matmul
 
-SUITES = {"matmul": matmul.cases, "linear": linear.cases, "conv2d": conv2d.cases}
+SUITES = {
+    "matmul": matmul.cases,
+    "linear": linear.cases,
+    "conv2d": conv2d.cases,
+    "batch_norm": batch_norm.cases,
+}
 
 
 def _ops_arg(values):
@@ -64,12 +69,16 @@ def run(args) -> int:
     budget = args.budget or (0.6 if args.quick else 2.0)
     torch.manual_seed(0)
     info = harness.machine_info(args.device)
-    results = []
+    results, all_cases = [], []
     for op in ops:
         cases = SUITES[op](args.device, args.quick)
         for i, case in enumerate(cases, 1):
             harness.progress(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype} ...")
             results.append(harness.run_case(case, args.device, budget))
+        all_cases += cases
+    if any(c.memory for c in all_cases):
+        harness.progress("peak memory ...")
+        harness.measure_memory(all_cases, results, args.device)
     print(harness.format_table(results, info))
     if args.json:
         harness.write_json(args.json, results, info)

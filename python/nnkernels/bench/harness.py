@@ -35,6 +35,7 @@ class Case:
     torch: Callable[[], object]
     flops: float = 0.0  # per call; compute-bound cases
     bytes: float = 0.0  # per call; memory-bound cases (GB/s against the copy bandwidth)
+    memory: bool = False  # also measure each side's peak extra memory per call
 
 
 @dataclasses.dataclass
@@ -54,6 +55,8 @@ class Result:
     samples: int
     ours_iqr_ms: float  # spread of our samples (interquartile range)
     torch_iqr_ms: float
+    ours_peak_mb: float | None = None  # peak extra memory of one call (Case.memory)
+    torch_peak_mb: float | None = None
 
 
 def _sync(device: str) -> None:
@@ -84,8 +87,33 @@ def _iqr(xs):
     return q[2] - q[0]
 
 
+_heap_steady = False
+
+
+def steady_heap() -> None:
+    """Keeps freed blocks in glibc's heap (no trimming, no mmap below 32 MiB) for the rest of the
+    process. By default glibc returns big freed blocks to the OS or maps them afresh, by thresholds
+    that move with the process's history, and the next call page-faults its outputs back in: at
+    25 MB tensors 1-10 ms per call, different from run to run and between the two sides of a pair.
+    A training loop reaches the same steady state; both sides get it."""
+    global _heap_steady
+    if _heap_steady:
+        return
+    _heap_steady = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum on 64-bit glibc)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def time_pair(ours, theirs, device: str, budget_s: float, min_samples: int = 5):
     """Interleaved medians (seconds per call) and the samples, for two callables."""
+    if device == "cpu":
+        steady_heap()
     for fn in (ours, theirs):  # warm-up: caches, allocator, thread pools, lazy init
         fn()
         fn()
@@ -116,13 +144,19 @@ def fma_peak_gflops(dtype: str) -> float:
 
 
 def copy_bandwidth_gbs(device: str) -> float:
-    """Measured copy bandwidth (read + write bytes per second) on 256 MiB buffers, cached."""
-    key = ("copy", device)
+    """Measured memory bandwidth (read + written bytes per second), cached: on the CPU a copy with
+    non-temporal stores on nnkernels' threads (256 MiB buffers; a copy through the cache also
+    reads every destination line, a third of its traffic uncounted); on CUDA a device copy."""
+    key = ("copy", device, nnkernels.get_num_threads())
     if key not in _peaks:
-        src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
-        dst = torch.empty_like(src)
-        best = min(_time_once(lambda: dst.copy_(src), 1, device) for _ in range(8))
-        _peaks[key] = 2 * src.numel() * 4 / best / 1e9
+        if device == "cuda":
+            src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+            dst = torch.empty_like(src)
+            best = min(_time_once(lambda: dst.copy_(src), 1, device) for _ in range(8))
+            _peaks[key] = 2 * src.numel() * 4 / best / 1e9
+        else:
+            nnkernels._ops.sync_threads()
+            _peaks[key] = _C.copy_bandwidth_gbs(512 * 2**20, 8)
     return _peaks[key]
 
 
@@ -134,6 +168,49 @@ def cuda_fp32_peak_gflops() -> float | None:
         return None
     fp32_lanes_per_sm = 128 if props.major >= 8 else 64
     return props.multi_processor_count * fp32_lanes_per_sm * 2 * clock_khz * 1e3 / 1e9
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+_mmap_everything = False
+
+
+def peak_extra_mb(fn, device: str) -> float | None:
+    """Peak memory one call of fn adds above what was live before it, in MiB. CUDA: torch's
+    allocator statistics. CPU (Linux): the resident-set high-water mark, reset through
+    /proc/self/clear_refs, with glibc switched to mmap for blocks over 64 KiB so freed memory
+    leaves the resident set (done once, after timing, since it changes allocation speed)."""
+    global _mmap_everything
+    fn()  # warm-up: persistent scratch and lazily created state are not per-call memory
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        if not _mmap_everything:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+            _mmap_everything = True
+        import gc
+
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        base = _rss_kb("VmRSS")
+        fn()
+        return max(0, _rss_kb("VmHWM") - base) / 1024
+    except (OSError, AttributeError):
+        return None
 
 
 def run_case(case: Case, device: str, budget_s: float) -> Result:
@@ -162,6 +239,14 @@ def run_case(case: Case, device: str, budget_s: float) -> Result:
         ours_iqr_ms=_iqr(a) * 1e3,
         torch_iqr_ms=_iqr(b) * 1e3,
     )
+
+
+def measure_memory(cases, results, device: str) -> None:
+    """Fills the peak-memory fields of results whose case asks for it (after all timing)."""
+    for case, r in zip(cases, results):
+        if case.memory:
+            r.ours_peak_mb = peak_extra_mb(case.ours, device)
+            r.torch_peak_mb = peak_extra_mb(case.torch, device)
 
 
 def _git_commit() -> str:
@@ -251,6 +336,9 @@ def format_table(results, info) -> str:
         head += f": {info.get('gpu')}, driver {info.get('driver', '?')}, TF32 {info['tf32']}"
     head += f"; torch {info['torch']}, nnkernels {info['nnkernels']} ({info['commit']})"
     cols = ["op", "case", "dtype", "ours ms", "torch ms", "speedup", "ours", "torch", "% peak"]
+    with_mem = any(r.ours_peak_mb is not None for r in results)
+    if with_mem:
+        cols.append("peak MiB ours/torch")
     rows = []
     for r in results:
         unit = "GF/s" if r.unit == "GFLOP/s" else "GB/s"
@@ -267,6 +355,10 @@ def format_table(results, info) -> str:
                 "-" if r.ours_pct_peak is None else f"{r.ours_pct_peak:.0f}%",
             ]
         )
+        if with_mem:
+            rows[-1].append(
+                "-" if r.ours_peak_mb is None else f"{r.ours_peak_mb:.0f} / {r.torch_peak_mb:.0f}"
+            )
     widths = [
         max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)
     ]
