@@ -210,6 +210,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 # --------------------------------------------------------------------------------- batch_norm
 
 
+def _bn_train_fast(x, *others) -> bool:
+    """Tensors (or None) on the CPU and an input of at least 2 dims: what the training kernels
+    need before they can check the rest."""
+    if not isinstance(x, torch.Tensor) or x.is_cuda or x.dim() < 2:
+        return False
+    return all(t is None or isinstance(t, torch.Tensor) for t in others)
+
+
 def batch_norm(
     input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ):
@@ -220,6 +228,12 @@ def batch_norm(
     them in place: running = (1 - momentum) * running + momentum * batch (unbiased variance).
     Otherwise normalise with the running statistics. weight, bias: (C,) or None.
     """
+    if training and _bn_train_fast(input, running_mean, running_var, weight, bias):
+        # The training kernels check dtypes, devices and shapes themselves and name the argument;
+        # skipping the same checks here keeps the per-call overhead down.
+        return _bn_ops.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     _checks.check_operands(
         input,
         "input",

@@ -10,6 +10,7 @@ instead of the fused kernel, so higher-order gradients stay exact.
 import math
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from .. import _C, _ops
 from .matmul import _recording
@@ -20,15 +21,17 @@ def _stream(t):
 
 
 def _dl(t):
-    return None if t is None else _ops.to_dl(t)
+    return None if t is None else to_dlpack(t)  # torch tensors only, here
 
 
 def as_kernel_input(x):
     """The kernels see (N, C, S): the spatial dims must flatten (contiguous or channels_last)."""
-    if x.dim() > 4:
+    d = x.dim()
+    if d > 4:
         return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     if (
-        x.dim() == 4
+        d == 4
+        and not x.is_contiguous()
         and x.shape[2] > 1
         and x.shape[3] > 1
         and x.stride(2) != x.shape[3] * x.stride(3)
@@ -41,19 +44,19 @@ def grad_like(dy, xk):
     """dy in the memory layout of the kernels' input xk, so that the kernels take one fast loop
     order for both (as torch does; a gradient in another layout, e.g. expanded, costs one copy)."""
     dyk = as_kernel_input(dy)
+    if xk.is_contiguous():
+        return dyk.contiguous()  # no copy when it already is
     if dyk.stride() == xk.stride():
         return dyk
-    if xk.is_contiguous():
-        return dyk.contiguous()
     if xk.dim() == 4 and xk.is_contiguous(memory_format=torch.channels_last):
         return dyk.contiguous(memory_format=torch.channels_last)
     return dyk
 
 
-def _as_shape(t, x):
-    """t (a kernel output) with x's shape: a view only when the kernels saw a reshaped x (a view
-    output costs autograd extra work on every call)."""
-    return t if t is None or t.shape == x.shape else t.reshape(x.shape)
+def _as_shape(t, xk, x):
+    """t (a kernel output shaped like xk) with x's shape: a view only when the kernels saw a
+    reshaped x (a view output costs autograd extra work on every call)."""
+    return t if t is None or xk is x else t.reshape(x.shape)
 
 
 def _channel(t, c, dtype, device):
@@ -81,7 +84,7 @@ def forward_train(x, w, b, running_mean, running_var, momentum, eps):
         _dl(running_var),
         _stream(x),
     )
-    return _as_shape(y, x), mean, invstd
+    return _as_shape(y, xk, x), mean, invstd
 
 
 def eval_scale_shift(w, b, running_var, eps):
@@ -98,7 +101,7 @@ def apply(x, center, scale, shift):
     y = torch.empty_like(xk)
     _ops.sync_threads()
     _C.batch_norm_apply(_dl(xk), _dl(y), _dl(center), _dl(scale), _dl(shift), _stream(x))
-    return _as_shape(y, x)
+    return _as_shape(y, xk, x)
 
 
 def _composite_grads(x, w, dy, training, mean, invstd, eps, needs):
@@ -172,7 +175,7 @@ class BatchNormFunction(torch.autograd.Function):
                 _C.batch_norm_apply(
                     _dl(dyk), _dl(dx), None, _dl(scale), _dl(torch.zeros_like(scale)), _stream(x)
                 )
-        return _as_shape(dx, x), dw, db, None, None, None, None, None
+        return _as_shape(dx, xk, x), dw, db, None, None, None, None, None
 
 
 def batch_norm(x, running_mean, running_var, w, b, training, momentum, eps):
@@ -273,5 +276,5 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     _dl(dx),
                     _stream(x),
                 )
-            dx = _as_shape(dx, x)
+            dx = _as_shape(dx, xk, x)
         return dx, dw, db, None, None, None, None, None, None

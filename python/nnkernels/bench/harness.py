@@ -183,9 +183,10 @@ _mmap_everything = False
 
 def peak_extra_mb(fn, device: str) -> float | None:
     """Peak memory one call of fn adds above what was live before it, in MiB. CUDA: torch's
-    allocator statistics. CPU (Linux): the resident-set high-water mark, reset through
-    /proc/self/clear_refs, with glibc switched to mmap for blocks over 64 KiB so freed memory
-    leaves the resident set (done once, after timing, since it changes allocation speed)."""
+    allocator statistics. CPU (Linux, glibc): the resident-set high-water mark, reset through
+    /proc/self/clear_refs, with glibc switched to mapping every block over 64 KiB afresh and
+    returning freed memory at once, so that a call's allocations show in the resident set (done
+    after all timing, since it changes allocation speed)."""
     global _mmap_everything
     fn()  # warm-up: persistent scratch and lazily created state are not per-call memory
     if device == "cuda":
@@ -196,14 +197,16 @@ def peak_extra_mb(fn, device: str) -> float | None:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
-        if not _mmap_everything:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
-            _mmap_everything = True
+        import ctypes
         import gc
 
+        libc = ctypes.CDLL("libc.so.6")
+        if not _mmap_everything:
+            libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
+            _mmap_everything = True
         gc.collect()
+        libc.malloc_trim(0)  # free heap blocks (kept by steady_heap) back to the OS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
         base = _rss_kb("VmRSS")
