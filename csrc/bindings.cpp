@@ -459,9 +459,42 @@ const T* opt_ptr(const TensorView& v, py::handle h) {
   return h.is_none() ? nullptr : v.ptr<const T>();
 }
 
+#if defined(NNK_WITH_CUDA)
+// The CUDA kernels' scratch for partial sums: float64, C * kBatchNormParts * 2 values, from
+// torch's allocator (Python passes it for CUDA inputs).
+double* bn_workspace(py::handle h, const TensorView& x) {
+  NNK_CHECK_VALUE(!h.is_none(), "workspace is required for CUDA inputs");
+  const TensorView ws = view_of(h, "workspace");
+  NNK_CHECK_VALUE(ws.device == x.device && ws.device_id == x.device_id,
+                  "workspace and input must be on the same device");
+  NNK_CHECK_TYPE(ws.dtype == DType::f64, "workspace must be float64, got ", dtype_str(ws));
+  NNK_CHECK_VALUE(ws.ndim == 1 && (ws.shape[0] <= 1 || ws.strides[0] == 1) &&
+                      ws.shape[0] >= x.shape[1] * cuda::kBatchNormParts * 2,
+                  "workspace must be a contiguous vector of at least C * ",
+                  cuda::kBatchNormParts * 2, " values");
+  check_output(ws, "workspace");
+  return ws.ptr<double>();
+}
+
+// The CUDA kernels take unit-stride rows (contiguous) or channels innermost (channels_last), the
+// same for every operand of a call.
+void bn_cuda_layout(std::initializer_list<std::pair<const TensorView*, const char*>> views) {
+  bool rows = true, pixels = true;
+  for (const auto& [v, name] : views) {
+    const cpu::View3<const float> w = cpu::normalised(view3<const float>(*v, name));
+    rows = rows && (w.ss == 1 || w.S == 1);
+    pixels = pixels && w.sc == 1;
+  }
+  std::string names;
+  for (const auto& [v, name] : views) names += std::string(names.empty() ? "" : ", ") + name;
+  NNK_CHECK_VALUE(rows || pixels, "batch_norm on CUDA: ", names,
+                  " must all be contiguous or all channels_last");
+}
+#endif
+
 void bn_forward_train(py::handle x_, py::handle y_, py::handle w_, py::handle b_, double eps,
                       double momentum, py::handle mean_, py::handle invstd_, py::handle rm_,
-                      py::handle rv_, uintptr_t stream) {
+                      py::handle rv_, py::handle ws_, uintptr_t stream) {
   const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
   const TensorView y = bn_activation(y_, "out", &x, "input");
   check_output(y, "out");
@@ -477,7 +510,19 @@ void bn_forward_train(py::handle x_, py::handle y_, py::handle w_, py::handle b_
                   "expected more than 1 value per channel when training, got input of shape ",
                   shape_str(x));
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    bn_cuda_layout({{&x, "input"}, {&y, "out"}});
+    double* ws = bn_workspace(ws_, x);
+    py::gil_scoped_release nogil;
+    cuda::batch_norm_forward_train(
+        view3<const float>(x, "input"), view3<float>(y, "out"), opt_ptr<float>(w, w_),
+        opt_ptr<float>(b, b_), eps, momentum, mean.ptr<float>(), invstd.ptr<float>(),
+        rm_.is_none() ? nullptr : rm.ptr<float>(), rv_.is_none() ? nullptr : rv.ptr<float>(), ws,
+        x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -488,13 +533,22 @@ void bn_forward_train(py::handle x_, py::handle y_, py::handle w_, py::handle b_
   });
 }
 
-void bn_stats(py::handle x_, py::handle mean_, py::handle m2_, uintptr_t stream) {
+void bn_stats(py::handle x_, py::handle mean_, py::handle m2_, py::handle ws_, uintptr_t stream) {
   const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
   const TensorView mean = bn_channel(mean_, "mean", x, true), m2 = bn_channel(m2_, "m2", x, true);
   NNK_CHECK_VALUE(x.shape[0] * view3<const float>(x, "input").S > 0 || x.shape[1] == 0,
                   "batch statistics need at least one value per channel");
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    bn_cuda_layout({{&x, "input"}});
+    double* ws = bn_workspace(ws_, x);
+    py::gil_scoped_release nogil;
+    cuda::batch_norm_stats(view3<const float>(x, "input"), mean.ptr<float>(), m2.ptr<float>(), ws,
+                           x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -513,7 +567,16 @@ void bn_apply(py::handle x_, py::handle y_, py::handle center_, py::handle scale
   const TensorView scale = bn_channel(scale_, "scale", x, false);
   const TensorView shift = bn_channel(shift_, "shift", x, false);
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    bn_cuda_layout({{&x, "input"}, {&y, "out"}});
+    py::gil_scoped_release nogil;
+    cuda::batch_norm_apply(view3<const float>(x, "input"), view3<float>(y, "out"),
+                           opt_ptr<float>(center, center_), scale.ptr<const float>(),
+                           shift.ptr<const float>(), x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -524,7 +587,7 @@ void bn_apply(py::handle x_, py::handle y_, py::handle center_, py::handle scale
 }
 
 void bn_backward_reduce(py::handle dy_, py::handle x_, py::handle mean_, py::handle invstd_,
-                        py::handle sdy_, py::handle sdyx_, uintptr_t stream) {
+                        py::handle sdy_, py::handle sdyx_, py::handle ws_, uintptr_t stream) {
   const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
   const TensorView dy = bn_activation(dy_, "grad_output", &x, "input");
   const TensorView mean = bn_channel(mean_, "mean", x, false);
@@ -532,7 +595,18 @@ void bn_backward_reduce(py::handle dy_, py::handle x_, py::handle mean_, py::han
   const TensorView sdy = bn_channel(sdy_, "sum_dy", x, true);
   const TensorView sdyx = bn_channel(sdyx_, "sum_dy_xhat", x, true);
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    bn_cuda_layout({{&dy, "grad_output"}, {&x, "input"}});
+    double* ws = bn_workspace(ws_, x);
+    py::gil_scoped_release nogil;
+    cuda::batch_norm_backward_reduce(view3<const float>(dy, "grad_output"),
+                                     view3<const float>(x, "input"), mean.ptr<const float>(),
+                                     invstd.ptr<const float>(), sdy.ptr<float>(), sdyx.ptr<float>(),
+                                     ws, x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -558,7 +632,18 @@ void bn_backward_apply(py::handle dy_, py::handle x_, py::handle mean_, py::hand
   const TensorView mdy = bn_channel(mdy_, "mean_dy", x, false);
   const TensorView mdyx = bn_channel(mdyx_, "mean_dy_xhat", x, false);
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    bn_cuda_layout({{&dy, "grad_output"}, {&x, "input"}, {&dx, "grad_input"}});
+    py::gil_scoped_release nogil;
+    cuda::batch_norm_backward_apply(
+        view3<const float>(dy, "grad_output"), view3<const float>(x, "input"),
+        mean.ptr<const float>(), invstd.ptr<const float>(), opt_ptr<float>(w, w_),
+        mdy.ptr<const float>(), mdyx.ptr<const float>(), view3<float>(dx, "grad_input"),
+        x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -571,7 +656,7 @@ void bn_backward_apply(py::handle dy_, py::handle x_, py::handle mean_, py::hand
 
 void bn_backward_train(py::handle dy_, py::handle x_, py::handle mean_, py::handle invstd_,
                        py::handle w_, py::handle dx_, py::handle dw_, py::handle db_,
-                       uintptr_t stream) {
+                       py::handle ws_, uintptr_t stream) {
   const TensorView x = bn_activation(x_, "input", nullptr, nullptr);
   const TensorView dy = bn_activation(dy_, "grad_output", &x, "input");
   const TensorView mean = bn_channel(mean_, "mean", x, false);
@@ -587,7 +672,24 @@ void bn_backward_train(py::handle dy_, py::handle x_, py::handle mean_, py::hand
   if (!dw_.is_none()) dw = bn_channel(dw_, "grad_weight", x, true);
   if (!db_.is_none()) db = bn_channel(db_, "grad_bias", x, true);
   require_cuda_build(x, "input");
-  NNK_CHECK_IMPLEMENTED(x.device == Device::cpu, "batch_norm on CUDA is not built yet");
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    if (dx_.is_none())
+      bn_cuda_layout({{&dy, "grad_output"}, {&x, "input"}});
+    else
+      bn_cuda_layout({{&dy, "grad_output"}, {&x, "input"}, {&dx, "grad_input"}});
+    double* ws = bn_workspace(ws_, x);
+    cpu::View3<float> dxv;
+    if (!dx_.is_none()) dxv = view3<float>(dx, "grad_input");
+    py::gil_scoped_release nogil;
+    cuda::batch_norm_backward_train(
+        view3<const float>(dy, "grad_output"), view3<const float>(x, "input"),
+        mean.ptr<const float>(), invstd.ptr<const float>(), opt_ptr<float>(w, w_), dxv,
+        dw_.is_none() ? nullptr : dw.ptr<float>(), db_.is_none() ? nullptr : db.ptr<float>(), ws,
+        x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -698,18 +800,25 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d_backward_weight", &conv2d_backward_weight, "input"_a, "grad_output"_a,
         "grad_weight"_a, "grad_bias"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a,
         "stream"_a = 0);
+#if defined(NNK_WITH_CUDA)
+  m.attr("batch_norm_cuda_workspace_per_channel") = cuda::kBatchNormParts * 2;
+#else
+  m.attr("batch_norm_cuda_workspace_per_channel") = 0;
+#endif
   m.def("batch_norm_forward_train", &bn_forward_train, "input"_a, "out"_a, "weight"_a, "bias"_a,
         "eps"_a, "momentum"_a, "save_mean"_a, "save_invstd"_a, "running_mean"_a, "running_var"_a,
+        "workspace"_a = py::none(), "stream"_a = 0);
+  m.def("batch_norm_stats", &bn_stats, "input"_a, "mean"_a, "m2"_a, "workspace"_a = py::none(),
         "stream"_a = 0);
-  m.def("batch_norm_stats", &bn_stats, "input"_a, "mean"_a, "m2"_a, "stream"_a = 0);
   m.def("batch_norm_apply", &bn_apply, "input"_a, "out"_a, "center"_a, "scale"_a, "shift"_a,
         "stream"_a = 0, "out = (input - center) * scale + shift per channel (center None: 0).");
   m.def("batch_norm_backward_reduce", &bn_backward_reduce, "grad_output"_a, "input"_a, "mean"_a,
-        "invstd"_a, "sum_dy"_a, "sum_dy_xhat"_a, "stream"_a = 0);
+        "invstd"_a, "sum_dy"_a, "sum_dy_xhat"_a, "workspace"_a = py::none(), "stream"_a = 0);
   m.def("batch_norm_backward_apply", &bn_backward_apply, "grad_output"_a, "input"_a, "mean"_a,
         "invstd"_a, "weight"_a, "mean_dy"_a, "mean_dy_xhat"_a, "grad_input"_a, "stream"_a = 0);
   m.def("batch_norm_backward_train", &bn_backward_train, "grad_output"_a, "input"_a, "mean"_a,
-        "invstd"_a, "weight"_a, "grad_input"_a, "grad_weight"_a, "grad_bias"_a, "stream"_a = 0);
+        "invstd"_a, "weight"_a, "grad_input"_a, "grad_weight"_a, "grad_bias"_a,
+        "workspace"_a = py::none(), "stream"_a = 0);
   m.def("sum_channels", &sum_channels, "x"_a, "out"_a, "stream"_a = 0,
         "out[c] = sum over n, h, w of x[n, c, h, w].");
   m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");

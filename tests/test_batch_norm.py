@@ -27,6 +27,7 @@ def _bn_case(
     channels_last=False,
     dtype=torch.float32,
     momentum=0.1,
+    device="cpu",
 ):
     torch.manual_seed(7)
     c = shape[1]
@@ -49,12 +50,15 @@ def _bn_case(
     def stats(cast):
         return [None if t is None else cast(t).clone() for t in (rm, rv)]
 
+    def on(t):
+        return t.to(device)
+
     ours_in, torch_in, ref_in = (
-        leaves(lambda t: t),
-        leaves(lambda t: t),
+        leaves(on),
+        leaves(on),
         leaves(lambda t: t.double()),
     )
-    ours_rs, torch_rs, ref_rs = stats(lambda t: t), stats(lambda t: t), stats(lambda t: t.double())
+    ours_rs, torch_rs, ref_rs = stats(on), stats(on), stats(lambda t: t.double())
     kw = dict(training=training, momentum=momentum, eps=1e-5)
     ours = NF.batch_norm(ours_in[0], *ours_rs, ours_in[1], ours_in[2], **kw)
     theirs = F.batch_norm(torch_in[0], *torch_rs, torch_in[1], torch_in[2], **kw)
@@ -73,8 +77,8 @@ def _bn_case(
             assert_matches_reference(a, t_, r, k=n, name=name)
     g = torch.randn_like(ref)
     want = [i for i, t in enumerate(ours_in) if t is not None]
-    gs = torch.autograd.grad(ours, [ours_in[i] for i in want], g.to(dtype))
-    gs_t = torch.autograd.grad(theirs, [torch_in[i] for i in want], g.to(dtype))
+    gs = torch.autograd.grad(ours, [ours_in[i] for i in want], on(g.to(dtype)))
+    gs_t = torch.autograd.grad(theirs, [torch_in[i] for i in want], on(g.to(dtype)))
     gs_r = torch.autograd.grad(ref, [ref_in[i] for i in want], g)
     for i, a, t_, r in zip(want, gs, gs_t, gs_r):
         assert_matches_reference(a, t_, r, k=n, name=("grad input", "grad weight", "grad bias")[i])
@@ -144,12 +148,15 @@ def test_batch_norm_big_tensor_streams(isa, shape, channels_last):
     _bn_case(shape, training=True, channels_last=channels_last)
 
 
-def _grad_layout_case(x, g):
+def _grad_layout_case(x, g, device="cpu"):
     """Forward and backward with gradient g (any layout) against torch and the float64 reference."""
     c = x.shape[1]
     w, b = torch.randn(c), torch.randn(c)
     outs = []
-    same = lambda t: t  # noqa: E731
+
+    def same(t):
+        return t.to(device)
+
     for fn, cast in (
         (NF.batch_norm, same),
         (F.batch_norm, same),
@@ -280,6 +287,79 @@ def test_batch_norm_bad_input():
         torch.ones(3),
     )
     raises(TypeError, "input must be a floating-point tensor", x.long(), None, None, training=True)
+
+
+# ------------------------------------------------------------------------------------- CUDA
+
+cuda = pytest.mark.skipif(not nnkernels.cuda_available(), reason="no CUDA GPU visible")
+
+
+@cuda
+@pytest.mark.parametrize(
+    "shape", [(16, 5), (8, 3, 17), (4, 6, 9, 7), (2, 4, 3, 5, 6), (3, 1, 8, 8), (2, 3, 1, 1)]
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_batch_norm(shape, training):
+    _bn_case(shape, training=training, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize(
+    "shape", [(4, 6, 9, 7), (3, 40, 7, 9), (2, 3, 1, 1), (32, 64, 14, 14), (2, 1, 300, 300)]
+)
+def test_cuda_batch_norm_channels_last_and_big(shape):
+    """Both CUDA layouts, C below / at / above a warp, channels with more values than one block
+    takes (several partial sums per channel)."""
+    _bn_case(shape, training=True, device="cuda")
+    if len(shape) == 4:
+        _bn_case(shape, training=True, channels_last=True, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("affine,running", [(False, True), (True, False), (False, False)])
+def test_cuda_batch_norm_optional_parts(affine, running):
+    _bn_case((4, 6, 5, 5), training=True, affine=affine, running=running, device="cuda")
+
+
+@cuda
+def test_cuda_batch_norm_layouts_and_offset():
+    x = torch.randn(4, 6, 9, 7)
+    g = torch.randn(4, 6, 9, 7)
+    _grad_layout_case(x.to(memory_format=torch.channels_last), g, device="cuda")
+    _grad_layout_case(x, torch.ones(()).expand(4, 6, 9, 7), device="cuda")
+    _grad_layout_case(torch.randn(8, 30, 6).transpose(1, 2), torch.randn(8, 6, 30), device="cuda")
+    _grad_layout_case(torch.randn(6, 5, 9, 16)[:, :, 1:8, ::2], torch.randn(6, 5, 7, 8), "cuda")
+    xo = 1e4 + 0.01 * torch.randn(8, 4, 16, 16)
+    ours = NF.batch_norm(xo.cuda(), None, None, training=True)
+    ref = F.batch_norm(xo.double(), None, None, training=True)
+    assert_matches_reference(ours, F.batch_norm(xo.cuda(), None, None, training=True), ref, k=2048)
+
+
+@cuda
+def test_cuda_batch_norm_module_on_a_side_stream():
+    """The kernels run on torch's current stream: results are right when read on that stream."""
+    torch.manual_seed(0)
+    ours, ref = nnkernels.nn.BatchNorm2d(16).cuda(), torch.nn.BatchNorm2d(16).cuda()
+    side = torch.cuda.Stream()
+    x = torch.randn(8, 16, 20, 20, device="cuda") * 2 + 1
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            y = ours(x)
+            y_ref = ref(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_cuda_batch_norm_rejects_float64():
+    with pytest.raises(NotImplementedError, match="float32"):
+        NF.batch_norm(
+            torch.randn(4, 3, 5, dtype=torch.float64, device="cuda"), None, None, training=True
+        )
 
 
 # ------------------------------------------------------------------------------- SyncBatchNorm

@@ -54,17 +54,6 @@ constexpr int64_t kMinParallel = int64_t(1) << 15;  // elements; below, fork/joi
 
 enum class Layout { rows, pixels, strided };
 
-template <class T>
-View3<T> normalised(View3<T> v) {
-  if (v.S == 1 && v.N != 1) {
-    v.S = v.N;
-    v.ss = v.sn;
-    v.N = 1;
-    v.sn = 0;
-  }
-  return v;
-}
-
 template <class... Vs>
 Layout layout_of(const Vs&... v) {
   if (((v.ss == 1 || v.S == 1) && ...)) return Layout::rows;

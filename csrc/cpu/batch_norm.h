@@ -30,6 +30,20 @@ struct View3 {
   int64_t sn = 0, sc = 0, ss = 0;  // element strides of n, c, s
 };
 
+// With S == 1 ((N, C) inputs) the batch dim is taken as the spatial one: (1, C, N), ss = sn.
+// Applied to every operand of a call (it depends on the shape only), it gives the kernels one row
+// of N values per channel, or N pixels of C channels. (The CUDA kernels use it too.)
+template <class T>
+inline View3<T> normalised(View3<T> v) {
+  if (v.S == 1 && v.N != 1) {
+    v.S = v.N;
+    v.ss = v.sn;
+    v.N = 1;
+    v.sn = 0;
+  }
+  return v;
+}
+
 // Per channel: count = N*S, mean, and m2 = sum (x - mean)^2.
 template <class T>
 void batch_norm_stats(View3<const T> x, T* mean, T* m2);

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/gemm_args.h"
+#include "cpu/batch_norm.h"
 #include "cuda/conv2d_index.cuh"
 
 namespace nnk {
@@ -34,6 +35,31 @@ void sum_channels(int64_t N, int64_t C, int64_t HW, const float* x, int64_t sn, 
 // reduce.cu: out[j*so] = sum_i x[i*rsx + j*csx], i < R, j < N.
 void sum_rows(int64_t R, int64_t N, const float* x, int64_t rsx, int64_t csx, float* out,
               int64_t so, int device, void* stream);
+
+// batch_norm.cu (fp32; the operations of cpu/batch_norm.h). Every view of a call has unit-stride
+// rows (ss == 1) or channels innermost (sc == 1), the same for all of them. ws: workspace of
+// C * kBatchNormParts * 2 doubles for the partial sums of the reductions.
+constexpr int kBatchNormParts = 64;
+void batch_norm_forward_train(cpu::View3<const float> x, cpu::View3<float> y, const float* w,
+                              const float* b, double eps, double momentum, float* save_mean,
+                              float* save_invstd, float* running_mean, float* running_var,
+                              double* ws, int device, void* stream);
+void batch_norm_stats(cpu::View3<const float> x, float* mean, float* m2, double* ws, int device,
+                      void* stream);
+void batch_norm_apply(cpu::View3<const float> x, cpu::View3<float> y, const float* center,
+                      const float* scale, const float* shift, int device, void* stream);
+void batch_norm_backward_reduce(cpu::View3<const float> dy, cpu::View3<const float> x,
+                                const float* mean, const float* invstd, float* sum_dy,
+                                float* sum_dy_xhat, double* ws, int device, void* stream);
+void batch_norm_backward_apply(cpu::View3<const float> dy, cpu::View3<const float> x,
+                               const float* mean, const float* invstd, const float* w,
+                               const float* mean_dy, const float* mean_dy_xhat,
+                               cpu::View3<float> dx, int device, void* stream);
+// dx.p null: dw and db only.
+void batch_norm_backward_train(cpu::View3<const float> dy, cpu::View3<const float> x,
+                               const float* mean, const float* invstd, const float* w,
+                               cpu::View3<float> dx, float* dw, float* db, double* ws, int device,
+                               void* stream);
 
 }  // namespace cuda
 }  // namespace nnk

@@ -211,9 +211,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def _bn_train_fast(x, *others) -> bool:
-    """Tensors (or None) on the CPU and an input of at least 2 dims: what the training kernels
-    need before they can check the rest."""
-    if not isinstance(x, torch.Tensor) or x.is_cuda or x.dim() < 2:
+    """Tensors (or None) and an input of at least 2 dims: what the training kernels need before
+    they can check the rest."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return False
     return all(t is None or isinstance(t, torch.Tensor) for t in others)
 

@@ -24,18 +24,28 @@ def _dl(t):
     return None if t is None else to_dlpack(t)  # torch tensors only, here
 
 
+def _ws(x):
+    """The CUDA kernels' float64 scratch for partial sums (None on the CPU)."""
+    if not x.is_cuda:
+        return None
+    n = x.shape[1] * _C.batch_norm_cuda_workspace_per_channel
+    return torch.empty(max(n, 1), dtype=torch.float64, device=x.device)
+
+
 def as_kernel_input(x):
-    """The kernels see (N, C, S): the spatial dims must flatten (contiguous or channels_last)."""
+    """The kernels see (N, C, S): the spatial dims must flatten (contiguous or channels_last). The
+    CUDA kernels take contiguous or channels_last inputs only; others are copied."""
     d = x.dim()
     if d > 4:
-        return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-    if (
-        d == 4
-        and not x.is_contiguous()
-        and x.shape[2] > 1
-        and x.shape[3] > 1
-        and x.stride(2) != x.shape[3] * x.stride(3)
-    ):
+        x = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+        d = 3
+    if x.is_contiguous():
+        return x
+    if x.is_cuda:
+        if d == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return x
+        return x.contiguous()
+    if d == 4 and x.shape[2] > 1 and x.shape[3] > 1 and x.stride(2) != x.shape[3] * x.stride(3):
         return x.contiguous()
     return x
 
@@ -82,6 +92,7 @@ def forward_train(x, w, b, running_mean, running_var, momentum, eps):
         _dl(invstd),
         _dl(running_mean),
         _dl(running_var),
+        _dl(_ws(x)),
         _stream(x),
     )
     return _as_shape(y, xk, x), mean, invstd
@@ -160,6 +171,7 @@ class BatchNormFunction(torch.autograd.Function):
                 _dl(dx),
                 _dl(dw),
                 _dl(db),
+                _dl(_ws(x)),
                 _stream(x),
             )
         else:
@@ -168,7 +180,14 @@ class BatchNormFunction(torch.autograd.Function):
                 sdy = _channel(db, c, x.dtype, x.device)
                 sdyx = _channel(dw, c, x.dtype, x.device)
                 _C.batch_norm_backward_reduce(
-                    _dl(dyk), _dl(xk), _dl(mean), _dl(invstd), _dl(sdy), _dl(sdyx), _stream(x)
+                    _dl(dyk),
+                    _dl(xk),
+                    _dl(mean),
+                    _dl(invstd),
+                    _dl(sdy),
+                    _dl(sdyx),
+                    _dl(_ws(x)),
+                    _stream(x),
                 )
             if needs[0]:
                 scale = invstd if w is None else (w * invstd).contiguous()
@@ -199,7 +218,7 @@ def _local_stats(x):
     m2 = torch.zeros_like(mean)
     if count > 0:
         _ops.sync_threads()
-        _C.batch_norm_stats(_dl(xk), _dl(mean), _dl(m2), _stream(x))
+        _C.batch_norm_stats(_dl(xk), _dl(mean), _dl(m2), _dl(_ws(x)), _stream(x))
     counts = torch.full((c,), float(count), dtype=torch.float64, device=x.device)
     return torch.stack([counts, mean.double(), m2.double()])
 
@@ -253,7 +272,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if x.numel():
             _ops.sync_threads()
             _C.batch_norm_backward_reduce(
-                _dl(dyk), _dl(xk), _dl(mean), _dl(invstd), _dl(sums[0]), _dl(sums[1]), _stream(x)
+                _dl(dyk),
+                _dl(xk),
+                _dl(mean),
+                _dl(invstd),
+                _dl(sums[0]),
+                _dl(sums[1]),
+                _dl(_ws(x)),
+                _stream(x),
             )
         # As torch's SyncBatchNorm: weight and bias get this process's sums (DDP averages them);
         # the input gradient uses the sums over the whole group.
