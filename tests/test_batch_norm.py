@@ -148,8 +148,10 @@ def test_batch_norm_big_tensor_streams(isa, shape, channels_last):
     _bn_case(shape, training=True, channels_last=channels_last)
 
 
-def _grad_layout_case(x, g, device="cpu"):
-    """Forward and backward with gradient g (any layout) against torch and the float64 reference."""
+def _grad_layout_case(x, g, device="cpu", torch_on_contiguous=False):
+    """Forward and backward with gradient g (any layout) against torch and the float64 reference
+    (torch_on_contiguous: torch's side on a contiguous copy of x, where torch's own kernel gets
+    the layout wrong)."""
     c = x.shape[1]
     w, b = torch.randn(c), torch.randn(c)
     outs = []
@@ -157,10 +159,13 @@ def _grad_layout_case(x, g, device="cpu"):
     def same(t):
         return t.to(device)
 
+    def theirs(t):
+        return t.contiguous() if torch_on_contiguous and t.dim() == x.dim() else t
+
     for fn, cast in (
         (NF.batch_norm, same),
-        (F.batch_norm, same),
-        (F.batch_norm, torch.Tensor.double),
+        (F.batch_norm, lambda t: theirs(same(t))),
+        (F.batch_norm, lambda t: theirs(t.double())),
     ):
         xi = cast(x).detach().requires_grad_()
         wi, bi = cast(w).requires_grad_(), cast(b).requires_grad_()
@@ -180,6 +185,13 @@ def test_batch_norm_strided_views(isa):
     _grad_layout_case(torch.randn(6, 8, 30).transpose(0, 1), torch.randn(8, 6, 30))
     _grad_layout_case(torch.randn(8, 6, 30)[:, :, ::3], torch.randn(8, 6, 10))
     _grad_layout_case(torch.randn(6, 5, 9, 16)[:, :, 1:8, ::2], torch.randn(6, 5, 7, 8))
+    # A size-1 W carries an arbitrary stride that torch's contiguity checks ignore: the rows step
+    # by H's stride (they once stepped by W's and wrote past the output). torch 2.13's own CPU
+    # backward returns a wrong input gradient for the first of these (error ~3): its side runs on
+    # a contiguous copy.
+    x = torch.randn(2, 5, 3).permute(0, 2, 1).unsqueeze(-1)
+    _grad_layout_case(x, torch.randn(2, 3, 5, 1), torch_on_contiguous=True)
+    _grad_layout_case(torch.randn(2, 3, 5).unsqueeze(2).transpose(2, 3), torch.randn(2, 3, 5, 1))
 
 
 def test_batch_norm_gradient_in_another_layout():

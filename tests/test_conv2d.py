@@ -330,3 +330,23 @@ def test_native_conv_rejects_bad_calls():
         ValueError, match=r"weight must have its \(C/groups, R, S\) dims contiguous"
     ):
         _C.conv2d_forward(D(x), D(w.transpose(2, 3)), None, D(y), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+
+
+def test_size_one_spatial_dims_with_any_stride():
+    """A size-1 H or W may carry any stride (x.transpose(2, 3) of a (N, C, 1, W) tensor): weight,
+    input and gradient in that form give torch's results (they once read W's stride as the pixel
+    stride: garbage outputs)."""
+    torch.manual_seed(4)
+    w = torch.randn(4, 3, 1, 5).transpose(2, 3)  # (4, 3, 5, 1), strides (15, 5, 1, 5)
+    x = torch.randn(2, 3, 9, 6)
+    torch.testing.assert_close(NF.conv2d(x, w), F.conv2d(x, w))
+    xs = torch.randn(2, 6, 1, 9).transpose(2, 3)  # (2, 6, 9, 1)
+    w2, b = torch.randn(4, 6, 3, 1), torch.randn(4)
+    g = torch.randn(2, 4, 1, 7).transpose(2, 3)  # (2, 4, 7, 1)
+    outs = []
+    for fn in (NF.conv2d, F.conv2d):
+        leaves = [t.clone().requires_grad_() for t in (xs, w2, b)]
+        y = fn(*leaves)
+        outs.append((y, *torch.autograd.grad(y, leaves, g)))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r)

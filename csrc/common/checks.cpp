@@ -96,6 +96,15 @@ TensorView view_of(py::handle obj, const char* name) {
     v.strides[d] = t->strides ? t->strides[d] : running;
     running *= t->shape[d];
   }
+  // (N, C, H, W): a size-1 H or W may carry any stride (torch's contiguity checks ignore it, and
+  // torch hands such strides out, e.g. x.transpose(2, 3) of a (N, C, 1, W) tensor). The kernels
+  // read the pixel stride from W's stride and test layouts with H's, so give them the values
+  // every dense layout has (contiguous and channels_last alike): W's stride = H's when W == 1,
+  // H's = W * W's when H == 1. (One pixel, H == W == 1: left as given.)
+  if (v.ndim == 4) {
+    if (v.shape[3] == 1 && v.shape[2] > 1) v.strides[3] = v.strides[2];
+    if (v.shape[2] == 1 && v.shape[3] > 1) v.strides[2] = v.shape[3] * v.strides[3];
+  }
   return v;
 }
 

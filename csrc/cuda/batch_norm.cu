@@ -332,9 +332,17 @@ bool packed(const V& v) {
   return v.N <= 1 || v.sn == v.S * v.ss;
 }
 
-// Whether every view of a call has channels innermost (the pixel kernels) rather than unit-stride
-// rows (checked by the bindings: one of the two holds).
-bool pixel_layout(const View& x) { return !(x.ss == 1 || x.S == 1); }
+// Whether the call takes the pixel kernels: the bindings guarantee that every view has unit-stride
+// rows (ss == 1 or S == 1) or that every view has channels innermost (sc == 1). A view can be both
+// (C == 1): the rows kernels only when every operand has unit-stride rows (absent operands: p
+// null).
+template <class V>
+bool unit_rows(const V& v) {
+  return v.p == nullptr || v.ss == 1 || v.S == 1;
+}
+bool pixel_layout(const View& x, const View& dy, const OutView& out) {
+  return !(unit_rows(x) && unit_rows(dy) && unit_rows(out));
+}
 
 struct Launch {
   int device;
@@ -346,7 +354,7 @@ struct Launch {
 // Partial sums of every channel into ws; returns the number of partials per channel.
 template <bool kGrad>
 int reduce(const Launch& L, const View& x, const View& dy, const float* ref, double* ws) {
-  if (!pixel_layout(x)) {
+  if (!pixel_layout(x, dy, OutView{})) {
     const int64_t items = x.N * Pieces(x.S).K;
     const int parts = int(
         clamp64(clamp64((4 * L.sm + x.C - 1) / x.C, 1, kBatchNormParts), 1, items > 0 ? items : 1));
@@ -370,7 +378,7 @@ int reduce(const Launch& L, const View& x, const View& dy, const float* ref, dou
 template <bool kGrad, class Coefs>
 void apply(const Launch& L, const View& x, const View& dy, const OutView& out, const Coefs& coefs,
            int parts, const double* ws) {
-  if (!pixel_layout(x)) {
+  if (!pixel_layout(x, dy, out)) {
     const int64_t items = x.N * Pieces(x.S).K;
     const int64_t per = clamp64((8 * L.sm + x.C - 1) / x.C, 1, clamp64(items, 1, 65535));
     rows_apply<Coefs, kGrad><<<dim3(unsigned(x.C), unsigned(per)), kRowThreads, 0, L.stream>>>(
