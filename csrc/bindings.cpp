@@ -12,10 +12,12 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/dlpack.h"
 #include "common/isa.h"
 #include "common/threading.h"
 #include "cpu/batch_norm.h"
 #include "cpu/conv2d.h"
+#include "cpu/cross_entropy.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_kernel.h"
 #include "cpu/peak.h"
@@ -213,10 +215,17 @@ bool flattens(const TensorView& v, int a, int b) {
   return v.shape[a] <= 1 || v.shape[b] <= 1 || v.strides[a] == v.shape[b] * v.strides[b];
 }
 
+// The element stride of dims (a, b) flattened into one (flattens(v, a, b) holds). A size-1 dim b
+// may carry any stride (torch's contiguity checks ignore it): step by a's then.
+int64_t flat_stride(const TensorView& v, int a, int b) {
+  return v.shape[b] == 1 ? v.strides[a] : v.strides[b];
+}
+
 void check_weight_layout(const TensorView& w, const char* name) {
-  NNK_CHECK_VALUE(flattens(w, 2, 3) && (w.shape[1] <= 1 || w.shape[2] * w.shape[3] <= 1 ||
-                                        w.strides[1] == w.shape[2] * w.shape[3] * w.strides[3]),
-                  name, " must have its (C/groups, R, S) dims contiguous (e.g. .contiguous())");
+  NNK_CHECK_VALUE(
+      flattens(w, 2, 3) && (w.shape[1] <= 1 || w.shape[2] * w.shape[3] <= 1 ||
+                            w.strides[1] == w.shape[2] * w.shape[3] * flat_stride(w, 2, 3)),
+      name, " must have its (C/groups, R, S) dims contiguous (e.g. .contiguous())");
 }
 
 void check_pixels_layout(const TensorView& v, const char* name) {
@@ -394,15 +403,15 @@ void sum_channels(py::handle x_, py::handle out_, uintptr_t stream) {
   if (x.device == Device::cuda) {
 #if defined(NNK_WITH_CUDA)
     cuda::sum_channels(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.ptr<const float>(),
-                       x.strides[0], x.strides[1], x.strides[3], out.ptr<float>(), x.device_id,
-                       reinterpret_cast<void*>(stream));
+                       x.strides[0], x.strides[1], flat_stride(x, 2, 3), out.ptr<float>(),
+                       x.device_id, reinterpret_cast<void*>(stream));
 #endif
     return;
   }
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::sum_channels(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.ptr<const T>(),
-                      x.strides[0], x.strides[1], x.strides[3], out.ptr<T>());
+                      x.strides[0], x.strides[1], flat_stride(x, 2, 3), out.ptr<T>());
   });
 }
 
@@ -422,7 +431,7 @@ cpu::View3<T> view3(const TensorView& v, const char* name) {
   r.ss = 1;
   if (v.ndim >= 3) {
     r.S = v.ndim == 3 ? v.shape[2] : v.shape[2] * v.shape[3];
-    r.ss = v.strides[v.ndim - 1];
+    r.ss = v.ndim == 3 ? v.strides[2] : flat_stride(v, 2, 3);
   }
   return r;
 }
@@ -709,6 +718,162 @@ Isa isa_arg(const std::string& name) {
   return isa;
 }
 
+// ------------------------------------------------------------------------------ cross_entropy
+
+// Logits and everything shaped like them: CPU float32/float64; CUDA float32/float16/bfloat16.
+void ce_check_float(const TensorView& v, const char* name) {
+  if (v.device == Device::cuda && (v.dtype == DType::f16 || v.dtype == DType::bf16)) return;
+  check_float(v, name);
+}
+
+// (rows, C) with unit stride along C (rows at any stride).
+void ce_check_rows(const TensorView& v, const char* name, int64_t rows, int64_t C) {
+  check_shape(v, name, {rows, C});
+  NNK_CHECK_VALUE(C <= 1 || rows == 0 || v.strides[1] == 1, name,
+                  " must have unit stride along the classes, got strides (", v.strides[0], ", ",
+                  v.strides[1], ")");
+}
+
+TensorView ce_target(py::handle h, int64_t rows, const TensorView& x) {
+  const TensorView t = view_of(h, "target");
+  NNK_CHECK_TYPE(t.dl_code == kDLInt && t.dl_bits == 64 && t.dl_lanes == 1,
+                 "target must hold class indices as int64 (torch.long), got ", dtype_str(t));
+  NNK_CHECK_VALUE(t.device == x.device && t.device_id == x.device_id,
+                  "target and input must be on the same device");
+  check_shape(t, "target", {rows});
+  NNK_CHECK_VALUE(rows <= 1 || t.strides[0] == 1, "target must be contiguous");
+  return t;
+}
+
+// Validates class targets (CPU) and returns the 'mean' denominator: the sum of weight[target]
+// over the rows whose target is not ignore_index.
+double ce_check_targets(py::handle target_, int64_t C, int64_t ignore_index, py::handle weight_) {
+  TensorView t = view_of(target_, "target");
+  NNK_CHECK_VALUE(t.ndim == 1, "target must be 1-D here, got shape ", shape_str(t));
+  t = ce_target(target_, t.shape[0], t);
+  NNK_CHECK_VALUE(t.device == Device::cpu, "cross_entropy_check_targets runs on CPU tensors");
+  TensorView w;
+  if (!weight_.is_none()) {
+    w = view_of(weight_, "weight");
+    check_float(w, "weight");
+    check_shape(w, "weight", {C});
+    NNK_CHECK_VALUE(C <= 1 || w.strides[0] == 1, "weight must be contiguous");
+    NNK_CHECK_VALUE(w.device == t.device, "weight and target must be on the same device");
+  }
+  double total = 0;
+  int64_t bad = -1;
+  {
+    py::gil_scoped_release nogil;
+    if (w.ndim == 0 || w.dtype == DType::f32)
+      bad = cpu::cross_entropy_check_targets<float>(
+          t.ptr<const int64_t>(), t.shape[0], C, ignore_index, opt_ptr<float>(w, weight_), &total);
+    else
+      bad = cpu::cross_entropy_check_targets<double>(t.ptr<const int64_t>(), t.shape[0], C,
+                                                     ignore_index, w.ptr<const double>(), &total);
+  }
+  NNK_CHECK_VALUE(bad < 0, "target[", bad, "] = ", bad >= 0 ? t.ptr<const int64_t>()[bad] : 0,
+                  " is not a class index in [0, ", C, ") nor ignore_index (", ignore_index, ")");
+  return total;
+}
+
+// loss[i] = the loss of row i (weighted, unreduced); grad (nullable) = grad_scale * d(sum loss)/dx
+// (CUDA: divided by *grad_scale_divisor when given), possibly in place of input. Class targets must
+// have been validated (ce_check_targets on CPU; on CUDA the Python layer checks them, and the
+// kernel never indexes with a bad one).
+void ce_forward(py::handle x_, py::handle target_, py::handle soft_, py::handle weight_,
+                py::handle loss_, py::handle grad_, int64_t ignore_index, double smoothing,
+                double grad_scale, py::handle grad_scale_divisor_, uintptr_t stream) {
+  const TensorView x = view_of(x_, "input");
+  ce_check_float(x, "input");
+  check_ndim(x, "input", {2});
+  const int64_t rows = x.shape[0], C = x.shape[1];
+  ce_check_rows(x, "input", rows, C);
+  NNK_CHECK_VALUE(target_.is_none() != soft_.is_none(),
+                  "give exactly one of target (class indices) and soft_target (probabilities)");
+  NNK_CHECK_VALUE(smoothing >= 0 && smoothing <= 1, "label_smoothing must be in [0, 1], got ",
+                  smoothing);
+  TensorView target, soft, weight, grad;
+  if (!target_.is_none()) target = ce_target(target_, rows, x);
+  if (!soft_.is_none()) {
+    soft = view_of(soft_, "soft_target");
+    check_like(soft, "soft_target", x, "input");
+    ce_check_rows(soft, "soft_target", rows, C);
+  }
+  if (!weight_.is_none()) {
+    weight = view_of(weight_, "weight");
+    check_like(weight, "weight", x, "input");
+    check_shape(weight, "weight", {C});
+    NNK_CHECK_VALUE(C <= 1 || weight.strides[0] == 1, "weight must be contiguous");
+  }
+  const TensorView loss = view_of(loss_, "loss");
+  check_like(loss, "loss", x, "input");
+  check_shape(loss, "loss", {rows});
+  NNK_CHECK_VALUE(rows <= 1 || loss.strides[0] == 1, "loss must be contiguous");
+  check_output(loss, "loss");
+  check_no_overlap(loss, "loss", x, "input");
+  if (!grad_.is_none()) {
+    grad = view_of(grad_, "grad_input");
+    check_like(grad, "grad_input", x, "input");
+    ce_check_rows(grad, "grad_input", rows, C);
+    check_output(grad, "grad_input");
+    // grad_input may be input itself (linear_cross_entropy's chunk buffer): each element is read
+    // before it is overwritten. Any other overlap is an error.
+    const bool in_place = grad.data == x.data && grad.strides[0] == x.strides[0];
+    if (!in_place) check_no_overlap(grad, "grad_input", x, "input");
+    check_no_overlap(grad, "grad_input", loss, "loss");
+    if (soft.ndim) check_no_overlap(grad, "grad_input", soft, "soft_target");
+  }
+  require_cuda_build(x, "input");
+  if (x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    const float* divisor = nullptr;
+    if (!grad_scale_divisor_.is_none()) {
+      const TensorView d = view_of(grad_scale_divisor_, "grad_scale_divisor");
+      NNK_CHECK_TYPE(d.dtype == DType::f32 && d.device == x.device && d.numel() == 1,
+                     "grad_scale_divisor must be one float32 value on the input's device");
+      divisor = d.ptr<const float>();
+    }
+    cuda::CrossEntropyArgs a;
+    a.x = x.data;
+    a.dtype = x.dtype;
+    a.rows = rows, a.C = C, a.ldx = x.strides[0];
+    a.target = target.ndim ? target.ptr<const int64_t>() : nullptr;
+    a.ignore_index = ignore_index;
+    a.soft = soft.ndim ? soft.data : nullptr;
+    a.ldt = soft.ndim ? soft.strides[0] : 0;
+    a.weight = weight.ndim ? weight.data : nullptr;
+    a.smoothing = float(smoothing);
+    a.loss = loss.data;
+    a.grad = grad.ndim ? grad.data : nullptr;
+    a.ldg = grad.ndim ? grad.strides[0] : 0;
+    a.grad_scale = float(grad_scale);
+    a.grad_scale_divisor = divisor;
+    py::gil_scoped_release nogil;
+    cuda::cross_entropy_forward(a, x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
+  NNK_CHECK_VALUE(grad_scale_divisor_.is_none(), "grad_scale_divisor is for CUDA inputs only");
+  py::gil_scoped_release nogil;
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::CrossEntropyArgs<T> a;
+    a.x = x.ptr<const T>();
+    a.rows = rows, a.C = C, a.ldx = x.strides[0];
+    a.target = target.ndim ? target.ptr<const int64_t>() : nullptr;
+    a.ignore_index = ignore_index;
+    a.soft = soft.ndim ? soft.ptr<const T>() : nullptr;
+    a.ldt = soft.ndim ? soft.strides[0] : 0;
+    a.weight = weight.ndim ? weight.ptr<const T>() : nullptr;
+    a.smoothing = smoothing;
+    a.loss = loss.ptr<T>();
+    a.grad = grad.ndim ? grad.ptr<T>() : nullptr;
+    a.ldg = grad.ndim ? grad.strides[0] : 0;
+    a.grad_scale = grad_scale;
+    cpu::cross_entropy_forward<T>(a);
+  });
+}
+
 }  // namespace
 }  // namespace nnk
 
@@ -819,6 +984,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("batch_norm_backward_train", &bn_backward_train, "grad_output"_a, "input"_a, "mean"_a,
         "invstd"_a, "weight"_a, "grad_input"_a, "grad_weight"_a, "grad_bias"_a,
         "workspace"_a = py::none(), "stream"_a = 0);
+  m.def("cross_entropy_check_targets", &ce_check_targets, "target"_a, "num_classes"_a,
+        "ignore_index"_a, "weight"_a = py::none(),
+        "Raises ValueError for a class index outside [0, C) that is not ignore_index; returns "
+        "the sum of weight[target] over the other rows (the 'mean' denominator). CPU.");
+  m.def("cross_entropy_forward", &ce_forward, "input"_a, "target"_a, "soft_target"_a, "weight"_a,
+        "loss"_a, "grad_input"_a, "ignore_index"_a = -100, "label_smoothing"_a = 0.0,
+        "grad_scale"_a = 1.0, "grad_scale_divisor"_a = py::none(), "stream"_a = 0,
+        "Per-row softmax cross-entropy of input (rows, C) and, when grad_input is given, "
+        "grad_scale / grad_scale_divisor * d(sum of the row losses)/d input, in one pass.");
   m.def("sum_channels", &sum_channels, "x"_a, "out"_a, "stream"_a = 0,
         "out[c] = sum over n, h, w of x[n, c, h, w].");
   m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");

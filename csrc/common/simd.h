@@ -8,11 +8,15 @@
 // fault on a CPU without AVX-512).
 //
 // Simd<T> provides: V (the register type), W (lanes), zero, set1, load, store, stream (a
-// non-temporal store to a sizeof(V)-aligned address), fma (a*b+c), mul, add, sub. On AVX2 and
+// non-temporal store to a sizeof(V)-aligned address), fma (a*b+c), mul, add, sub, max / min
+// (x86 semantics: max(a, b) = a > b ? a : b, so a NaN in b comes through), zero_below(x, lo, r)
+// (r where x >= lo or x is NaN, else 0) and pow2_bits(t) (2^n, for t = n + magic as in exp(),
+// simd_math.h). On AVX2 and
 // AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double) with 256-bit
 // shuffles: the AVX-512 unit uses the very same code as the AVX2 one.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #if defined(NNK_ISA_AVX512) || defined(NNK_ISA_AVX2)
 #include <immintrin.h>
@@ -59,6 +63,15 @@ struct Simd<float> {
   static NNK_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
   static NNK_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static NNK_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static NNK_INLINE V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static NNK_INLINE V zero_below(V x, V lo, V r) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), r);
+  }
+  static NNK_INLINE V pow2_bits(V t) {
+    const __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
 };
 
 template <>
@@ -74,6 +87,15 @@ struct Simd<double> {
   static NNK_INLINE V mul(V a, V b) { return _mm512_mul_pd(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm512_add_pd(a, b); }
   static NNK_INLINE V sub(V a, V b) { return _mm512_sub_pd(a, b); }
+  static NNK_INLINE V max(V a, V b) { return _mm512_max_pd(a, b); }
+  static NNK_INLINE V min(V a, V b) { return _mm512_min_pd(a, b); }
+  static NNK_INLINE V zero_below(V x, V lo, V r) {
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(x, lo, _CMP_NLT_UQ), r);
+  }
+  static NNK_INLINE V pow2_bits(V t) {
+    const __m512i e = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023));
+    return _mm512_castsi512_pd(_mm512_slli_epi64(e, 52));
+  }
 };
 
 #elif defined(NNK_ISA_AVX2)
@@ -91,6 +113,15 @@ struct Simd<float> {
   static NNK_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
   static NNK_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static NNK_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static NNK_INLINE V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static NNK_INLINE V zero_below(V x, V lo, V r) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
+  }
+  static NNK_INLINE V pow2_bits(V t) {
+    const __m256i e = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
 };
 
 template <>
@@ -106,6 +137,15 @@ struct Simd<double> {
   static NNK_INLINE V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static NNK_INLINE V add(V a, V b) { return _mm256_add_pd(a, b); }
   static NNK_INLINE V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  static NNK_INLINE V max(V a, V b) { return _mm256_max_pd(a, b); }
+  static NNK_INLINE V min(V a, V b) { return _mm256_min_pd(a, b); }
+  static NNK_INLINE V zero_below(V x, V lo, V r) {
+    return _mm256_andnot_pd(_mm256_cmp_pd(x, lo, _CMP_LT_OQ), r);
+  }
+  static NNK_INLINE V pow2_bits(V t) {
+    const __m256i e = _mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023));
+    return _mm256_castsi256_pd(_mm256_slli_epi64(e, 52));
+  }
 };
 
 #endif
@@ -238,6 +278,22 @@ struct Simd {
   static NNK_INLINE V mul(V a, V b) { return a * b; }
   static NNK_INLINE V add(V a, V b) { return a + b; }
   static NNK_INLINE V sub(V a, V b) { return a - b; }
+  static NNK_INLINE V max(V a, V b) { return a > b ? a : b; }
+  static NNK_INLINE V min(V a, V b) { return a < b ? a : b; }
+  static NNK_INLINE V zero_below(V x, V lo, V r) { return x < lo ? V{} : r; }
+  // The integer lanes of T's width: 2^n = (bits(t) + bias) << mantissa bits.
+  static NNK_INLINE V pow2_bits(V t) {
+    using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+    typedef I IV __attribute__((vector_size(16)));
+    constexpr int mant = sizeof(T) == 4 ? 23 : 52;
+    constexpr I bias = sizeof(T) == 4 ? 127 : 1023;
+    IV e;
+    __builtin_memcpy(&e, &t, sizeof(V));
+    e = (e + bias) << mant;
+    V r;
+    __builtin_memcpy(&r, &e, sizeof(V));
+    return r;
+  }
 };
 
 #endif

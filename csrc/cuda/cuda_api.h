@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/gemm_args.h"
+#include "common/tensor.h"
 #include "cpu/batch_norm.h"
 #include "cuda/conv2d_index.cuh"
 
@@ -60,6 +61,26 @@ void batch_norm_backward_train(cpu::View3<const float> dy, cpu::View3<const floa
                                const float* mean, const float* invstd, const float* w,
                                cpu::View3<float> dx, float* dw, float* db, double* ws, int device,
                                void* stream);
+
+// cross_entropy.cu: the fused softmax-cross-entropy of cpu/cross_entropy.h with fp32 math on
+// float32, float16 or bfloat16 storage (dtype); every pointer below holds that dtype except target.
+struct CrossEntropyArgs {
+  const void* x = nullptr;  // (rows, C), row i at x + i * ldx elements, classes unit-stride
+  DType dtype = DType::f32;
+  int64_t rows = 0, C = 0, ldx = 0;
+  const int64_t* target = nullptr;  // (rows,) or null (then soft)
+  int64_t ignore_index = -100;
+  const void* soft = nullptr;  // (rows, C) at soft + i * ldt
+  int64_t ldt = 0;
+  const void* weight = nullptr;  // (C,) or null
+  float smoothing = 0;
+  void* loss = nullptr;  // (rows,)
+  void* grad = nullptr;  // (rows, C) at grad + i * ldg, or null
+  int64_t ldg = 0;
+  float grad_scale = 1;
+  const float* grad_scale_divisor = nullptr;  // device scalar or null: grad_scale / *divisor
+};
+void cross_entropy_forward(const CrossEntropyArgs& a, int device, void* stream);
 
 }  // namespace cuda
 }  // namespace nnk

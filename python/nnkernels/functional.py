@@ -8,9 +8,10 @@ import torch
 from . import _checks
 from ._autograd import batch_norm as _bn_ops
 from ._autograd import conv2d as _conv_ops
+from ._autograd import cross_entropy as _ce_ops
 from ._autograd import matmul as _mm_ops
 
-__all__ = ["batch_norm", "conv2d", "linear", "matmul"]
+__all__ = ["batch_norm", "conv2d", "cross_entropy", "linear", "linear_cross_entropy", "matmul"]
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -272,3 +273,172 @@ def batch_norm(
     return _bn_ops.batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
+
+
+# ------------------------------------------------------------------------------ cross_entropy
+
+_REDUCTIONS = ("none", "mean", "sum")
+_CE_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _ce_options(reduction, label_smoothing, ignore_index):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return float(label_smoothing)
+
+
+def _ce_logits(input, name="input"):
+    _checks.check_tensor(input, name)
+    dev = input.device.type
+    if dev == "cuda" and not _checks._C.cuda_compiled():
+        _checks.check_float(input, name)  # raises the no-CUDA-build error
+    ok = _CE_DTYPES.get(dev)
+    if ok is None or input.dtype not in ok:
+        if not input.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {input.dtype}")
+        raise NotImplementedError(
+            f"{name} has dtype {input.dtype} on {dev}; nnkernels cross_entropy supports "
+            + (", ".join(str(d) for d in ok) if ok else "cpu and cuda tensors")
+        )
+
+
+def _class_target(target, shape):
+    """target holds class indices: int64 of the input's shape without the class dim."""
+    if target.dtype != torch.int64:
+        raise TypeError(
+            f"target must hold class indices as torch.int64 (or probabilities of the input's "
+            f"float dtype), got dtype {target.dtype}"
+        )
+    if tuple(target.shape) != shape:
+        raise ValueError(
+            f"target must have shape {shape} (the input's shape without the class dim), got "
+            f"{tuple(target.shape)}"
+        )
+
+
+def cross_entropy(
+    input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+):
+    """Softmax cross-entropy, as torch.nn.functional.cross_entropy, in one fused pass per row.
+
+    input: (C,), (N, C) or (N, C, d1, ...) logits. target: class indices (int64) of shape (), (N,)
+    or (N, d1, ...), each in [0, C) or ignore_index; or class probabilities of input's shape and
+    dtype. weight: (C,) class weights. reduction 'mean' divides by the summed weights of the
+    targets that count (the batch size for probability targets), as torch does.
+    """
+    smoothing = _ce_options(reduction, label_smoothing, ignore_index)
+    _ce_logits(input)
+    _checks.check_tensor(target, "target")
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dim (C,), got a 0-d tensor")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    unbatched = input.dim() == 1
+    if unbatched:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    c = input.shape[1]
+    soft = target.dtype.is_floating_point
+    if soft:
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(
+                f"target of probabilities must have the input's shape {tuple(input.shape)}, got "
+                f"{tuple(target.shape)}"
+            )
+        _checks.check_same(target, "target", input, "input")
+    else:
+        _class_target(target, (input.shape[0], *input.shape[2:]))
+    if weight is not None:
+        _checks.check_same(weight, "weight", input, "input")
+        if tuple(weight.shape) != (c,):
+            raise ValueError(
+                f"weight must have shape ({c},) for an input with {c} classes, got "
+                f"{tuple(weight.shape)}"
+            )
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("weight requires grad: cross_entropy has no weight gradient")
+        weight = weight.contiguous()
+    if soft and target.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "target (probabilities) requires grad: nnkernels computes the gradient of input only"
+        )
+    if not soft and c == 0 and input.numel() == 0 and input.shape[0] > 0:
+        raise ValueError("input has 0 classes")
+
+    # rows (N * d1 * ..., C) with unit class stride; the gradient comes back in input's shape
+    x = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, c)
+    if c > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    t2 = target.movedim(1, -1).reshape(-1, c) if soft and target.dim() > 2 else target
+    if soft:
+        t2 = t2 if c <= 1 or t2.stride(-1) == 1 else t2.contiguous()
+        denom = float(x.shape[0])
+    else:
+        t2 = t2.reshape(-1).contiguous()
+        denom = _ce_ops.denominator(t2, c, ignore_index, weight)
+    hard = None if soft else t2
+    probs = t2 if soft else None
+    args = (hard, probs, weight, ignore_index, reduction, smoothing)
+    if _mm_ops._recording(input):
+        loss = _ce_ops.CrossEntropyFunction.apply(x, *args, denom)
+    else:
+        loss, _ = _ce_ops.rows_forward(x, *args, False, denom)
+    if reduction == "none":
+        loss = loss.reshape(target.shape[:1] + target.shape[2:] if soft else target.shape)
+        if unbatched:
+            loss = loss.squeeze(0)
+    return loss
+
+
+def linear_cross_entropy(
+    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+):
+    """cross_entropy(linear(input, weight, bias), target, ...) without the full logits.
+
+    input (*, H); weight (V, H); bias (V,) or None; target (*) class indices (int64). The logits
+    are formed, reduced to the loss and turned into gradients a chunk of rows at a time (about
+    64 MB of logits per chunk), so memory stays bounded for any vocabulary V and batch.
+    """
+    smoothing = _ce_options(reduction, label_smoothing, ignore_index)
+    _checks.check_operands(input, "input", weight, "weight", bias, "bias")
+    _checks.check_tensor(target, "target")
+    if input.dim() < 1 or weight.dim() != 2:
+        raise ValueError(
+            f"input must be (*, H) and weight (V, H), got shapes {tuple(input.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    h, v = input.shape[-1], weight.shape[0]
+    if weight.shape[1] != h:
+        raise ValueError(
+            f"weight must have shape (V, {h}) for an input with {h} features, got "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.dtype.is_floating_point:
+        raise NotImplementedError(
+            "linear_cross_entropy takes class-index targets (int64); probability targets: use "
+            "cross_entropy(linear(...))"
+        )
+    _class_target(target, tuple(input.shape[:-1]))
+    x = input.reshape(-1, h)
+    t = target.reshape(-1).contiguous()
+    denom = _ce_ops.denominator(t, v, ignore_index, None)
+    args = (ignore_index, reduction, smoothing, denom)
+    if _mm_ops._recording(input, weight, bias):
+        loss = _ce_ops.LinearCrossEntropyFunction.apply(x, weight, bias, t, *args)
+    else:
+        loss, *_ = _ce_ops._lce_chunks(
+            x, weight, bias, t, ignore_index, smoothing, reduction, denom, (False,) * 3
+        )
+    return loss.reshape(target.shape) if reduction == "none" else loss

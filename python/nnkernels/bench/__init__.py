@@ -10,13 +10,14 @@ import torch
 
 import nnkernels
 
-from . import batch_norm, conv2d, harness, linear, matmul
+from . import batch_norm, conv2d, cross_entropy, harness, linear, matmul
 
 SUITES = {
     "matmul": matmul.cases,
     "linear": linear.cases,
     "conv2d": conv2d.cases,
     "batch_norm": batch_norm.cases,
+    "cross_entropy": cross_entropy.cases,
 }
 
 

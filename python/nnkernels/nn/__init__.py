@@ -4,5 +4,13 @@ state_dict keys, so checkpoints move between torch.nn.X and nnkernels.nn.X both 
 from .batchnorm import BatchNorm1d, BatchNorm2d, SyncBatchNorm
 from .conv import Conv2d
 from .linear import Linear
+from .loss import CrossEntropyLoss
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "Conv2d", "Linear", "SyncBatchNorm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Conv2d",
+    "CrossEntropyLoss",
+    "Linear",
+    "SyncBatchNorm",
+]
