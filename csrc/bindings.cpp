@@ -46,6 +46,17 @@ void transpose_last2(TensorView* v) {
   std::swap(v->strides[v->ndim - 1], v->strides[v->ndim - 2]);
 }
 
+// A (n,) vector with ref's dtype and device and unit stride: a bias, per-channel coefficients,
+// per-row losses.
+TensorView vector_of(py::handle h, const char* name, int64_t n, const TensorView& ref,
+                     const char* ref_name) {
+  const TensorView v = view_of(h, name);
+  check_like(v, name, ref, ref_name);
+  check_shape(v, name, {n});
+  NNK_CHECK_VALUE(n <= 1 || v.strides[0] == 1, name, " must be contiguous");
+  return v;
+}
+
 // out = alpha * a @ b + beta * out (+ bias broadcast over rows).
 // a (M, K) or (B, M, K); b (K, N) or (B, K, N); out (M, N) or (B, M, N); bias (N,) or None.
 // A 2-D a or b next to a 3-D out is shared by every batch item.
@@ -85,10 +96,7 @@ void gemm(py::handle a_, py::handle b_, py::handle out_, double alpha, double be
   TensorView bias;
   const bool has_bias = !bias_.is_none();
   if (has_bias) {
-    bias = view_of(bias_, "bias");
-    check_like(bias, "bias", a, "a");
-    check_shape(bias, "bias", {N});
-    NNK_CHECK_VALUE(N <= 1 || bias.strides[0] == 1, "bias must be contiguous");
+    bias = vector_of(bias_, "bias", N, a, "a");
     check_no_overlap(out, "out", bias, "bias");
   }
   require_cuda_build(a, "a");
@@ -290,10 +298,7 @@ void conv2d_forward(py::handle x_, py::handle w_, py::handle bias_, py::handle y
   check_no_overlap(y, "out", w, "weight");
   TensorView bias;
   if (!bias_.is_none()) {
-    bias = view_of(bias_, "bias");
-    check_like(bias, "bias", x, "input");
-    check_shape(bias, "bias", {s.K});
-    NNK_CHECK_VALUE(s.K <= 1 || bias.strides[0] == 1, "bias must be contiguous");
+    bias = vector_of(bias_, "bias", s.K, x, "input");
     check_no_overlap(y, "out", bias, "bias");
   }
   require_cuda_build(x, "input");
@@ -363,10 +368,7 @@ void conv2d_backward_weight(py::handle x_, py::handle dy_, py::handle dw_, py::h
   check_no_overlap(dw, "grad_weight", dy, "grad_output");
   TensorView db;
   if (!db_.is_none()) {
-    db = view_of(db_, "grad_bias");
-    check_like(db, "grad_bias", x, "input");
-    check_shape(db, "grad_bias", {s.K});
-    NNK_CHECK_VALUE(s.K <= 1 || db.strides[0] == 1, "grad_bias must be contiguous");
+    db = vector_of(db_, "grad_bias", s.K, x, "input");
     check_output(db, "grad_bias");
     check_no_overlap(db, "grad_bias", dw, "grad_weight");
     check_no_overlap(db, "grad_bias", dy, "grad_output");
@@ -455,10 +457,7 @@ TensorView bn_activation(py::handle h, const char* name, const TensorView* like,
 
 // A per-channel vector: (C,), contiguous, like `ref`.
 TensorView bn_channel(py::handle h, const char* name, const TensorView& ref, bool output) {
-  TensorView v = view_of(h, name);
-  check_like(v, name, ref, "input");
-  check_shape(v, name, {ref.shape[1]});
-  NNK_CHECK_VALUE(ref.shape[1] <= 1 || v.strides[0] == 1, name, " must be contiguous");
+  const TensorView v = vector_of(h, name, ref.shape[1], ref, "input");
   if (output) check_output(v, name);
   return v;
 }
@@ -748,9 +747,9 @@ TensorView ce_target(py::handle h, int64_t rows, const TensorView& x) {
 // Validates class targets (CPU) and returns the 'mean' denominator: the sum of weight[target]
 // over the rows whose target is not ignore_index.
 double ce_check_targets(py::handle target_, int64_t C, int64_t ignore_index, py::handle weight_) {
-  TensorView t = view_of(target_, "target");
-  NNK_CHECK_VALUE(t.ndim == 1, "target must be 1-D here, got shape ", shape_str(t));
-  t = ce_target(target_, t.shape[0], t);
+  const TensorView probe = view_of(target_, "target");
+  NNK_CHECK_VALUE(probe.ndim == 1, "target must be 1-D here, got shape ", shape_str(probe));
+  const TensorView t = ce_target(target_, probe.shape[0], probe);
   NNK_CHECK_VALUE(t.device == Device::cpu, "cross_entropy_check_targets runs on CPU tensors");
   TensorView w;
   if (!weight_.is_none()) {
@@ -800,15 +799,9 @@ void ce_forward(py::handle x_, py::handle target_, py::handle soft_, py::handle 
     ce_check_rows(soft, "soft_target", rows, C);
   }
   if (!weight_.is_none()) {
-    weight = view_of(weight_, "weight");
-    check_like(weight, "weight", x, "input");
-    check_shape(weight, "weight", {C});
-    NNK_CHECK_VALUE(C <= 1 || weight.strides[0] == 1, "weight must be contiguous");
+    weight = vector_of(weight_, "weight", C, x, "input");
   }
-  const TensorView loss = view_of(loss_, "loss");
-  check_like(loss, "loss", x, "input");
-  check_shape(loss, "loss", {rows});
-  NNK_CHECK_VALUE(rows <= 1 || loss.strides[0] == 1, "loss must be contiguous");
+  const TensorView loss = vector_of(loss_, "loss", rows, x, "input");
   check_output(loss, "loss");
   check_no_overlap(loss, "loss", x, "input");
   if (!grad_.is_none()) {

@@ -370,7 +370,7 @@ def cross_entropy(
         raise NotImplementedError(
             "target (probabilities) requires grad: nnkernels computes the gradient of input only"
         )
-    if not soft and c == 0 and input.numel() == 0 and input.shape[0] > 0:
+    if not soft and c == 0 and input.shape[0] > 0:
         raise ValueError("input has 0 classes")
 
     # rows (N * d1 * ..., C) with unit class stride; the gradient comes back in input's shape

@@ -7,8 +7,9 @@ class _BatchNormForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward, with nnkernels' batch_norm: the same
     momentum / cumulative average (momentum=None), num_batches_tracked and train/eval rules."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+    def _batch_norm_state(self):
+        """(running_mean, running_var, use batch statistics, momentum factor) for this call, as
+        torch's _BatchNorm.forward derives them (counting the batch in num_batches_tracked)."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -17,16 +18,14 @@ class _BatchNormForward:
             )
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return NF.batch_norm(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            factor,
-            self.eps,
-        )
+        rm = self.running_mean if use_running else None
+        rv = self.running_var if use_running else None
+        return rm, rv, bn_training, factor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        rm, rv, bn_training, factor = self._batch_norm_state()
+        return NF.batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps)
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
@@ -39,7 +38,7 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
     torch's, num_batches_tracked included)."""
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
     """torch.nn.SyncBatchNorm computed by nnkernels: in training under torch.distributed, the
     per-channel statistics (and the input gradient's sums) are combined across the process group,
     on CPU (gloo) as on CUDA (NCCL); otherwise it is BatchNorm. Same constructor and state_dict as
@@ -50,16 +49,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        running_mean, running_var, bn_training, factor = self._batch_norm_state()
 
         dist = torch.distributed
         need_sync = bn_training and self.training and dist.is_available() and dist.is_initialized()
