@@ -20,6 +20,7 @@
 #include "cpu/cross_entropy.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_kernel.h"
+#include "cpu/lstm.h"
 #include "cpu/peak.h"
 #include "cpu/reduce.h"
 #if defined(NNK_WITH_CUDA)
@@ -867,6 +868,224 @@ void ce_forward(py::handle x_, py::handle target_, py::handle soft_, py::handle 
   });
 }
 
+// --------------------------------------------------------------------------------------- lstm
+
+// A (T, B, n) sequence view whose rows (t, b) are evenly spaced (row t*B + b at t*B*ld + b*ld) and
+// unit-stride along n, as the whole-sequence GEMMs need. Returns the row stride.
+int64_t seq_rows(const TensorView& v, const char* name, int64_t T, int64_t B, int64_t n) {
+  check_shape(v, name, {T, B, n});
+  const int64_t ld = B > 1 ? v.strides[1] : T > 1 ? v.strides[0] : n;
+  NNK_CHECK_VALUE(
+      v.numel() == 0 || ((n <= 1 || v.strides[2] == 1) && (T <= 1 || v.strides[0] == B * ld)), name,
+      " must have unit stride along its last dim and evenly spaced (t, b) rows "
+      "(a contiguous (T, B, n) tensor or a slice of one along the last dim), got "
+      "strides (",
+      v.strides[0], ", ", v.strides[1], ", ", v.strides[2], ")");
+  return ld;
+}
+
+// A (B, H) state with unit stride along H. Returns the row stride.
+int64_t state_rows(const TensorView& v, const char* name, int64_t B, int64_t H) {
+  check_shape(v, name, {B, H});
+  NNK_CHECK_VALUE(H <= 1 || B * H == 0 || v.strides[1] == 1, name,
+                  " must have unit stride along its last dim, got strides (", v.strides[0], ", ",
+                  v.strides[1], ")");
+  return B > 1 ? v.strides[0] : H;
+}
+
+// A contiguous output of `shape`, writable, not overlapping any input.
+void check_contiguous_out(const TensorView& v, const char* name,
+                          std::initializer_list<int64_t> shape) {
+  check_shape(v, name, shape);
+  int64_t expect = 1;
+  for (int d = v.ndim - 1; d >= 0 && v.numel() > 0; --d) {
+    NNK_CHECK_VALUE(v.shape[d] <= 1 || v.strides[d] == expect, name, " must be contiguous");
+    expect *= v.shape[d];
+  }
+  check_output(v, name);
+}
+
+// The views of one LSTM layer-direction call, checked. x (T, B, I); w_ih (4H, I); w_hh (4H, H);
+// h0, c0 (B, H); y (T, B, H) out (may be a slice of a (T, B, 2H) output); gates (T, B, 4H) and
+// c (T, B, H) contiguous.
+struct LstmViews {
+  TensorView x, w_ih, w_hh, bias, h0, c0, y, gates, c;
+  int64_t T, B, I, H, ldx, ldy, ldh0, ldc0;
+
+  LstmViews(py::handle x_, py::handle w_ih_, py::handle w_hh_, py::handle bias_, py::handle h0_,
+            py::handle c0_, py::handle y_, py::handle gates_, py::handle c_) {
+    x = view_of(x_, "input");
+    check_float(x, "input");
+    check_ndim(x, "input", {3});
+    w_ih = view_of(w_ih_, "w_ih");
+    w_hh = view_of(w_hh_, "w_hh");
+    check_like(w_ih, "w_ih", x, "input");
+    check_like(w_hh, "w_hh", x, "input");
+    check_ndim(w_ih, "w_ih", {2});
+    check_ndim(w_hh, "w_hh", {2});
+    T = x.shape[0], B = x.shape[1], I = x.shape[2], H = w_hh.shape[1];
+    check_shape(w_hh, "w_hh", {4 * H, H});
+    check_shape(w_ih, "w_ih", {4 * H, I});
+    if (!bias_.is_none()) bias = vector_of(bias_, "bias", 4 * H, x, "input");
+    ldx = seq_rows(x, "input", T, B, I);
+    h0 = view_of(h0_, "h0");
+    c0 = view_of(c0_, "c0");
+    check_like(h0, "h0", x, "input");
+    check_like(c0, "c0", x, "input");
+    ldh0 = state_rows(h0, "h0", B, H);
+    ldc0 = state_rows(c0, "c0", B, H);
+    y = view_of(y_, "output");
+    gates = view_of(gates_, "gates");
+    c = view_of(c_, "cell_states");
+    check_like(y, "output", x, "input");
+    check_like(gates, "gates", x, "input");
+    check_like(c, "cell_states", x, "input");
+    ldy = seq_rows(y, "output", T, B, H);
+    check_contiguous_out(gates, "gates", {T, B, 4 * H});
+    check_contiguous_out(c, "cell_states", {T, B, H});
+    require_cuda_build(x, "input");
+  }
+
+  template <class T_>
+  LstmLayer<T_> layer(bool reverse) const {
+    LstmLayer<T_> a;
+    a.steps = T, a.B = B, a.I = I, a.H = H;
+    a.reverse = reverse;
+    a.x = x.ptr<const T_>(), a.rsx = ldx, a.csx = 1;
+    a.w_ih = w_ih.ptr<const T_>(), a.rsw_ih = w_ih.strides[0], a.csw_ih = w_ih.strides[1];
+    a.w_hh = w_hh.ptr<const T_>(), a.rsw_hh = w_hh.strides[0], a.csw_hh = w_hh.strides[1];
+    a.bias = bias.ndim ? bias.ptr<const T_>() : nullptr;
+    a.h0 = h0.ptr<const T_>(), a.ldh0 = ldh0;
+    a.c0 = c0.ptr<const T_>(), a.ldc0 = ldc0;
+    a.y = y.ptr<T_>(), a.ldy = ldy;
+    a.gates = gates.ptr<T_>();
+    a.c = c.ptr<T_>();
+    return a;
+  }
+};
+
+template <class F>
+void lstm_dispatch(const LstmViews& v, uintptr_t stream, F&& run) {
+  if (v.x.device == Device::cuda) {
+#if defined(NNK_WITH_CUDA)
+    NNK_CHECK_IMPLEMENTED(v.x.dtype == DType::f32,
+                          "lstm on CUDA computes in float32, got input of ", dtype_str(v.x));
+    run(static_cast<float*>(nullptr), true, v.x.device_id, reinterpret_cast<void*>(stream));
+#endif
+    return;
+  }
+  dispatch_float(v.x, [&](auto* tag) { run(tag, false, 0, nullptr); });
+}
+
+// One layer in one direction over the whole sequence: fills output (h_t), gates (activations,
+// saved for lstm_backward) and cell_states (c_t).
+void lstm_forward(py::handle x_, py::handle w_ih_, py::handle w_hh_, py::handle bias_,
+                  py::handle h0_, py::handle c0_, py::handle y_, py::handle gates_, py::handle c_,
+                  bool reverse, uintptr_t stream) {
+  const LstmViews v(x_, w_ih_, w_hh_, bias_, h0_, c0_, y_, gates_, c_);
+  const TensorView* outs[] = {&v.y, &v.gates, &v.c};
+  const char* out_names[] = {"output", "gates", "cell_states"};
+  const TensorView* ins[] = {&v.x, &v.w_ih, &v.w_hh, &v.bias, &v.h0, &v.c0};
+  const char* in_names[] = {"input", "w_ih", "w_hh", "bias", "h0", "c0"};
+  for (int o = 0; o < 3; ++o) {
+    for (int i = 0; i < 6; ++i)
+      if (ins[i]->ndim) check_no_overlap(*outs[o], out_names[o], *ins[i], in_names[i]);
+    for (int p = 0; p < o; ++p) check_no_overlap(*outs[o], out_names[o], *outs[p], out_names[p]);
+  }
+  lstm_dispatch(v, stream, [&](auto* tag, bool cuda, int device, void* st) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const LstmLayer<T> a = v.layer<T>(reverse);
+    py::gil_scoped_release nogil;
+    if (cuda) {
+#if defined(NNK_WITH_CUDA)
+      if constexpr (std::is_same_v<T, float>) cuda::lstm_layer_forward(a, device, st);
+#endif
+    } else {
+      cpu::lstm_layer_forward(a);
+    }
+  });
+}
+
+// The backward of lstm_forward's call (same views; gates are overwritten with d loss / d
+// pre-activations). grad_output (T, B, H) or None; grad_h, grad_c (B, H) contiguous: d loss /
+// d h_n, d c_n in, d loss / d h0, d c0 out. grad_input (T, B, I) (or None) is written, or added to
+// when accumulate; grad_w_ih, grad_w_hh (contiguous) and grad_bias are written (each may be None).
+void lstm_backward(py::handle x_, py::handle w_ih_, py::handle w_hh_, py::handle h0_,
+                   py::handle c0_, py::handle y_, py::handle gates_, py::handle c_, py::handle dy_,
+                   py::handle dh_, py::handle dc_, py::handle dx_, py::handle dw_ih_,
+                   py::handle dw_hh_, py::handle dbias_, bool reverse, bool accumulate,
+                   uintptr_t stream) {
+  const LstmViews v(x_, w_ih_, w_hh_, py::none(), h0_, c0_, y_, gates_, c_);
+  const int64_t T = v.T, B = v.B, I = v.I, H = v.H;
+  TensorView dy, dh = view_of(dh_, "grad_h"), dc = view_of(dc_, "grad_c"), dx, dw_ih, dw_hh, dbias;
+  int64_t sdyt = 0, sdyb = 0, lddx = 0;
+  if (!dy_.is_none()) {
+    dy = view_of(dy_, "grad_output");
+    check_like(dy, "grad_output", v.x, "input");
+    check_shape(dy, "grad_output", {T, B, H});
+    NNK_CHECK_VALUE(H <= 1 || dy.numel() == 0 || dy.strides[2] == 1,
+                    "grad_output must have unit stride along its last dim");
+    sdyt = dy.strides[0], sdyb = dy.strides[1];
+  }
+  std::vector<std::pair<const TensorView*, const char*>> outs;
+  for (auto [view, name] : {std::pair{&dh, "grad_h"}, std::pair{&dc, "grad_c"}}) {
+    check_like(*view, name, v.x, "input");
+    check_contiguous_out(*view, name, {B, H});
+    outs.emplace_back(view, name);
+  }
+  if (!dx_.is_none()) {
+    dx = view_of(dx_, "grad_input");
+    check_like(dx, "grad_input", v.x, "input");
+    lddx = seq_rows(dx, "grad_input", T, B, I);
+    check_output(dx, "grad_input");
+    outs.emplace_back(&dx, "grad_input");
+  }
+  if (!dw_ih_.is_none()) {
+    dw_ih = view_of(dw_ih_, "grad_w_ih");
+    check_like(dw_ih, "grad_w_ih", v.x, "input");
+    check_contiguous_out(dw_ih, "grad_w_ih", {4 * H, I});
+    outs.emplace_back(&dw_ih, "grad_w_ih");
+  }
+  if (!dw_hh_.is_none()) {
+    dw_hh = view_of(dw_hh_, "grad_w_hh");
+    check_like(dw_hh, "grad_w_hh", v.x, "input");
+    check_contiguous_out(dw_hh, "grad_w_hh", {4 * H, H});
+    outs.emplace_back(&dw_hh, "grad_w_hh");
+  }
+  if (!dbias_.is_none()) {
+    dbias = vector_of(dbias_, "grad_bias", 4 * H, v.x, "input");
+    check_output(dbias, "grad_bias");
+    outs.emplace_back(&dbias, "grad_bias");
+  }
+  const std::pair<const TensorView*, const char*> ins[] = {
+      {&v.x, "input"}, {&v.w_ih, "w_ih"}, {&v.w_hh, "w_hh"},     {&v.h0, "h0"},
+      {&v.c0, "c0"},   {&v.y, "output"},  {&v.c, "cell_states"}, {&v.gates, "gates"}};
+  for (size_t o = 0; o < outs.size(); ++o) {
+    for (const auto& [in, name] : ins) check_no_overlap(*outs[o].first, outs[o].second, *in, name);
+    if (dy.ndim) check_no_overlap(*outs[o].first, outs[o].second, dy, "grad_output");
+    for (size_t p = 0; p < o; ++p)
+      check_no_overlap(*outs[o].first, outs[o].second, *outs[p].first, outs[p].second);
+  }
+  lstm_dispatch(v, stream, [&](auto* tag, bool cuda, int device, void* st) {
+    using T_ = std::remove_pointer_t<decltype(tag)>;
+    LstmLayer<T_> a = v.layer<T_>(reverse);
+    a.dy = dy.ndim ? dy.ptr<const T_>() : nullptr, a.sdyt = sdyt, a.sdyb = sdyb;
+    a.dh = dh.ptr<T_>(), a.dc = dc.ptr<T_>();
+    a.dx = dx.ndim ? dx.ptr<T_>() : nullptr, a.lddx = lddx, a.dx_accumulate = accumulate;
+    a.dw_ih = dw_ih.ndim ? dw_ih.ptr<T_>() : nullptr;
+    a.dw_hh = dw_hh.ndim ? dw_hh.ptr<T_>() : nullptr;
+    a.dbias = dbias.ndim ? dbias.ptr<T_>() : nullptr;
+    py::gil_scoped_release nogil;
+    if (cuda) {
+#if defined(NNK_WITH_CUDA)
+      if constexpr (std::is_same_v<T_, float>) cuda::lstm_layer_backward(a, device, st);
+#endif
+    } else {
+      cpu::lstm_layer_backward(a);
+    }
+  });
+}
+
 }  // namespace
 }  // namespace nnk
 
@@ -986,6 +1205,16 @@ PYBIND11_MODULE(_C, m) {
         "grad_scale"_a = 1.0, "grad_scale_divisor"_a = py::none(), "stream"_a = 0,
         "Per-row softmax cross-entropy of input (rows, C) and, when grad_input is given, "
         "grad_scale / grad_scale_divisor * d(sum of the row losses)/d input, in one pass.");
+  m.def("lstm_forward", &lstm_forward, "input"_a, "w_ih"_a, "w_hh"_a, "bias"_a, "h0"_a, "c0"_a,
+        "output"_a, "gates"_a, "cell_states"_a, "reverse"_a = false, "stream"_a = 0,
+        "One LSTM layer in one direction over a (T, B, I) sequence: output (T, B, H) = h_t, "
+        "gates (T, B, 4H) = the activations (saved for lstm_backward), cell_states = c_t.");
+  m.def("lstm_backward", &lstm_backward, "input"_a, "w_ih"_a, "w_hh"_a, "h0"_a, "c0"_a, "output"_a,
+        "gates"_a, "cell_states"_a, "grad_output"_a, "grad_h"_a, "grad_c"_a, "grad_input"_a,
+        "grad_w_ih"_a, "grad_w_hh"_a, "grad_bias"_a, "reverse"_a = false, "accumulate"_a = false,
+        "stream"_a = 0,
+        "Backward through time of lstm_forward's call; grad_h / grad_c hold d loss / d h_n, "
+        "d c_n on entry and d loss / d h0, d c0 on return. Overwrites gates.");
   m.def("sum_channels", &sum_channels, "x"_a, "out"_a, "stream"_a = 0,
         "out[c] = sum over n, h, w of x[n, c, h, w].");
   m.def("sum_rows", &sum_rows, "x"_a, "out"_a, "stream"_a = 0, "out[j] = sum_i x[i, j].");

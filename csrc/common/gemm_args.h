@@ -31,6 +31,10 @@ struct Gemm {
   void (*pack_b_fn)(const void* ctx, int64_t p0, int64_t k, int64_t j0, int64_t n, int nr,
                     T* dst) = nullptr;
   const void* pack_b_ctx = nullptr;
+
+  // Optional (CPU): B already packed by cpu::gemm_pack_b for this K and N (a weight applied many
+  // times, e.g. the LSTM's recurrent weight at every time step). B, rsb, csb, pack_b_fn ignored.
+  const T* packed_b = nullptr;
 };
 
 }  // namespace nnk

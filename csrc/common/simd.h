@@ -9,7 +9,8 @@
 //
 // Simd<T> provides: V (the register type), W (lanes), zero, set1, load, store, stream (a
 // non-temporal store to a sizeof(V)-aligned address), fma (a*b+c), mul, add, sub, max / min
-// (x86 semantics: max(a, b) = a > b ? a : b, so a NaN in b comes through), zero_below(x, lo, r)
+// (x86 semantics: max(a, b) = a > b ? a : b, so a NaN in b comes through), div,
+// select_abs_lt(x, lim, a, b) (a where |x| < lim, else b; NaN x gives b), zero_below(x, lo, r)
 // (r where x >= lo or x is NaN, else 0) and pow2_bits(t) (2^n, for t = n + magic as in exp(),
 // simd_math.h). On AVX2 and
 // AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double) with 256-bit
@@ -65,6 +66,10 @@ struct Simd<float> {
   static NNK_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static NNK_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
   static NNK_INLINE V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static NNK_INLINE V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static NNK_INLINE V select_abs_lt(V x, V lim, V a, V b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(x), lim, _CMP_LT_OQ), b, a);
+  }
   static NNK_INLINE V zero_below(V x, V lo, V r) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), r);
   }
@@ -89,6 +94,10 @@ struct Simd<double> {
   static NNK_INLINE V sub(V a, V b) { return _mm512_sub_pd(a, b); }
   static NNK_INLINE V max(V a, V b) { return _mm512_max_pd(a, b); }
   static NNK_INLINE V min(V a, V b) { return _mm512_min_pd(a, b); }
+  static NNK_INLINE V div(V a, V b) { return _mm512_div_pd(a, b); }
+  static NNK_INLINE V select_abs_lt(V x, V lim, V a, V b) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(_mm512_abs_pd(x), lim, _CMP_LT_OQ), b, a);
+  }
   static NNK_INLINE V zero_below(V x, V lo, V r) {
     return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(x, lo, _CMP_NLT_UQ), r);
   }
@@ -115,6 +124,11 @@ struct Simd<float> {
   static NNK_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static NNK_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
   static NNK_INLINE V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static NNK_INLINE V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static NNK_INLINE V select_abs_lt(V x, V lim, V a, V b) {
+    const V ax = _mm256_andnot_ps(set1(-0.0), x);
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(ax, lim, _CMP_LT_OQ));
+  }
   static NNK_INLINE V zero_below(V x, V lo, V r) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
   }
@@ -139,6 +153,11 @@ struct Simd<double> {
   static NNK_INLINE V sub(V a, V b) { return _mm256_sub_pd(a, b); }
   static NNK_INLINE V max(V a, V b) { return _mm256_max_pd(a, b); }
   static NNK_INLINE V min(V a, V b) { return _mm256_min_pd(a, b); }
+  static NNK_INLINE V div(V a, V b) { return _mm256_div_pd(a, b); }
+  static NNK_INLINE V select_abs_lt(V x, V lim, V a, V b) {
+    const V ax = _mm256_andnot_pd(set1(-0.0), x);
+    return _mm256_blendv_pd(b, a, _mm256_cmp_pd(ax, lim, _CMP_LT_OQ));
+  }
   static NNK_INLINE V zero_below(V x, V lo, V r) {
     return _mm256_andnot_pd(_mm256_cmp_pd(x, lo, _CMP_LT_OQ), r);
   }
@@ -280,6 +299,8 @@ struct Simd {
   static NNK_INLINE V sub(V a, V b) { return a - b; }
   static NNK_INLINE V max(V a, V b) { return a > b ? a : b; }
   static NNK_INLINE V min(V a, V b) { return a < b ? a : b; }
+  static NNK_INLINE V div(V a, V b) { return a / b; }
+  static NNK_INLINE V select_abs_lt(V x, V lim, V a, V b) { return (x < lim) & (-lim < x) ? a : b; }
   static NNK_INLINE V zero_below(V x, V lo, V r) { return x < lo ? V{} : r; }
   // The integer lanes of T's width: 2^n = (bits(t) + bias) << mantissa bits.
   static NNK_INLINE V pow2_bits(V t) {

@@ -1,5 +1,5 @@
-// Vector math written once against Simd<T> (simd.h): exp for float and double, horizontal sum
-// and max. Include after simd.h, inside the same ISA translation unit.
+// Vector math written once against Simd<T> (simd.h): exp, sigmoid and tanh for float and double,
+// horizontal sum. Include after simd.h, inside the same ISA translation unit.
 //
 // exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a polynomial in r and
 // 2^n built in the exponent bits. n comes from the "magic number" rounding t = x log2e + 1.5 2^p
@@ -57,6 +57,49 @@ NNK_INLINE typename Simd<T>::V vexp(typename Simd<T>::V x) {
   for (int i = 1; i < m; ++i) p = S::fma(p, r, S::set1(K::coef[i]));
   p = S::fma(p, S::mul(r, r), S::add(r, S::set1(T(1))));
   return S::zero_below(x, lo, S::mul(p, S::pow2_bits(t)));
+}
+
+// sigmoid(x) = 1 / (1 + exp(-x)): no cancellation anywhere; -inf -> ~0 (exp clamps), +inf -> 1.
+template <class T>
+NNK_INLINE typename Simd<T>::V vsigmoid(typename Simd<T>::V x) {
+  using S = Simd<T>;
+  const auto one = S::set1(T(1));
+  return S::div(one, S::add(one, vexp<T>(S::sub(S::zero(), x))));
+}
+
+// tanh(x): 1 - 2 / (exp(2x) + 1) loses relative precision as x -> 0 (1 - e cancels), so
+// |x| < 0.625 takes Cephes' odd expansion x + x^3 P(x^2) (float: degree-4 polynomial; double:
+// rational P/Q), within a few ulp; the large branch saturates to +-1 and passes NaN through.
+template <class T>
+NNK_INLINE typename Simd<T>::V tanh_small(typename Simd<T>::V x, typename Simd<T>::V z);
+
+template <>
+NNK_INLINE Simd<float>::V tanh_small<float>(Simd<float>::V x, Simd<float>::V z) {
+  using S = Simd<float>;
+  auto p = S::fma(S::set1(-5.70498872745e-3f), z, S::set1(2.06390887954e-2f));
+  p = S::fma(p, z, S::set1(-5.37397155531e-2f));
+  p = S::fma(p, z, S::set1(1.33314422036e-1f));
+  p = S::fma(p, z, S::set1(-3.33332819422e-1f));
+  return S::fma(S::mul(p, z), x, x);
+}
+
+template <>
+NNK_INLINE Simd<double>::V tanh_small<double>(Simd<double>::V x, Simd<double>::V z) {
+  using S = Simd<double>;
+  auto p = S::fma(S::set1(-9.64399179425052238628e-1), z, S::set1(-9.92877231001918586564e1));
+  p = S::fma(p, z, S::set1(-1.61468768441708447952e3));
+  auto q = S::add(z, S::set1(1.12811678491632931402e2));
+  q = S::fma(q, z, S::set1(2.23548839060100448583e3));
+  q = S::fma(q, z, S::set1(4.84406305325125486048e3));
+  return S::fma(S::mul(z, S::div(p, q)), x, x);
+}
+
+template <class T>
+NNK_INLINE typename Simd<T>::V vtanh(typename Simd<T>::V x) {
+  using S = Simd<T>;
+  const auto one = S::set1(T(1));
+  const auto large = S::sub(one, S::div(S::set1(T(2)), S::add(vexp<T>(S::add(x, x)), one)));
+  return S::select_abs_lt(x, S::set1(T(0.625)), tanh_small<T>(x, S::mul(x, x)), large);
 }
 
 template <class T>

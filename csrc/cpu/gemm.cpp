@@ -83,6 +83,18 @@ constexpr int64_t kWholeKBytes = 4 << 20;
 constexpr int64_t kSkinnyPanels = 4;
 constexpr int64_t kSmallMTiles = 2;
 
+// K and N blocks: no larger than the kernel's, and balanced (K = 300 runs as 150 + 150, not
+// 256 + 44). They depend on K, N and the kernel only, so a B packed ahead (gemm_pack_b) matches
+// every plan's.
+struct Blocks {
+  int64_t kc, nc;
+};
+template <class T>
+Blocks kn_blocks(int64_t K, int64_t N, const GemmUKernel<T>& uk) {
+  const int64_t kb = ceil_div(K, uk.kc), nb = ceil_div(N, uk.nc);
+  return {ceil_div(K, kb), round_up(ceil_div(N, nb), uk.nr)};
+}
+
 struct Plan {
   int nt = 1, tm = 1, tn = 1;  // threads, as a tm x tn grid over the tiles of C
   int64_t mc = 0, kc = 0, nc = 0;
@@ -118,18 +130,17 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
     }
   }
 
-  // Blocks no larger than the kernel's, and balanced: K = 300 runs as 150 + 150, not 256 + 44.
-  const int64_t kb = ceil_div(g.K, uk.kc);
-  p.kc = ceil_div(g.K, kb);
-  const int64_t nb = ceil_div(g.N, uk.nc);
-  p.nc = round_up(ceil_div(g.N, nb), uk.nr);
+  const Blocks b = kn_blocks(g.K, g.N, uk);
+  p.kc = b.kc;
+  p.nc = b.nc;
+  const int64_t kb = ceil_div(g.K, p.kc);
   const int64_t rows = ceil_div(mtiles, p.tm) * uk.mr;  // rows per thread
   const int64_t mb = ceil_div(rows, uk.mc);
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
   p.pack_a = !(ntiles <= kSkinnyPanels && (g.csa == 1 || g.rsa == 1));
-  p.pack_b = g.pack_b_fn || !(mtiles <= kSmallMTiles && g.csb == 1);
-  p.whole_k = p.pack_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
-  p.bsize = p.pack_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
+  p.pack_b = g.packed_b || g.pack_b_fn || !(mtiles <= kSmallMTiles && g.csb == 1);
+  p.whole_k = p.pack_b && !g.packed_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
+  p.bsize = p.pack_b && !g.packed_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
   p.per_thread = size_t((p.pack_a ? p.mc : uk.mr) * p.kc + p.kc * uk.nr);
   p.workspace = p.bsize + p.nt * p.per_thread;
   return p;
@@ -152,8 +163,8 @@ void scale_only(const Gemm<T>& g) {
 // W^T): the large W is then read in place as the A operand, and only the small A^T is packed.
 template <class T>
 Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
-  const bool swap =
-      !g.pack_b_fn && g.csb != 1 && g.rsb == 1 && g.M <= kSkinnyPanels * uk.nr && g.N > g.M;
+  const bool swap = !g.pack_b_fn && !g.packed_b && g.csb != 1 && g.rsb == 1 &&
+                    g.M <= kSkinnyPanels * uk.nr && g.N > g.M;
   if (!swap) return g;
   Gemm<T> t = g;
   t.M = g.N;
@@ -296,14 +307,16 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
     }
     for (int64_t pc = 0; pc < g.K; pc += p.kc) {
       const T* bblock = bpack;
-      if (p.whole_k) {
+      if (g.packed_b) {  // packed ahead: column block jc starts after jc columns of all of K
+        bblock = g.packed_b + jc * g.K + pc * npanels * NR;
+      } else if (p.whole_k) {
         bblock += pc * npanels * NR;
-      } else if (p.pack_b) {
+      } else if (p.bsize) {
         pack_b_block(pc, bpack);
         team_barrier(p.nt);
       }
       w.block(jc, pc, min64(p.kc, g.K - pc), bblock, m0, m1, q0, q1);
-      if (p.pack_b && !p.whole_k) team_barrier(p.nt);  // before the next block overwrites it
+      if (p.bsize && !p.whole_k) team_barrier(p.nt);  // before the next block overwrites it
     }
     if (p.whole_k && jc + p.nc < g.N) team_barrier(p.nt);
   }
@@ -385,6 +398,37 @@ void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64
 }
 
 template <class T>
+size_t gemm_packed_b_size(int64_t K, int64_t N) {
+  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  return K <= 0 || N <= 0 ? 0 : size_t(K * round_up(N, uk.nr));
+}
+
+// The layout run_thread reads: column block jc (nc columns) at dst + jc * K; inside it the K
+// block pc at + pc * npanels * NR, and its NR panels of kc x NR one after another.
+template <class T>
+void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsb, int64_t csb, T* dst, int nthreads) {
+  if (K <= 0 || N <= 0) return;
+  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  const int64_t NR = uk.nr;
+  const Blocks b = kn_blocks(K, N, uk);
+  const int64_t per_block = b.nc / NR;
+  parallel_for(
+      ceil_div(N, NR), 8,
+      [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t j = q * NR, jc = j / b.nc * b.nc, nr = min64(NR, N - j);
+          const int64_t npanels = min64(per_block, ceil_div(N - jc, NR));
+          for (int64_t pc = 0; pc < K; pc += b.kc) {
+            const int64_t kc = min64(b.kc, K - pc);
+            uk.pack_b(kc, nr, B + pc * rsb + j * csb, rsb, csb,
+                      dst + jc * K + pc * npanels * NR + (q - jc / NR) * kc * NR);
+          }
+        }
+      },
+      resolve_threads(nthreads));
+}
+
+template <class T>
 const char* gemm_kernel_name() {
   return active_gemm_ukernel<T>().name;
 }
@@ -394,6 +438,8 @@ const char* gemm_kernel_name() {
   template void gemm<T>(const Gemm<T>&, int, T*);                                         \
   template void gemm<T>(const Gemm<T>&, int);                                             \
   template void gemm_batched<T>(const Gemm<T>&, int64_t, int64_t, int64_t, int64_t, int); \
+  template size_t gemm_packed_b_size<T>(int64_t, int64_t);                                \
+  template void gemm_pack_b<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*, int);    \
   template const char* gemm_kernel_name<T>();
 NNK_INSTANTIATE_GEMM(float)
 NNK_INSTANTIATE_GEMM(double)

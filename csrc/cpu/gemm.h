@@ -31,6 +31,16 @@ template <class T>
 void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64_t sc,
                   int nthreads = 0);
 
+// An operand B (K x N, any strides) multiplied many times is packed once: gemm_pack_b writes
+// gemm_packed_b_size(K, N) elements, which products then take as Gemm::packed_b, skipping B's
+// packing and the barriers around it. The layout is the active micro-kernel's: pack and multiply
+// within one call into the library (the ISA must not change in between).
+template <class T>
+size_t gemm_packed_b_size(int64_t K, int64_t N);  // in elements of T
+template <class T>
+void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsb, int64_t csb, T* dst,
+                 int nthreads = 0);
+
 // Name of the micro-kernel the active ISA runs, e.g. "sgemm_avx2_6x16".
 template <class T>
 const char* gemm_kernel_name();

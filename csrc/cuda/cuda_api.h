@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/gemm_args.h"
+#include "common/lstm_args.h"
 #include "common/tensor.h"
 #include "cpu/batch_norm.h"
 #include "cuda/conv2d_index.cuh"
@@ -81,6 +82,10 @@ struct CrossEntropyArgs {
   const float* grad_scale_divisor = nullptr;  // device scalar or null: grad_scale / *divisor
 };
 void cross_entropy_forward(const CrossEntropyArgs& a, int device, void* stream);
+
+// lstm.cu: one LSTM layer in one direction over a sequence (common/lstm_args.h), fp32.
+void lstm_layer_forward(const LstmLayer<float>& a, int device, void* stream);
+void lstm_layer_backward(const LstmLayer<float>& a, int device, void* stream);
 
 }  // namespace cuda
 }  // namespace nnk

@@ -88,3 +88,55 @@ def sum_rows(x, out):
     sync_threads()
     _C.sum_rows(to_dl(x, "x"), to_dl(out, "out"), _stream(out))
     return out
+
+
+def lstm_forward(x, w_ih, w_hh, bias, h0, c0, y, gates, c, reverse=False):
+    """One LSTM layer in one direction over x (T, B, I): y (T, B, H) = h_t, gates (T, B, 4H) = the
+    activations (kept for lstm_backward), c (T, B, H) = c_t. bias = b_ih + b_hh or None."""
+    sync_threads()
+    _C.lstm_forward(
+        to_dl(x, "input"),
+        to_dl(w_ih, "w_ih"),
+        to_dl(w_hh, "w_hh"),
+        None if bias is None else to_dl(bias, "bias"),
+        to_dl(h0, "h0"),
+        to_dl(c0, "c0"),
+        to_dl(y, "output"),
+        to_dl(gates, "gates"),
+        to_dl(c, "cell_states"),
+        reverse,
+        _stream(y),
+    )
+
+
+def lstm_backward(
+    x, w_ih, w_hh, h0, c0, y, gates, c, dy, dh, dc, dx, dw_ih, dw_hh, dbias, reverse, accumulate
+):
+    """Backward through time of lstm_forward's call. dh, dc: d loss / d h_n, c_n in, d loss /
+    d h0, c0 out. dy, dx, dw_ih, dw_hh, dbias may be None; dx is added to when accumulate.
+    Overwrites gates."""
+    sync_threads()
+
+    def opt(t, name):
+        return None if t is None else to_dl(t, name)
+
+    _C.lstm_backward(
+        to_dl(x, "input"),
+        to_dl(w_ih, "w_ih"),
+        to_dl(w_hh, "w_hh"),
+        to_dl(h0, "h0"),
+        to_dl(c0, "c0"),
+        to_dl(y, "output"),
+        to_dl(gates, "gates"),
+        to_dl(c, "cell_states"),
+        opt(dy, "grad_output"),
+        to_dl(dh, "grad_h"),
+        to_dl(dc, "grad_c"),
+        opt(dx, "grad_input"),
+        opt(dw_ih, "grad_w_ih"),
+        opt(dw_hh, "grad_w_hh"),
+        opt(dbias, "grad_bias"),
+        reverse,
+        accumulate,
+        _stream(y),
+    )

@@ -9,9 +9,19 @@ from . import _checks
 from ._autograd import batch_norm as _bn_ops
 from ._autograd import conv2d as _conv_ops
 from ._autograd import cross_entropy as _ce_ops
+from ._autograd import lstm as _lstm_ops
 from ._autograd import matmul as _mm_ops
 
-__all__ = ["batch_norm", "conv2d", "cross_entropy", "linear", "linear_cross_entropy", "matmul"]
+__all__ = [
+    "batch_norm",
+    "conv2d",
+    "cross_entropy",
+    "linear",
+    "linear_cross_entropy",
+    "lstm",
+    "lstm_cell",
+    "matmul",
+]
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -442,3 +452,140 @@ def linear_cross_entropy(
             x, weight, bias, t, ignore_index, smoothing, reduction, denom, (False,) * 3
         )
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# --------------------------------------------------------------------------------------- lstm
+
+
+def _lstm_weights(w_ih, w_hh, b_ih, b_hh, input_size, hidden_size, where):
+    """w_ih (4H, input_size), w_hh (4H, H), biases (4H,) or None."""
+    g = 4 * hidden_size
+    for w, name, shape in (
+        (w_ih, "w_ih", (g, input_size)),
+        (w_hh, "w_hh", (g, hidden_size)),
+        (b_ih, "b_ih", (g,)),
+        (b_hh, "b_hh", (g,)),
+    ):
+        if w is not None and tuple(w.shape) != shape:
+            raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(w.shape)}")
+
+
+def _lstm_state(t, name, shape, ref):
+    """A state tensor of `shape` with unit stride along H (the kernels' layout), or zeros."""
+    if t is None:
+        return ref.new_zeros(shape)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    return _lstm_ops._unit_last(t)
+
+
+def _lstm_hx(hx, where):
+    if hx is None:
+        return None, None
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(
+            f"{where}: hx must be a tuple (h, c) of two tensors, got {type(hx).__name__}"
+        )
+    return hx
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """(h', c') = one step of torch.nn.LSTMCell: gates = input w_ih^T + b_ih + h w_hh^T + b_hh in
+    the order (i, f, g, o); c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c').
+
+    input (B, I) or unbatched (I,); hx = (h, c), each (B, H) or (H,) (None: zeros); w_ih (4H, I),
+    w_hh (4H, H), b_ih, b_hh (4H,) or None. One GEMM pair into the (B, 4H) gates, one fused
+    pointwise kernel; the backward is one fused kernel plus GEMMs.
+    """
+    h, c = _lstm_hx(hx, "lstm_cell")
+    _checks.check_operands(
+        input, "input", h, "h", c, "c", w_ih, "w_ih", w_hh, "w_hh", b_ih, "b_ih", b_hh, "b_hh"
+    )
+    if input.dim() not in (1, 2):
+        raise ValueError(f"lstm_cell: input must be (B, I) or (I,), got shape {tuple(input.shape)}")
+    if w_hh.dim() != 2:
+        raise ValueError(f"lstm_cell: w_hh must be 2-D (4H, H), got shape {tuple(w_hh.shape)}")
+    H = w_hh.shape[1]
+    _lstm_weights(w_ih, w_hh, b_ih, b_hh, input.shape[-1], H, "lstm_cell")
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    B = x.shape[0]
+    state = (B, H) if batched else (H,)
+    h = _lstm_state(h, "h", state, x).reshape(1, B, H)
+    c = _lstm_state(c, "c", state, x).reshape(1, B, H)
+    y, _, cn = _lstm_ops.lstm_layer(
+        _lstm_ops._unit_last(x).unsqueeze(0), h, c, (w_ih, w_hh, b_ih, b_hh), 1
+    )
+    h1, c1 = y[0], cn[0]
+    return (h1, c1) if batched else (h1[0], c1[0])
+
+
+def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    """torch.lstm's functional form (what torch.nn.LSTM calls): -> (output, (h_n, c_n)).
+
+    input (T, B, I) ((B, T, I) when batch_first) or unbatched (T, I); hx = (h0, c0), each
+    (num_layers * D, B, H) or None (zeros); params: per layer and direction w_ih, w_hh (and b_ih,
+    b_hh when has_biases), torch.nn.LSTM's _flat_weights order. Dropout (p = dropout) on the
+    outputs of every layer but the last, when train. One C++ call per layer and direction runs
+    the whole sequence.
+    """
+    D = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    if len(params) != num_layers * D * per:
+        raise ValueError(
+            f"lstm: expected {num_layers * D * per} parameter tensors for num_layers={num_layers}, "
+            f"bidirectional={bidirectional}, bias={has_biases}, got {len(params)}"
+        )
+    h0, c0 = _lstm_hx(hx, "lstm")
+    _checks.check_operands(input, "input", h0, "h0", c0, "c0")
+    for k, p in enumerate(params):
+        _checks.check_same(p, f"params[{k}]", input, "input")
+    if input.dim() not in (2, 3):
+        raise ValueError(
+            f"lstm: input must be (T, B, I), (B, T, I) with batch_first, or unbatched (T, I); got "
+            f"shape {tuple(input.shape)}"
+        )
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if batched and batch_first:
+        x = x.transpose(0, 1)
+    T, B, _ = x.shape
+    if T == 0:
+        raise ValueError("lstm: input has sequence length 0; it must be at least 1")
+    H = params[1].shape[1] if params[1].dim() == 2 else -1
+    if H < 1:
+        raise ValueError(
+            f"lstm: params[1] (weight_hh_l0) must be (4H, H), got {tuple(params[1].shape)}"
+        )
+    state = (num_layers * D, B, H) if batched else (num_layers * D, H)
+    h0 = _lstm_state(h0, "h0 (hx[0])", state, x).reshape(num_layers * D, B, H)
+    c0 = _lstm_state(c0, "c0 (hx[1])", state, x).reshape(num_layers * D, B, H)
+    hn, cn = [], []
+    for layer in range(num_layers):
+        weights = []
+        for d in range(D):
+            k = (layer * D + d) * per
+            w_ih, w_hh = params[k], params[k + 1]
+            b_ih, b_hh = (params[k + 2], params[k + 3]) if has_biases else (None, None)
+            name = f"lstm layer {layer}{' reverse' if d else ''}"
+            if w_ih.dim() != 2 or w_ih.shape[1] != x.shape[2]:
+                what = "input" if layer == 0 else f"the output of layer {layer - 1}"
+                raise ValueError(
+                    f"{name}: {what} has {x.shape[2]} features but weight_ih expects "
+                    f"{w_ih.shape[-1] if w_ih.dim() else '?'} (shape {tuple(w_ih.shape)})"
+                )
+            _lstm_weights(w_ih, w_hh, b_ih, b_hh, x.shape[2], H, name)
+            weights += [w_ih, w_hh, b_ih, b_hh]
+        if x.stride(2) != 1 or (B > 1 and x.stride(0) != B * x.stride(1)):
+            x = x.contiguous()  # the input projection reads (t, b) rows evenly spaced
+        rows = slice(layer * D, (layer + 1) * D)
+        x, h, c = _lstm_ops.lstm_layer(x, h0[rows], c0[rows], weights, D)
+        hn.append(h)
+        cn.append(c)
+        if train and dropout > 0 and layer + 1 < num_layers:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    h_n, c_n = torch.cat(hn), torch.cat(cn)
+    out = x.transpose(0, 1) if batched and batch_first else x
+    if not batched:
+        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    return out, (h_n, c_n)
