@@ -100,14 +100,15 @@ void lstm_layer_backward(const LstmLayer<T>& a, Backend& be) {
   if (a.dw_ih)  // (4H, I) = dgates^T (4H, T*B) . x (T*B, I)
     be.gemm(product(G, a.I, TB, a.gates, 1, G, a.x, a.rsx, a.csx, a.dw_ih, a.I));
   if (a.dw_hh && a.steps > 0) {
-    // (4H, H) = dgates^T . h_prev: the T-1 steps fed by y (one step behind), then the one fed by
-    // h0 (the first step: t = 0, or t = T-1 in reverse).
+    // (4H, H) = dgates^T . h_prev: the step fed by h0 (t = 0, or t = T-1 in reverse), then the
+    // T-1 steps fed by y (one step behind).
     const int64_t rows_y = (a.steps - 1) * a.B;
-    const T* dg_y = a.gates + (a.reverse ? 0 : a.B * G);
     const T* dg_0 = a.gates + (a.reverse ? rows_y * G : 0);
+    const T* dg_y = a.gates + (a.reverse ? 0 : a.B * G);
     const T* y_prev = a.y + (a.reverse ? a.B * a.ldy : 0);
-    be.gemm(product(G, a.H, rows_y, dg_y, 1, G, y_prev, a.ldy, 1, a.dw_hh, a.H));
-    be.gemm(product(G, a.H, a.B, dg_0, 1, G, a.h0, a.ldh0, 1, a.dw_hh, a.H, T(1)));
+    be.gemm(product(G, a.H, a.B, dg_0, 1, G, a.h0, a.ldh0, 1, a.dw_hh, a.H));
+    if (rows_y > 0)
+      be.gemm(product(G, a.H, rows_y, dg_y, 1, G, y_prev, a.ldy, 1, a.dw_hh, a.H, T(1)));
   } else if (a.dw_hh) {
     be.gemm(product<T>(G, a.H, 0, nullptr, 1, G, nullptr, 0, 1, a.dw_hh, a.H));  // zeros
   }

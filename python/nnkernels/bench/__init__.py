@@ -10,7 +10,7 @@ import torch
 
 import nnkernels
 
-from . import batch_norm, conv2d, cross_entropy, harness, linear, matmul
+from . import batch_norm, conv2d, cross_entropy, harness, linear, lstm, matmul
 
 SUITES = {
     "matmul": matmul.cases,
@@ -18,6 +18,7 @@ SUITES = {
     "conv2d": conv2d.cases,
     "batch_norm": batch_norm.cases,
     "cross_entropy": cross_entropy.cases,
+    "lstm": lstm.cases,
 }
 
 
