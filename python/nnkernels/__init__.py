@@ -25,6 +25,7 @@ if _isa_env:
 
 from . import functional, kernels, nn  # noqa: E402
 from ._ops import get_num_threads, set_num_threads  # noqa: E402
+from .swap import SwapReport, restore_layers, swap_layers  # noqa: E402
 
 
 def isa() -> str:
@@ -58,5 +59,8 @@ __all__ = [
     "cuda_compiled",
     "get_num_threads",
     "set_num_threads",
+    "swap_layers",
+    "restore_layers",
+    "SwapReport",
     "__version__",
 ]
