@@ -1,4 +1,4 @@
-"""python -m nnkernels {bench,info}"""
+"""python -m nnkernels {bench,check,info}"""
 
 import argparse
 import sys
@@ -48,10 +48,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nnkernels")
     sub = p.add_subparsers(dest="cmd", required=True)
     bench.add_arguments(sub.add_parser("bench", help="ours vs torch, side by side"))
+    chk = sub.add_parser("check", help="every op's parity with torch on this machine")
+    chk.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    chk.add_argument("--ops", nargs="+", help="ops to check (default: all)")
     sub.add_parser("info", help="build and machine facts")
     args = p.parse_args(argv)
     if args.cmd == "bench":
         return bench.run(args)
+    if args.cmd == "check":
+        from nnkernels import check
+
+        return check.run(args.device, args.ops)
     return info()
 
 

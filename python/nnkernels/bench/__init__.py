@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="CPU threads for both torch and nnkernels"
     )
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the speedups as a bar chart (needs matplotlib: pip install nnkernels[plot])",
+    )
 
 
 def run(args) -> int:
@@ -62,6 +67,12 @@ def run(args) -> int:
             "nnkernels bench: --device cuda, but no CUDA GPU is visible or the build has no CUDA kernels"
         )
         return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before a long run, not after it)
+        except ImportError:
+            print("nnkernels bench: --plot needs matplotlib (pip install 'nnkernels[plot]')")
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
         nnkernels.set_num_threads(args.threads)
@@ -85,6 +96,9 @@ def run(args) -> int:
     if args.json:
         harness.write_json(args.json, results, info)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        harness.plot(args.plot, results, info)
+        print(f"wrote {args.plot}")
     return 0
 
 

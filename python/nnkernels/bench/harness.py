@@ -396,3 +396,34 @@ def write_json(path: str, results, info) -> None:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def plot(path: str, results, info) -> None:
+    """A horizontal bar chart of the speedups (torch time / our time, log scale), one bar per case,
+    grouped by op; the 1x line marks parity."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.op}: {r.name} ({r.dtype})" for r in results]
+    speed = [r.speedup for r in results]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(results) + 1.5))
+    colors = ["tab:green" if s >= 1 else "tab:red" for s in speed]
+    ax.barh(range(len(results)), speed, color=colors)
+    ax.set_yticks(range(len(results)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for i, s in enumerate(speed):
+        ax.text(s, i, f" {s:.2f}x", va="center", fontsize=7)
+    m = info.get("machine", info)
+    ax.set_xlabel("speedup over torch (torch time / nnkernels time; > 1: nnkernels faster)")
+    ax.set_title(
+        f"nnkernels {m.get('nnkernels', '')} vs torch {m.get('torch', '')} on "
+        f"{m.get('device', '')} ({m.get('cpu', m.get('gpu', ''))}, {m.get('threads', '')} threads)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

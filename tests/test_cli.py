@@ -1,0 +1,75 @@
+"""python -m nnkernels {info,check,bench}: exit codes and output on a machine without a GPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from nnkernels import check
+
+
+def _run(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "nnkernels", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_info():
+    r = _run("info")
+    assert r.returncode == 0, r.stderr
+    for key in ("nnkernels", "torch", "CPU ISA in use", "threads", "CUDA kernels", "numpy"):
+        assert key in r.stdout
+
+
+def test_check_every_op_passes():
+    r = _run("check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for op in ("matmul", "linear", "conv2d", "batch_norm", "cross_entropy", "lstm_cell", "lstm"):
+        assert f"\n{op} " in r.stdout
+    assert "16/16 op/dtype rows pass" in r.stdout
+
+
+def test_check_reports_a_failure(monkeypatch):
+    """A kernel that is off by a little more than rounding must fail, and the exit code say so."""
+
+    def wrong(dtype, device, small):
+        x = torch.randn(7, 9, dtype=dtype, device=device)
+        return [x], lambda x: torch.tanh(x) * (1 + 1e-4), torch.tanh, 1
+
+    monkeypatch.setattr(check, "CASES", [check.Case("tanh", wrong)])
+    lines = []
+    assert check.run("cpu", out=lines.append) == 1
+    text = "\n".join(lines)
+    assert "FAIL tanh float32: output 0" in text and "0/2 op/dtype rows pass" in text
+
+
+def test_check_cuda_without_gpu_fails_cleanly():
+    import nnkernels
+
+    if nnkernels.cuda_available():
+        pytest.skip("a GPU is visible")
+    r = _run("check", "--device", "cuda")
+    assert r.returncode == 1 and "no CUDA GPU" in r.stdout
+
+
+def test_bench_quick_json_and_plot(tmp_path):
+    args = ["bench", "--quick", "--ops", "linear", "lstm", "--budget", "0.05"]
+    args += ["--json", str(tmp_path / "r.json")]
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", str(tmp_path / "r.png")]
+    except ImportError:
+        pass
+    r = _run(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "LSTM(256,512) T=50 B=64 fwd+bwd" in r.stdout and "geometric-mean speedup" in r.stdout
+    assert (tmp_path / "r.json").stat().st_size > 0
+    if "--plot" in args:
+        assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "[lstm 1/2]" in r.stderr  # progress lines on long runs
+
+
+def test_bench_rejects_unknown_op():
+    r = _run("bench", "--ops", "nope")
+    assert r.returncode == 2 and "unknown op" in r.stdout
