@@ -63,3 +63,12 @@ def ref_and_torch(fn, *tensors):
     theirs = fn(*tensors)
     ref = fn(*[t.double() if isinstance(t, torch.Tensor) else t for t in tensors])
     return theirs, ref
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for gloo process groups in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,14 +6,13 @@ concatenated batch."""
 
 import copy
 import os
-import socket
 
 import nnkernels
 import nnkernels.functional as NF
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, free_port
 
 SHAPES = [(16, 5), (8, 3, 17), (4, 6, 9, 7), (2, 4, 3, 5, 6), (3, 1, 8, 8), (64, 2), (2, 3, 1, 1)]
 
@@ -377,12 +376,6 @@ def test_cuda_batch_norm_rejects_float64():
 # ------------------------------------------------------------------------------- SyncBatchNorm
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync_worker(rank, world, port, channels_last):
     import torch.distributed as dist
 
@@ -438,7 +431,7 @@ def test_sync_batch_norm_two_gloo_processes(channels_last):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_sync_worker, args=(2, _free_port(), channels_last), nprocs=2, join=True)
+    mp.spawn(_sync_worker, args=(2, free_port(), channels_last), nprocs=2, join=True)
 
 
 def test_sync_batch_norm_without_distributed_is_batch_norm():
