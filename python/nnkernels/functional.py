@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from . import _checks
+from . import _checks, _library
 from ._autograd import batch_norm as _bn_ops
 from ._autograd import conv2d as _conv_ops
 from ._autograd import cross_entropy as _ce_ops
@@ -389,18 +389,19 @@ def cross_entropy(
         x = x.contiguous()
     t2 = target.movedim(1, -1).reshape(-1, c) if soft and target.dim() > 2 else target
     if soft:
-        t2 = t2 if c <= 1 or t2.stride(-1) == 1 else t2.contiguous()
-        denom = float(x.shape[0])
+        probs, hard = t2 if c <= 1 or t2.stride(-1) == 1 else t2.contiguous(), None
     else:
-        t2 = t2.reshape(-1).contiguous()
-        denom = _ce_ops.denominator(t2, c, ignore_index, weight)
-    hard = None if soft else t2
-    probs = t2 if soft else None
+        probs, hard = None, t2.reshape(-1).contiguous()
     args = (hard, probs, weight, ignore_index, reduction, smoothing)
-    if _mm_ops._recording(input):
-        loss = _ce_ops.CrossEntropyFunction.apply(x, *args, denom)
+    if torch.compiler.is_compiling():  # one custom op; the targets are checked inside it
+        want_grad = torch.is_grad_enabled() and input.requires_grad
+        loss = _library.cross_entropy(x, *args, want_grad)[0]
     else:
-        loss, _ = _ce_ops.rows_forward(x, *args, False, denom)
+        denom = float(x.shape[0]) if soft else _ce_ops.denominator(hard, c, ignore_index, weight)
+        if _mm_ops._recording(input):
+            loss = _ce_ops.CrossEntropyFunction.apply(x, *args, denom)
+        else:
+            loss, _ = _ce_ops.rows_forward(x, *args, False, denom)
     if reduction == "none":
         loss = loss.reshape(target.shape[:1] + target.shape[2:] if soft else target.shape)
         if unbatched:

@@ -134,6 +134,63 @@ def _composite_grads(x, w, dy, training, mean, invstd, eps, needs):
     return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
 
 
+def _grad_buffers(dy, x, needs):
+    """(xk, dyk, dx, dw, db): the kernels' views of x and dy and the outputs needs asks for."""
+    xk = as_kernel_input(x)
+    dyk = grad_like(dy, xk)
+    c = x.shape[1]
+    dx = torch.empty_like(xk) if needs[0] else None
+    dw = torch.empty(c, dtype=x.dtype, device=x.device) if needs[1] else None
+    db = torch.empty(c, dtype=x.dtype, device=x.device) if needs[2] else None
+    _ops.sync_threads()
+    return xk, dyk, dx, dw, db
+
+
+def backward_train(dy, x, w, mean, invstd, needs):
+    """(dx, dw, db) of a training-mode forward (batch statistics mean, invstd); each None
+    unless needs[i]."""
+    xk, dyk, dx, dw, db = _grad_buffers(dy, x, needs)
+    _C.batch_norm_backward_train(
+        _dl(dyk),
+        _dl(xk),
+        _dl(mean),
+        _dl(invstd),
+        _dl(w),
+        _dl(dx),
+        _dl(dw),
+        _dl(db),
+        _dl(_ws(x)),
+        _stream(x),
+    )
+    return _as_shape(dx, xk, x), dw, db
+
+
+def backward_eval(dy, x, w, mean, invstd, needs):
+    """(dx, dw, db) of an eval-mode forward (running statistics mean, invstd): dx = dy invstd w,
+    dw = sum dy xhat, db = sum dy."""
+    xk, dyk, dx, dw, db = _grad_buffers(dy, x, needs)
+    c = x.shape[1]
+    if needs[1] or needs[2]:
+        sdy = _channel(db, c, x.dtype, x.device)
+        sdyx = _channel(dw, c, x.dtype, x.device)
+        _C.batch_norm_backward_reduce(
+            _dl(dyk),
+            _dl(xk),
+            _dl(mean),
+            _dl(invstd),
+            _dl(sdy),
+            _dl(sdyx),
+            _dl(_ws(x)),
+            _stream(x),
+        )
+    if needs[0]:
+        scale = invstd if w is None else (w * invstd).contiguous()
+        _C.batch_norm_apply(
+            _dl(dyk), _dl(dx), None, _dl(scale), _dl(torch.zeros_like(scale)), _stream(x)
+        )
+    return _as_shape(dx, xk, x), dw, db
+
+
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, running_mean, running_var, training, momentum, eps):
@@ -154,50 +211,13 @@ class BatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: stay differentiable
             dx, dw, db = _composite_grads(x, w, dy, ctx.training, mean, invstd, ctx.eps, needs)
             return dx, dw, db, None, None, None, None, None
-        xk = as_kernel_input(x)
-        dyk = grad_like(dy, xk)
-        c = x.shape[1]
-        dx = torch.empty_like(xk) if needs[0] else None
-        dw = torch.empty(c, dtype=x.dtype, device=x.device) if needs[1] else None
-        db = torch.empty(c, dtype=x.dtype, device=x.device) if needs[2] else None
-        _ops.sync_threads()
-        if ctx.training:
-            _C.batch_norm_backward_train(
-                _dl(dyk),
-                _dl(xk),
-                _dl(mean),
-                _dl(invstd),
-                _dl(w),
-                _dl(dx),
-                _dl(dw),
-                _dl(db),
-                _dl(_ws(x)),
-                _stream(x),
-            )
-        else:
-            # dx = dy * invstd * w; dw = sum dy * xhat; db = sum dy (running statistics).
-            if needs[1] or needs[2]:
-                sdy = _channel(db, c, x.dtype, x.device)
-                sdyx = _channel(dw, c, x.dtype, x.device)
-                _C.batch_norm_backward_reduce(
-                    _dl(dyk),
-                    _dl(xk),
-                    _dl(mean),
-                    _dl(invstd),
-                    _dl(sdy),
-                    _dl(sdyx),
-                    _dl(_ws(x)),
-                    _stream(x),
-                )
-            if needs[0]:
-                scale = invstd if w is None else (w * invstd).contiguous()
-                _C.batch_norm_apply(
-                    _dl(dyk), _dl(dx), None, _dl(scale), _dl(torch.zeros_like(scale)), _stream(x)
-                )
-        return _as_shape(dx, xk, x), dw, db, None, None, None, None, None
+        grads = (backward_train if ctx.training else backward_eval)(dy, x, w, mean, invstd, needs)
+        return (*grads, None, None, None, None, None)
 
 
 def batch_norm(x, running_mean, running_var, w, b, training, momentum, eps):
+    if torch.compiler.is_compiling():
+        return _library.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)
     if _recording(x, w, b):
         return BatchNormFunction.apply(x, w, b, running_mean, running_var, training, momentum, eps)
     if training:
@@ -304,3 +324,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 )
             dx = _as_shape(dx, xk, x)
         return dx, dw, db, None, None, None, None, None, None
+
+
+from .. import _library  # noqa: E402  (it builds on this module)

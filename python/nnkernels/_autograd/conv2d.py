@@ -179,6 +179,9 @@ class SumChannelsFunction(torch.autograd.Function):
 
 
 def conv(x, w, b, p: ConvParams):
+    if torch.compiler.is_compiling():
+        geometry = (list(p.stride), list(p.padding), list(p.dilation), p.groups, p.channels_last)
+        return _library.conv2d(x, w, b, *geometry)
     if _recording(x, w, b):
         return Conv2dFunction.apply(x, w, b, p)
     return _forward(x, w, b, p)
@@ -203,3 +206,6 @@ def backward_weight(x, dy, p: ConvParams, with_bias: bool):
         out = Conv2dBackwardWeightFunction.apply(x, dy, p, with_bias)
         return out if with_bias else (out, None)
     return _backward_weight(x, dy, p, with_bias)
+
+
+from .. import _library  # noqa: E402  (it builds on this module)

@@ -89,10 +89,16 @@ def _grad_buffer(x):
         return buf[:n].view(x.shape)  # a new tensor on the storage: autograd may keep it
 
 
-def rows_forward(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad, denom):
-    """(loss, grad or None) for logits x (rows, C) with unit class stride."""
+def rows_forward(
+    x, target, soft, weight, ignore_index, reduction, smoothing, want_grad, denom, pooled=True
+):
+    """(loss, grad or None) for logits x (rows, C) with unit class stride. pooled: the gradient
+    may go to the recycled CPU buffer (not under torch.compile, whose ops return fresh tensors)."""
     loss_rows = x.new_empty(x.shape[0])
-    grad = _grad_buffer(x) if want_grad else None
+    if want_grad:
+        grad = _grad_buffer(x) if pooled else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        grad = None
     scale, divisor = _grad_scale(reduction, denom)
     if x.shape[0]:
         _ops.sync_threads()

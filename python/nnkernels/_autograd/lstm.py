@@ -70,50 +70,62 @@ class LSTMLayerFunction(torch.autograd.Function):
         if ctx.consumed:  # a second backward (retain_graph): recompute what the first overwrote
             _, _, _, gates, cells = _forward(x, h0, c0, weights, D)
         ctx.consumed = True
-        T, B, I = x.shape
-        H = h0.shape[2]
-        need = ctx.needs_input_grad  # (D, x, h0, c0, *weights)
-        dx = x.new_empty(T, B, I) if need[1] else None
-        dh0, dc0 = x.new_empty(D, B, H), x.new_empty(D, B, H)
-        for buf, g in ((dh0, dhn), (dc0, dcn)):
-            buf.zero_() if g is None else buf.copy_(g)
-        dy = None if dy is None else _unit_last(dy)
-        dweights = []
-        for d in range(D):
-            w_ih, w_hh = weights[4 * d], weights[4 * d + 1]
-            n_ih, n_hh, n_bih, n_bhh = need[4 + 4 * d : 8 + 4 * d]
-            dw_ih = x.new_empty(w_ih.shape) if n_ih else None
-            dw_hh = x.new_empty(w_hh.shape) if n_hh else None
-            db = x.new_empty(4 * H) if n_bih or n_bhh else None
-            cols = slice(d * H, (d + 1) * H)
-            _ops.lstm_backward(
-                x,
-                w_ih,
-                w_hh,
-                h0[d],
-                c0[d],
-                y[:, :, cols],
-                gates[d],
-                cells[d],
-                None if dy is None else dy[:, :, cols],
-                dh0[d],
-                dc0[d],
-                dx,
-                dw_ih,
-                dw_hh,
-                db,
-                d == 1,
-                d == 1,
-            )
-            # d loss / d b_ih = d loss / d b_hh (both add to the same pre-activations)
-            dweights += [dw_ih, dw_hh, db if n_bih else None, db if n_bhh else None]
-        return (None, dx, dh0 if need[2] else None, dc0 if need[3] else None, *dweights)
+        needs = ctx.needs_input_grad[1:]  # (x, h0, c0, *weights)
+        grads = _backward(dy, dhn, dcn, x, h0, c0, y, weights, gates, cells, D, needs)
+        return (None, *grads)
+
+
+def _backward(dy, dhn, dcn, x, h0, c0, y, weights, gates, cells, D, needs):
+    """[dx, dh0, dc0, then per direction dw_ih, dw_hh, db_ih, db_hh] (None where not needs[i]);
+    dy, dhn, dcn may be None (zero). Overwrites gates."""
+    T, B, I = x.shape
+    H = h0.shape[2]
+    dx = x.new_empty(T, B, I) if needs[0] else None
+    dh0, dc0 = x.new_empty(D, B, H), x.new_empty(D, B, H)
+    for buf, g in ((dh0, dhn), (dc0, dcn)):
+        buf.zero_() if g is None else buf.copy_(g)
+    dy = None if dy is None else _unit_last(dy)
+    dweights = []
+    for d in range(D):
+        w_ih, w_hh = weights[4 * d], weights[4 * d + 1]
+        n_ih, n_hh, n_bih, n_bhh = needs[3 + 4 * d : 7 + 4 * d]
+        dw_ih = x.new_empty(w_ih.shape) if n_ih else None
+        dw_hh = x.new_empty(w_hh.shape) if n_hh else None
+        db = x.new_empty(4 * H) if n_bih or n_bhh else None
+        cols = slice(d * H, (d + 1) * H)
+        _ops.lstm_backward(
+            x,
+            w_ih,
+            w_hh,
+            h0[d],
+            c0[d],
+            y[:, :, cols],
+            gates[d],
+            cells[d],
+            None if dy is None else dy[:, :, cols],
+            dh0[d],
+            dc0[d],
+            dx,
+            dw_ih,
+            dw_hh,
+            db,
+            d == 1,
+            d == 1,
+        )
+        # d loss / d b_ih = d loss / d b_hh (both add to the same pre-activations)
+        dweights += [dw_ih, dw_hh, db if n_bih else None, db if n_bhh else None]
+    return [dx, dh0 if needs[1] else None, dc0 if needs[2] else None, *dweights]
 
 
 def lstm_layer(x, h0, c0, weights, D):
     """(y, h_n, c_n) of one layer (both directions when D == 2); see the module docstring."""
+    if torch.compiler.is_compiling():
+        return _library.lstm(x, h0, c0, weights, D)
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *weights)
     ):
         return LSTMLayerFunction.apply(D, x, h0, c0, *weights)
     return _forward(x, h0, c0, weights, D)[:3]
+
+
+from .. import _library  # noqa: E402  (it builds on this module)

@@ -9,7 +9,8 @@ Transposed operands are passed as strided views (.mT), never copied.
 Each op is `op(...)`: it goes through its torch.autograd.Function only when autograd has to record
 it (grad mode on and an input requiring grad); otherwise it calls the kernel directly, skipping the
 Function's fixed cost (about 10 us in torch 2.13), which matters for small layers, for inference and
-inside backward itself. Backward passes are written with these same ops, so double backward works.
+inside backward itself. Backward passes are written with these same ops, so double backward works. While torch.compile
+traces, each op is the custom op of the same name in nnkernels._library instead.
 """
 
 import torch
@@ -29,9 +30,12 @@ def _recording(a, b=None, c=None) -> bool:
 # ------------------------------------------------------------------------------------ matmul
 
 
+def mm_shape(a, b):
+    return (a.shape[0], a.shape[1], b.shape[2]) if a.dim() == 3 else (a.shape[0], b.shape[1])
+
+
 def _mm_forward(a, b):
-    shape = (a.shape[0], a.shape[1], b.shape[2]) if a.dim() == 3 else (a.shape[0], b.shape[1])
-    return _ops.gemm(a, b, a.new_empty(shape))
+    return _ops.gemm(a, b, a.new_empty(mm_shape(a, b)))
 
 
 class MatmulFunction(torch.autograd.Function):
@@ -51,6 +55,8 @@ class MatmulFunction(torch.autograd.Function):
 
 
 def mm(a, b):
+    if torch.compiler.is_compiling():
+        return _library.mm(a, b)
     return MatmulFunction.apply(a, b) if _recording(a, b) else _mm_forward(a, b)
 
 
@@ -73,6 +79,8 @@ class SumRowsFunction(torch.autograd.Function):
 
 
 def sum_rows(x):
+    if torch.compiler.is_compiling():
+        return _library.sum_rows(x)
     return (
         SumRowsFunction.apply(x)
         if torch.is_grad_enabled() and x.requires_grad
@@ -107,6 +115,11 @@ class LinearFunction(torch.autograd.Function):
 
 
 def linear(x, weight, bias):
+    if torch.compiler.is_compiling():
+        return _library.linear(x, weight, bias)
     if _recording(x, weight, bias):
         return LinearFunction.apply(x, weight, bias)
     return _linear_forward(x, weight, bias)
+
+
+from .. import _library  # noqa: E402  (it builds on this module)
