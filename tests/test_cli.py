@@ -43,6 +43,23 @@ def test_check_reports_a_failure(monkeypatch):
     assert "FAIL tanh float32: output 0" in text and "0/2 op/dtype rows pass" in text
 
 
+def test_check_fails_a_missing_gradient(monkeypatch):
+    def dropped(dtype, device, small):
+        x, w, b = (torch.randn(*s, dtype=dtype) for s in ((4, 3), (2, 3), (2,)))
+        ours = lambda x, w, b: torch.nn.functional.linear(x, w, b.detach())  # noqa: E731
+        return [x, w, b], ours, torch.nn.functional.linear, 3
+
+    monkeypatch.setattr(check, "CASES", [check.Case("linear", dropped)])
+    lines = []
+    assert check.run("cpu", out=lines.append) == 1
+    assert "FAIL linear float32: grad 2" in "\n".join(lines)
+
+
+def test_check_rejects_unknown_ops():
+    r = _run("check", "--ops", "lienar")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
 def test_check_cuda_without_gpu_fails_cleanly():
     import nnkernels
 

@@ -42,6 +42,10 @@ def _opcheck_cases():
             L.batch_norm_train,
             (_t(4, 3, 5, 5), _t(3), _t(3), torch.zeros(3), torch.ones(3), 0.1, 1e-5),
         ),
+        "batch_norm_train no running stats": (
+            L.batch_norm_train,
+            (_t(4, 3, 5, 5), None, None, None, None, 0.1, 1e-5),
+        ),
         "batch_norm_eval": (
             L.batch_norm_eval,
             (_t(4, 3, 5, 5), _t(3), _t(3), torch.randn(3), torch.rand(3) + 0.5, 1e-5),
@@ -85,7 +89,7 @@ class Net(torch.nn.Module):
         self.rnn = torch.nn.LSTM(6, 8, batch_first=True, bidirectional=True)
         self.cell = torch.nn.LSTMCell(16, 8)
         self.fc = torch.nn.Linear(8, 8)
-        self.bn1 = torch.nn.BatchNorm1d(8)
+        self.bn1 = torch.nn.BatchNorm1d(8, track_running_stats=False, affine=False)
         self.head = torch.nn.Linear(8, 4)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 

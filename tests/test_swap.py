@@ -145,3 +145,42 @@ def test_swap_root_module_and_modes():
     torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     nnkernels.restore_layers(lin)
     assert type(lin) is torch.nn.Linear
+
+
+def test_swap_shared_module_matches_any_of_its_names():
+    lin = torch.nn.Linear(3, 3)
+    model = torch.nn.ModuleDict({"body": torch.nn.Sequential(lin), "head": lin})
+    r = nnkernels.swap_layers(model, exclude=["head"])
+    assert not r.changed and type(lin) is torch.nn.Linear
+    r = nnkernels.swap_layers(model, include=["head"])
+    assert len(r.changed) == 1 and isinstance(lin, nnkernels.nn.Linear)
+
+
+def test_restore_leaves_a_layer_changed_after_the_swap():
+    from torch.nn.utils import parametrize
+
+    class Identity(torch.nn.Module):
+        def forward(self, w):
+            return w
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    nnkernels.swap_layers(model)
+    parametrize.register_parametrization(model[0], "weight", Identity())
+    r = nnkernels.restore_layers(model)
+    assert [n for n, _ in r.changed] == ["1"]
+    assert "class changed since the swap" in r.left[0][2]
+    assert model[0].weight.shape == (3, 3)  # the parametrization still works
+
+
+def test_swapped_layers_follow_autocast():
+    """Under autocast torch computes Linear / Conv2d / LSTM in bfloat16; the swapped layers give
+    torch's result there rather than a float32 one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    ref = copy.deepcopy(model)
+    nnkernels.swap_layers(model)
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = model(x), ref(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a, b)

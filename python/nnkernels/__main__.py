@@ -50,7 +50,12 @@ def main(argv=None) -> int:
     bench.add_arguments(sub.add_parser("bench", help="ours vs torch, side by side"))
     chk = sub.add_parser("check", help="every op's parity with torch on this machine")
     chk.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    chk.add_argument("--ops", nargs="+", help="ops to check (default: all)")
+    from nnkernels.check import CASES
+
+    ops = [c.op for c in CASES]
+    chk.add_argument(
+        "--ops", nargs="+", choices=ops, help=f"ops to check (default: all of {', '.join(ops)})"
+    )
     sub.add_parser("info", help="build and machine facts")
     args = p.parse_args(argv)
     if args.cmd == "bench":

@@ -230,8 +230,14 @@ def batch_norm_train(
     rm = None if running_mean is None else running_mean.clone()
     rv = None if running_var is None else running_var.clone()
     y, mean, invstd = bn_ops.forward_train(x, weight, bias, rm, rv, momentum, eps)
-    empty = x.new_empty(0)
-    return [y, mean, invstd, empty if rm is None else rm, empty if rv is None else rv]
+    # one empty tensor per absent statistic: op outputs must not alias each other
+    return [
+        y,
+        mean,
+        invstd,
+        x.new_empty(0) if rm is None else rm,
+        x.new_empty(0) if rv is None else rv,
+    ]
 
 
 @batch_norm_train.register_fake

@@ -57,10 +57,10 @@ def _unsupported(module) -> str | None:
     return None
 
 
-def _matches(name: str, module, patterns) -> bool:
+def _matches(names, module, patterns) -> bool:
     for p in patterns:
         if isinstance(p, str):
-            if fnmatch.fnmatchcase(name, p):
+            if any(fnmatch.fnmatchcase(n, p) for n in names):
                 return True
         elif isinstance(p, type) and isinstance(module, p):
             return True
@@ -107,8 +107,13 @@ class SwapReport:
 
 
 def _walk(model):
-    for name, module in model.named_modules(remove_duplicate=True):
-        yield name or "(root)", module
+    """(name, every name, module) once per module; a module shared at several places in the tree
+    has several names, and include / exclude patterns may match any of them."""
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), (module, []))[1].append(name or "(root)")
+    for module, all_names in names.values():
+        yield all_names[0], all_names, module
 
 
 def swap_layers(model: torch.nn.Module, include=None, exclude=None, verbose=False) -> SwapReport:
@@ -125,7 +130,7 @@ def swap_layers(model: torch.nn.Module, include=None, exclude=None, verbose=Fals
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     report = SwapReport("swapped")
-    for name, module in _walk(model):
+    for name, names, module in _walk(model):
         cls = type(module)
         twin = TWINS.get(cls)
         if twin is None:
@@ -141,10 +146,10 @@ def swap_layers(model: torch.nn.Module, include=None, exclude=None, verbose=Fals
                     )
                 )
             continue
-        if include is not None and not _matches(name, module, include):
+        if include is not None and not _matches(names, module, include):
             report.left.append((name, cls.__name__, "not in include"))
             continue
-        if exclude is not None and _matches(name, module, exclude):
+        if exclude is not None and _matches(names, module, exclude):
             report.left.append((name, cls.__name__, "excluded"))
             continue
         why = _unsupported(module)
@@ -164,11 +169,17 @@ def restore_layers(model: torch.nn.Module, verbose=False) -> SwapReport:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = SwapReport("restored")
-    for name, module in _walk(model):
-        cls = module.__dict__.pop(_ORIGIN, None)
-        if cls is not None:
-            module.__class__ = cls
-            report.changed.append((name, cls.__name__))
+    for name, _, module in _walk(model):
+        cls = module.__dict__.get(_ORIGIN)
+        if cls is None:
+            continue
+        if type(module) is not TWINS[cls]:  # changed since the swap (e.g. a parametrization)
+            why = f"its class changed since the swap (now {type(module).__name__}); left as is"
+            report.left.append((name, type(module).__name__, why))
+            continue
+        del module.__dict__[_ORIGIN]
+        module.__class__ = cls
+        report.changed.append((name, cls.__name__))
     if verbose:
         print(report)
     return report

@@ -1,6 +1,7 @@
 import torch
 
 from .. import functional as NF
+from ._autocast import autocast_on
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -9,6 +10,8 @@ class Conv2d(torch.nn.Conv2d):
     holds. Non-zero padding modes pad explicitly first, exactly as torch.nn.Conv2d does."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if autocast_on(input):
+            return super().forward(input)
         if self.padding_mode != "zeros":
             input = torch.nn.functional.pad(
                 input, self._reversed_padding_repeated_twice, mode=self.padding_mode
