@@ -40,9 +40,13 @@ CASES = [
     ("wide: groups 2", 2, 32, 8, 8, 12, 3, 3, dict(groups=2, padding=1)),
     ("wide: padding larger than kernel", 2, 16, 4, 5, 4, 2, 2, dict(padding=3)),
     ("wide: 1x1", 2, 24, 6, 7, 10, 1, 1, dict()),
+    # small images: the weight gradient sums several whole images per GEMM (13 = 4 x 3 + 1)
+    ("grouped small images", 13, 4, 6, 7, 6, 3, 3, dict(groups=2, stride=2, padding=1)),
+    ("grouped 8x8, no padding", 9, 5, 8, 8, 7, 3, 3, dict()),
 ]
 FAST = [
     "3x3 pad1",
+    "grouped small images",
     "1x1 pointwise",
     "depthwise",
     "chunked im2col",

@@ -36,6 +36,10 @@ namespace {
 
 // Elements of im2col buffer per thread (1 MiB of float32 keeps it in L2/L3 next to the packing).
 constexpr int64_t kColBudget = int64_t(1) << 18;
+// The weight gradient groups images of at most this many output pixels (16 x 16) into one GEMM;
+// larger ones already give it a long enough K (grouping 32 x 32 images measured slower: the
+// gather of dY costs more than it saves).
+constexpr int64_t kGroupMaxPixels = 256;
 
 #define NNK_CONV_INLINE inline __attribute__((always_inline))
 
@@ -633,61 +637,107 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
   if (dbias && !fused_bias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
   if (gm.CRS == 0 && !fused_bias) return;
   // Work items are (image, chunk of output pixels): im2col and the GEMMs of any batch size,
-  // a single large image included, spread over the threads with per-thread partial sums.
-  const int64_t L = pw ? gm.PQ : max64(gm.L, 1), last = pw ? gm.PQ : gm.PQ - (gm.PQ - 1) / L * L;
-  const int64_t chunks = gm.PQ ? (gm.PQ + L - 1) / L : 0, items = s.N * chunks;
-  const Split sp = split_for(items);
-  const int64_t ld = gm.CRS + (fused_bias ? 1 : 0);  // columns of the (K x ld) partial sums
-
-  // A = dY[n]_g (Kg x len), B = [col; 1]^T (len x ld) or X[n]_g^T (pointwise), C = partial_g.
-  // Each thread sums its images into its own partial (one, shared by the GEMM's threads, when
-  // images run one at a time); the partials are added in thread order at the end.
-  Gemm<T> shape;
-  shape.M = gm.Kg;
-  shape.N = ld;
-  shape.rsa = dy.s[1];
-  shape.csa = dy.s[3];
-  shape.rsb = pw ? x.s[3] : 1;
-  shape.csb = pw ? x.s[1] : L;
-  shape.rsc = ld;
-  shape.csc = 1;
-  shape.beta = T(1);
-  const size_t col = pw ? 0 : size_t(ld * L);
-  const size_t part = size_t(s.K * ld);
-  size_t gws = 0;
-  if (gm.PQ) {
-    Gemm<T> a = shape, b = shape;
-    a.K = L;
-    b.K = last;
-    gws = std::max(gemm_workspace(a, sp.gemm_nt), gemm_workspace(b, sp.gemm_nt));
+  // a single large image included, spread over the threads with per-thread partial sums. Small
+  // images (kGroupMaxPixels) are grouped instead: `group` whole images per item, side by side in
+  // one im2col buffer, so one GEMM sums over group * PQ pixels (8x8 images alone give K = 64, too
+  // short for the GEMM to pay for its packing and C traffic).
+  const int64_t ld = gm.CRS + (fused_bias ? 1 : 0);  // rows of the (ld x K) partial sums
+  const int64_t L0 = pw ? gm.PQ : max64(gm.L, 1);
+  const int64_t chunks = gm.PQ ? (gm.PQ + L0 - 1) / L0 : 0;
+  int64_t group = 1;
+  if (!pw && chunks == 1 && s.N > 1 && gm.PQ <= kGroupMaxPixels) {
+    const int nt = in_parallel_region() ? 1 : num_threads();
+    group = min64(kColBudget / max64(ld * gm.PQ, 1), max64(1, s.N / (2 * nt)));  // 2 per thread
+    group = max64(group, 1);
   }
-  const size_t per = col + part + gws;
+  const int64_t L = group > 1 ? group * gm.PQ : L0;  // pixels per item (the col row stride)
+  const int64_t last = group > 1 ? (s.N - (s.N - 1) / group * group) * gm.PQ
+                       : pw      ? gm.PQ
+                                 : gm.PQ - (gm.PQ - 1) / L0 * L0;
+  const int64_t items = group > 1 ? (s.N + group - 1) / group : s.N * chunks;
+  const Split sp = split_for(items);
+
+  // Per item and group, with col = [im2col; 1] (ld x len) or X[n]_g (pointwise) and dY[n]_g
+  // (Kg x len), one of two orientations:
+  //   wide col (ld >= 4 Kg):  partial_g^T (ld x Kg) += col . dY^T   A = col, read in place (its
+  //                           rows are contiguous pixels); only the small dY^T is packed
+  //   otherwise:              partial_g (Kg x ld)   += dY . col^T   (few input channels: col^T is
+  //                           small, and dY's long rows make the better A)
+  // (With col^T packed for 64 -> 32 channels at 8x8 the pass ran 2.7x slower than torch: packing
+  // col^T is a strided gather of every element.) Partials are one per thread (one shared by the
+  // GEMM's threads when images run one at a time), added in thread order at the end.
+  const bool wide = ld >= 4 * gm.Kg;
+  const size_t col = pw ? 0 : size_t(ld * L);
+  const size_t dyg = group > 1 ? size_t(gm.Kg * L) : 0;  // grouped: dY gathered as (Kg x L)
+  const size_t part = size_t(s.K * ld);
+  // The product for `len` pixels of col (element (j, p) at c + j*cs + p*cp) and dY (element (k, p)
+  // at d + k*ds + p*dp), accumulated into the partial of group g.
+  auto product = [&](int64_t len, const T* c, int64_t cs, int64_t cp, const T* d, int64_t ds,
+                     int64_t dp, T* partial, int64_t g) {
+    Gemm<T> gg;
+    gg.K = len;
+    gg.beta = T(1);
+    gg.csc = 1;
+    if (wide) {
+      gg.M = ld, gg.N = gm.Kg;
+      gg.A = c, gg.rsa = cs, gg.csa = cp;
+      gg.B = d, gg.rsb = dp, gg.csb = ds;
+      gg.C = partial + g * gm.Kg, gg.rsc = s.K;
+    } else {
+      gg.M = gm.Kg, gg.N = ld;
+      gg.A = d, gg.rsa = ds, gg.csa = dp;
+      gg.B = c, gg.rsb = cp, gg.csb = cs;
+      gg.C = partial + g * gm.Kg * ld, gg.rsc = ld;
+    }
+    return gg;
+  };
+  size_t gws = 0;
+  if (gm.PQ) {  // the largest workspace any item's GEMM asks for (strides as in the loop)
+    const int64_t cs = pw ? x.s[1] : L, cp = pw ? x.s[3] : 1;
+    const int64_t ds = group > 1 ? L : dy.s[1], dp = group > 1 ? 1 : dy.s[3];
+    for (int64_t len : {L, last})
+      gws = std::max(
+          gws, gemm_workspace(product(len, x.p, cs, cp, dy.p, ds, dp, nullptr, 0), sp.gemm_nt));
+  }
+  const size_t per = col + dyg + part + gws;
   const int nparts = sp.images ? sp.nt : 1;
   std::vector<char> used(size_t(nparts), 0);  // partials that hold a sum
 
   T* ws = image_scratch<T>(sp, per);
   for_each_image(items, sp, ws, per, [&](int64_t item, int tid, T* scratch) {
     T* colbuf = scratch;
-    T* mine = scratch + col;
-    T* gemm_ws = scratch + col + part;
+    T* dybuf = scratch + col;
+    T* mine = scratch + col + dyg;
+    T* gemm_ws = scratch + col + dyg + part;
     if (!used[size_t(tid)]) {
       std::fill(mine, mine + part, T(0));
       used[size_t(tid)] = 1;
     }
+    if (group > 1) {  // whole images n0 .. n0 + cnt side by side
+      const int64_t n0 = item * group, cnt = min64(group, s.N - n0), len = cnt * gm.PQ;
+      for (int64_t g = 0; g < s.groups; ++g) {
+        for (int64_t i = 0; i < cnt; ++i) {
+          gm.template im2col<false>(x.p, x.s, n0 + i, g, 0, gm.PQ, colbuf + i * gm.PQ, L);
+          const T* src = dy.p + (n0 + i) * dy.s[0] + g * gm.Kg * dy.s[1];
+          for (int64_t k = 0; k < gm.Kg; ++k)
+            copy_run(dybuf + k * L + i * gm.PQ, src + k * dy.s[1], gm.PQ, dy.s[3]);
+        }
+        if (fused_bias) std::fill(colbuf + gm.CRS * L, colbuf + gm.CRS * L + len, T(1));
+        gemm(product(len, colbuf, L, 1, dybuf, L, 1, mine, g), sp.gemm_nt, gemm_ws);
+      }
+      return;
+    }
     const int64_t n = item / chunks, j0 = item % chunks * L, len = min64(L, gm.PQ - j0);
     for (int64_t g = 0; g < s.groups; ++g) {
-      Gemm<T> gg = shape;
-      gg.K = len;
-      gg.A = dy.p + n * dy.s[0] + g * gm.Kg * dy.s[1] + j0 * dy.s[3];
+      const T* d = dy.p + n * dy.s[0] + g * gm.Kg * dy.s[1] + j0 * dy.s[3];
       if (pw) {
-        gg.B = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
+        const T* xg = x.p + n * x.s[0] + g * gm.Cg * x.s[1];
+        gemm(product(len, xg, x.s[1], x.s[3], d, dy.s[1], dy.s[3], mine, g), sp.gemm_nt, gemm_ws);
       } else {
         gm.template im2col<false>(x.p, x.s, n, g, j0, len, colbuf, L);
         if (fused_bias) std::fill(colbuf + gm.CRS * L, colbuf + gm.CRS * L + len, T(1));
-        gg.B = colbuf;
+        gemm(product(len, colbuf, L, 1, d, dy.s[1], dy.s[3], mine, g), sp.gemm_nt, gemm_ws);
       }
-      gg.C = mine + g * gm.Kg * ld;
-      gemm(gg, sp.gemm_nt, gemm_ws);
     }
   });
 
@@ -695,9 +745,10 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
   parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t j = 0; j < ld; ++j) {
+        const size_t at = col + dyg + size_t(wide ? j * s.K + k : k * ld + j);
         T acc = T(0);
         for (int t = 0; t < nparts; ++t)
-          if (used[size_t(t)]) acc += ws[per * t + col + size_t(k * ld + j)];
+          if (used[size_t(t)]) acc += ws[per * t + at];
         if (j < gm.CRS)
           dw.p[k * dw.s[0] + j * dw.s[3]] = acc;
         else
