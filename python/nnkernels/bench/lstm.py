@@ -100,5 +100,7 @@ def cases(device: str, quick: bool):
         _lstm_case(device, 50, 64, 256, 512, "fwd"),
         _cell_case(device, 64, 256, 512, "fwd+bwd"),
         _lstm_case(device, 50, 32, 128, 256, "fwd+bwd", layers=2, bidirectional=True),
-        _lstm_case(device, 28, 64, 8, 128, "fwd+bwd"),  # the course's digits classifier
+        _lstm_case(
+            device, 28, 64, 8, 128, "fwd+bwd"
+        ),  # a small sequence classifier (8 features, 28 steps)
     ]
