@@ -29,6 +29,16 @@ def test_check_every_op_passes():
     assert "16/16 op/dtype rows pass" in r.stdout
 
 
+def test_check_every_isa():
+    import nnkernels
+
+    r = _run("check", "--all-isas", "--ops", "linear", "lstm_cell")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for isa in nnkernels.available_isas():
+        assert f"CPU path {isa}," in r.stdout
+    assert r.stdout.count("4/4 op/dtype rows pass") == len(nnkernels.available_isas())
+
+
 def test_check_reports_a_failure(monkeypatch):
     """A kernel that is off by a little more than rounding must fail, and the exit code say so."""
 

@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     chk.add_argument(
         "--ops", nargs="+", choices=ops, help=f"ops to check (default: all of {', '.join(ops)})"
     )
+    chk.add_argument(
+        "--all-isas", action="store_true", help="on the CPU, check every CPU path this machine has"
+    )
     sub.add_parser("info", help="build and machine facts")
     args = p.parse_args(argv)
     if args.cmd == "bench":
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     if args.cmd == "check":
         from nnkernels import check
 
-        return check.run(args.device, args.ops)
+        return check.run(args.device, args.ops, all_isas=args.all_isas)
     return info()
 
 

@@ -279,9 +279,11 @@ def _table(rows) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
 
 
-def run(device: str = "cpu", ops=None, out=print) -> int:
-    """Runs the parity checks; returns the exit code (0: all pass)."""
+def run(device: str = "cpu", ops=None, out=print, all_isas=False) -> int:
+    """Runs the parity checks; returns the exit code (0: all pass). all_isas: on the CPU, once
+    per CPU path this machine can run (avx512 / avx2 / scalar), not just the active one."""
     import nnkernels
+    from nnkernels import _C
 
     if device == "cuda" and not nnkernels.cuda_available():
         out("check --device cuda: no CUDA GPU visible to this nnkernels build")
@@ -291,24 +293,26 @@ def run(device: str = "cpu", ops=None, out=print) -> int:
         torch.backends.cudnn.allow_tf32 = False
     dtypes = [torch.float32, torch.float64] if device == "cpu" else [torch.float32]
     cases = [c for c in CASES if ops is None or c.op in ops]
-    out(
-        f"nnkernels {nnkernels.__version__} parity vs torch {torch.__version__} on {device}"
-        + (
-            f" (CPU path {nnkernels.isa()}, {nnkernels.get_num_threads()} threads)"
-            if device == "cpu"
-            else ""
-        )
-        + ": outputs and gradients vs torch's float64 result (ours within 8x torch's own error), "
-        "gradcheck in float64"
-    )
-    rows = []
-    for case in cases:
-        for dtype in dtypes:
-            rows.append(check_case(case, dtype, device))
-    out(_table(rows))
-    failed = [r for r in rows if not r.ok]
-    for r in failed:
-        for f in r.failed:
-            out(f"FAIL {r.op} {r.dtype}: {f}")
-    out(f"{len(rows) - len(failed)}/{len(rows)} op/dtype rows pass")
-    return 1 if failed else 0
+    active = _C.isa()
+    isas = nnkernels.available_isas()[::-1] if all_isas and device == "cpu" else [active]
+    failures = 0
+    try:
+        for isa in isas:
+            _C.set_isa(isa)
+            where = f" (CPU path {isa}, {nnkernels.get_num_threads()} threads)"
+            out(
+                f"nnkernels {nnkernels.__version__} parity vs torch {torch.__version__} on "
+                f"{device}{where if device == 'cpu' else ''}: outputs and gradients vs torch's "
+                "float64 result (ours within 8x torch's own error), gradcheck in float64"
+            )
+            rows = [check_case(case, dtype, device) for case in cases for dtype in dtypes]
+            out(_table(rows))
+            failed = [r for r in rows if not r.ok]
+            for r in failed:
+                for f in r.failed:
+                    out(f"FAIL {r.op} {r.dtype}: {f}")
+            out(f"{len(rows) - len(failed)}/{len(rows)} op/dtype rows pass\n")
+            failures += len(failed)
+    finally:
+        _C.set_isa(active)
+    return 1 if failures else 0
