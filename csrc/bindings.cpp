@@ -307,15 +307,15 @@ void conv2d_forward(py::handle x_, py::handle w_, py::handle bias_, py::handle y
   if (x.device == Device::cuda) {
 #if defined(NNK_WITH_CUDA)
     cuda::conv2d_forward(conv_index(s, x, w, y), x.ptr<const float>(), w.ptr<const float>(),
-                         bias_.is_none() ? nullptr : bias.ptr<const float>(), y.ptr<float>(),
-                         x.device_id, reinterpret_cast<void*>(stream));
+                         bias.ptr<const float>(), y.ptr<float>(), x.device_id,
+                         reinterpret_cast<void*>(stream));
 #endif
     return;
   }
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    cpu::conv2d_forward<T>(s, view4<const T>(x), view4<const T>(w),
-                           bias_.is_none() ? nullptr : bias.ptr<const T>(), view4<T>(y));
+    cpu::conv2d_forward<T>(s, view4<const T>(x), view4<const T>(w), bias.ptr<const T>(),
+                           view4<T>(y));
   });
 }
 
@@ -378,16 +378,16 @@ void conv2d_backward_weight(py::handle x_, py::handle dy_, py::handle dw_, py::h
   py::gil_scoped_release nogil;
   if (x.device == Device::cuda) {
 #if defined(NNK_WITH_CUDA)
-    cuda::conv2d_backward_weight(
-        conv_index(s, x, dw, dy), x.ptr<const float>(), dy.ptr<const float>(), dw.ptr<float>(),
-        db_.is_none() ? nullptr : db.ptr<float>(), x.device_id, reinterpret_cast<void*>(stream));
+    cuda::conv2d_backward_weight(conv_index(s, x, dw, dy), x.ptr<const float>(),
+                                 dy.ptr<const float>(), dw.ptr<float>(), db.ptr<float>(),
+                                 x.device_id, reinterpret_cast<void*>(stream));
 #endif
     return;
   }
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::conv2d_backward_weight<T>(s, view4<const T>(x), view4<const T>(dy), view4<T>(dw),
-                                   db_.is_none() ? nullptr : db.ptr<T>());
+                                   db.ptr<T>());
   });
 }
 
@@ -463,11 +463,6 @@ TensorView bn_channel(py::handle h, const char* name, const TensorView& ref, boo
   return v;
 }
 
-template <class T>
-const T* opt_ptr(const TensorView& v, py::handle h) {
-  return h.is_none() ? nullptr : v.ptr<const T>();
-}
-
 #if defined(NNK_WITH_CUDA)
 // The CUDA kernels' scratch for partial sums: float64, C * kBatchNormParts * 2 values, from
 // torch's allocator (Python passes it for CUDA inputs).
@@ -525,20 +520,18 @@ void bn_forward_train(py::handle x_, py::handle y_, py::handle w_, py::handle b_
     double* ws = bn_workspace(ws_, x);
     py::gil_scoped_release nogil;
     cuda::batch_norm_forward_train(
-        view3<const float>(x, "input"), view3<float>(y, "out"), opt_ptr<float>(w, w_),
-        opt_ptr<float>(b, b_), eps, momentum, mean.ptr<float>(), invstd.ptr<float>(),
-        rm_.is_none() ? nullptr : rm.ptr<float>(), rv_.is_none() ? nullptr : rv.ptr<float>(), ws,
-        x.device_id, reinterpret_cast<void*>(stream));
+        view3<const float>(x, "input"), view3<float>(y, "out"), w.ptr<const float>(),
+        b.ptr<const float>(), eps, momentum, mean.ptr<float>(), invstd.ptr<float>(),
+        rm.ptr<float>(), rv.ptr<float>(), ws, x.device_id, reinterpret_cast<void*>(stream));
 #endif
     return;
   }
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    cpu::batch_norm_forward_train<T>(
-        view3<const T>(x, "input"), view3<T>(y, "out"), opt_ptr<T>(w, w_), opt_ptr<T>(b, b_), eps,
-        momentum, mean.ptr<T>(), invstd.ptr<T>(), rm_.is_none() ? nullptr : rm.ptr<T>(),
-        rv_.is_none() ? nullptr : rv.ptr<T>());
+    cpu::batch_norm_forward_train<T>(view3<const T>(x, "input"), view3<T>(y, "out"),
+                                     w.ptr<const T>(), b.ptr<const T>(), eps, momentum,
+                                     mean.ptr<T>(), invstd.ptr<T>(), rm.ptr<T>(), rv.ptr<T>());
   });
 }
 
@@ -581,7 +574,7 @@ void bn_apply(py::handle x_, py::handle y_, py::handle center_, py::handle scale
     bn_cuda_layout({{&x, "input"}, {&y, "out"}});
     py::gil_scoped_release nogil;
     cuda::batch_norm_apply(view3<const float>(x, "input"), view3<float>(y, "out"),
-                           opt_ptr<float>(center, center_), scale.ptr<const float>(),
+                           center.ptr<const float>(), scale.ptr<const float>(),
                            shift.ptr<const float>(), x.device_id, reinterpret_cast<void*>(stream));
 #endif
     return;
@@ -589,9 +582,8 @@ void bn_apply(py::handle x_, py::handle y_, py::handle center_, py::handle scale
   py::gil_scoped_release nogil;
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    cpu::batch_norm_apply<T>(view3<const T>(x, "input"), view3<T>(y, "out"),
-                             opt_ptr<T>(center, center_), scale.ptr<const T>(),
-                             shift.ptr<const T>());
+    cpu::batch_norm_apply<T>(view3<const T>(x, "input"), view3<T>(y, "out"), center.ptr<const T>(),
+                             scale.ptr<const T>(), shift.ptr<const T>());
   });
 }
 
@@ -647,7 +639,7 @@ void bn_backward_apply(py::handle dy_, py::handle x_, py::handle mean_, py::hand
     py::gil_scoped_release nogil;
     cuda::batch_norm_backward_apply(
         view3<const float>(dy, "grad_output"), view3<const float>(x, "input"),
-        mean.ptr<const float>(), invstd.ptr<const float>(), opt_ptr<float>(w, w_),
+        mean.ptr<const float>(), invstd.ptr<const float>(), w.ptr<const float>(),
         mdy.ptr<const float>(), mdyx.ptr<const float>(), view3<float>(dx, "grad_input"),
         x.device_id, reinterpret_cast<void*>(stream));
 #endif
@@ -657,7 +649,7 @@ void bn_backward_apply(py::handle dy_, py::handle x_, py::handle mean_, py::hand
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::batch_norm_backward_apply<T>(view3<const T>(dy, "grad_output"), view3<const T>(x, "input"),
-                                      mean.ptr<const T>(), invstd.ptr<const T>(), opt_ptr<T>(w, w_),
+                                      mean.ptr<const T>(), invstd.ptr<const T>(), w.ptr<const T>(),
                                       mdy.ptr<const T>(), mdyx.ptr<const T>(),
                                       view3<T>(dx, "grad_input"));
   });
@@ -693,9 +685,8 @@ void bn_backward_train(py::handle dy_, py::handle x_, py::handle mean_, py::hand
     py::gil_scoped_release nogil;
     cuda::batch_norm_backward_train(
         view3<const float>(dy, "grad_output"), view3<const float>(x, "input"),
-        mean.ptr<const float>(), invstd.ptr<const float>(), opt_ptr<float>(w, w_), dxv,
-        dw_.is_none() ? nullptr : dw.ptr<float>(), db_.is_none() ? nullptr : db.ptr<float>(), ws,
-        x.device_id, reinterpret_cast<void*>(stream));
+        mean.ptr<const float>(), invstd.ptr<const float>(), w.ptr<const float>(), dxv,
+        dw.ptr<float>(), db.ptr<float>(), ws, x.device_id, reinterpret_cast<void*>(stream));
 #endif
     return;
   }
@@ -705,9 +696,8 @@ void bn_backward_train(py::handle dy_, py::handle x_, py::handle mean_, py::hand
     cpu::View3<T> dxv;
     if (!dx_.is_none()) dxv = view3<T>(dx, "grad_input");
     cpu::batch_norm_backward_train<T>(view3<const T>(dy, "grad_output"), view3<const T>(x, "input"),
-                                      mean.ptr<const T>(), invstd.ptr<const T>(), opt_ptr<T>(w, w_),
-                                      dxv, dw_.is_none() ? nullptr : dw.ptr<T>(),
-                                      db_.is_none() ? nullptr : db.ptr<T>());
+                                      mean.ptr<const T>(), invstd.ptr<const T>(), w.ptr<const T>(),
+                                      dxv, dw.ptr<T>(), db.ptr<T>());
   });
 }
 
@@ -765,8 +755,8 @@ double ce_check_targets(py::handle target_, int64_t C, int64_t ignore_index, py:
   {
     py::gil_scoped_release nogil;
     if (w.ndim == 0 || w.dtype == DType::f32)
-      bad = cpu::cross_entropy_check_targets<float>(
-          t.ptr<const int64_t>(), t.shape[0], C, ignore_index, opt_ptr<float>(w, weight_), &total);
+      bad = cpu::cross_entropy_check_targets<float>(t.ptr<const int64_t>(), t.shape[0], C,
+                                                    ignore_index, w.ptr<const float>(), &total);
     else
       bad = cpu::cross_entropy_check_targets<double>(t.ptr<const int64_t>(), t.shape[0], C,
                                                      ignore_index, w.ptr<const double>(), &total);
@@ -831,15 +821,15 @@ void ce_forward(py::handle x_, py::handle target_, py::handle soft_, py::handle 
     a.x = x.data;
     a.dtype = x.dtype;
     a.rows = rows, a.C = C, a.ldx = x.strides[0];
-    a.target = target.ndim ? target.ptr<const int64_t>() : nullptr;
+    a.target = target.ptr<const int64_t>();
     a.ignore_index = ignore_index;
-    a.soft = soft.ndim ? soft.data : nullptr;
-    a.ldt = soft.ndim ? soft.strides[0] : 0;
-    a.weight = weight.ndim ? weight.data : nullptr;
+    a.soft = soft.data;
+    a.ldt = soft.strides[0];
+    a.weight = weight.data;
     a.smoothing = float(smoothing);
     a.loss = loss.data;
-    a.grad = grad.ndim ? grad.data : nullptr;
-    a.ldg = grad.ndim ? grad.strides[0] : 0;
+    a.grad = grad.data;
+    a.ldg = grad.strides[0];
     a.grad_scale = float(grad_scale);
     a.grad_scale_divisor = divisor;
     py::gil_scoped_release nogil;
@@ -854,15 +844,15 @@ void ce_forward(py::handle x_, py::handle target_, py::handle soft_, py::handle 
     cpu::CrossEntropyArgs<T> a;
     a.x = x.ptr<const T>();
     a.rows = rows, a.C = C, a.ldx = x.strides[0];
-    a.target = target.ndim ? target.ptr<const int64_t>() : nullptr;
+    a.target = target.ptr<const int64_t>();
     a.ignore_index = ignore_index;
-    a.soft = soft.ndim ? soft.ptr<const T>() : nullptr;
-    a.ldt = soft.ndim ? soft.strides[0] : 0;
-    a.weight = weight.ndim ? weight.ptr<const T>() : nullptr;
+    a.soft = soft.ptr<const T>();
+    a.ldt = soft.strides[0];
+    a.weight = weight.ptr<const T>();
     a.smoothing = smoothing;
     a.loss = loss.ptr<T>();
-    a.grad = grad.ndim ? grad.ptr<T>() : nullptr;
-    a.ldg = grad.ndim ? grad.strides[0] : 0;
+    a.grad = grad.ptr<T>();
+    a.ldg = grad.strides[0];
     a.grad_scale = grad_scale;
     cpu::cross_entropy_forward<T>(a);
   });
@@ -954,7 +944,7 @@ struct LstmViews {
     a.x = x.ptr<const T_>(), a.rsx = ldx, a.csx = 1;
     a.w_ih = w_ih.ptr<const T_>(), a.rsw_ih = w_ih.strides[0], a.csw_ih = w_ih.strides[1];
     a.w_hh = w_hh.ptr<const T_>(), a.rsw_hh = w_hh.strides[0], a.csw_hh = w_hh.strides[1];
-    a.bias = bias.ndim ? bias.ptr<const T_>() : nullptr;
+    a.bias = bias.ptr<const T_>();
     a.h0 = h0.ptr<const T_>(), a.ldh0 = ldh0;
     a.c0 = c0.ptr<const T_>(), a.ldc0 = ldc0;
     a.y = y.ptr<T_>(), a.ldy = ldy;
@@ -1069,12 +1059,12 @@ void lstm_backward(py::handle x_, py::handle w_ih_, py::handle w_hh_, py::handle
   lstm_dispatch(v, stream, [&](auto* tag, bool cuda, int device, void* st) {
     using T_ = std::remove_pointer_t<decltype(tag)>;
     LstmLayer<T_> a = v.layer<T_>(reverse);
-    a.dy = dy.ndim ? dy.ptr<const T_>() : nullptr, a.sdyt = sdyt, a.sdyb = sdyb;
+    a.dy = dy.ptr<const T_>(), a.sdyt = sdyt, a.sdyb = sdyb;
     a.dh = dh.ptr<T_>(), a.dc = dc.ptr<T_>();
-    a.dx = dx.ndim ? dx.ptr<T_>() : nullptr, a.lddx = lddx, a.dx_accumulate = accumulate;
-    a.dw_ih = dw_ih.ndim ? dw_ih.ptr<T_>() : nullptr;
-    a.dw_hh = dw_hh.ndim ? dw_hh.ptr<T_>() : nullptr;
-    a.dbias = dbias.ndim ? dbias.ptr<T_>() : nullptr;
+    a.dx = dx.ptr<T_>(), a.lddx = lddx, a.dx_accumulate = accumulate;
+    a.dw_ih = dw_ih.ptr<T_>();
+    a.dw_hh = dw_hh.ptr<T_>();
+    a.dbias = dbias.ptr<T_>();
     py::gil_scoped_release nogil;
     if (cuda) {
 #if defined(NNK_WITH_CUDA)

@@ -40,6 +40,8 @@ inline int dtype_size(DType t) {
   }
 }
 
+// A default-constructed view stands for an absent optional argument: data null, no dims, strides
+// 0, so kernels can take view.ptr<T>() as "or null" directly.
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::unsupported;
