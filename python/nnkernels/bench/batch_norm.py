@@ -7,7 +7,7 @@ import torch
 
 import nnkernels
 
-from .harness import Case
+from .harness import Case, one_pass
 
 
 def _case(shape, device, mode, channels_last=False):
@@ -24,14 +24,7 @@ def _case(shape, device, mode, channels_last=False):
         m.train(mode != "eval")
 
     def make(m):
-        if mode == "fwd+bwd":
-            return lambda: torch.autograd.grad(m(x), (x, m.weight, m.bias), g)
-
-        def fwd():
-            with torch.no_grad():
-                return m(x)
-
-        return fwd
+        return one_pass(lambda: m(x), mode == "fwd+bwd", (x, m.weight, m.bias), g)
 
     passes = {"fwd": 2, "eval": 2, "fwd+bwd": 5}[mode]
     name = "x".join(map(str, shape)) + (" channels_last" if channels_last else "") + f" {mode}"

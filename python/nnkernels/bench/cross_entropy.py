@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import nnkernels.functional as NF
 
-from .harness import Case
+from .harness import Case, one_pass
 
 
 def _ce_case(n, c, device, mode, **kw):
@@ -19,14 +19,7 @@ def _ce_case(n, c, device, mode, **kw):
     x.requires_grad_(mode == "fwd+bwd")
 
     def make(fn):
-        if mode == "fwd+bwd":
-            return lambda: torch.autograd.grad(fn(x, t, **kw), x)
-
-        def fwd():
-            with torch.no_grad():
-                return fn(x, t, **kw)
-
-        return fwd
+        return one_pass(lambda: fn(x, t, **kw), mode == "fwd+bwd", x)
 
     opts = "".join(f" {k}={v}" for k, v in kw.items())
     passes = 2 if mode == "fwd+bwd" else 1

@@ -59,6 +59,20 @@ class Result:
     torch_peak_mb: float | None = None
 
 
+def one_pass(call, backward: bool, wrt=(), grad_output=None):
+    """The timed callable of a case: call() under torch.no_grad() (a forward pass), or call()
+    followed by the gradients of its output w.r.t. `wrt` (grad_output: the output's cotangent;
+    None for a scalar loss)."""
+    if backward:
+        return lambda: torch.autograd.grad(call(), wrt, grad_output)
+
+    def forward():
+        with torch.no_grad():
+            return call()
+
+    return forward
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

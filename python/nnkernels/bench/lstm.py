@@ -6,7 +6,7 @@ import torch
 
 import nnkernels
 
-from .harness import Case
+from .harness import Case, one_pass
 
 
 def _lstm_flops(T, B, I, H, layers, D, backward, input_grad):
@@ -33,15 +33,8 @@ def _lstm_case(device, T, B, I, H, mode, layers=1, bidirectional=False, input_gr
     g = torch.randn(T, B, D * H, device=device)
 
     def make(m):
-        if mode == "fwd+bwd":
-            params = list(m.parameters()) + ([x] if input_grad else [])
-            return lambda: torch.autograd.grad(m(x)[0], params, g)
-
-        def fwd():
-            with torch.no_grad():
-                return m(x)
-
-        return fwd
+        wrt = list(m.parameters()) + ([x] if input_grad else [])
+        return one_pass(lambda: m(x)[0], mode == "fwd+bwd", wrt, g)
 
     name = f"LSTM({I},{H}"
     name += f", layers={layers}" if layers > 1 else ""
@@ -67,15 +60,7 @@ def _cell_case(device, B, I, H, mode):
     g = torch.randn(B, H, device=device)
 
     def make(m):
-        if mode == "fwd+bwd":
-            params = list(m.parameters())
-            return lambda: torch.autograd.grad(m(x, (h, c))[0], params, g)
-
-        def fwd():
-            with torch.no_grad():
-                return m(x, (h, c))
-
-        return fwd
+        return one_pass(lambda: m(x, (h, c))[0], mode == "fwd+bwd", list(m.parameters()), g)
 
     fwd_flops = 2.0 * B * 4 * H * (I + H)
     return Case(
