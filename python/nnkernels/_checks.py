@@ -78,3 +78,15 @@ def check_operands(ref, ref_name: str, *others) -> None:
             and not x.is_meta
         ) or (is_cuda and x.device != ref.device):
             check_same(x, name, ref, ref_name)
+
+
+def autocast_on(x) -> bool:
+    """Whether torch.autocast is active for x's device. Under autocast torch computes matmul,
+    linear, conv2d and the LSTMs in float16 / bfloat16, which nnkernels does not: those ops then
+    return torch's own result rather than a float32 one (a silently different dtype)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
+        return False  # the checks that follow name the argument or the device
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()

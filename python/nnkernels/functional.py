@@ -31,6 +31,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     operands are treated as a row (a) or a column (b) vector and that dimension is dropped, as in
     torch. float32/float64 on CPU, float32 on CUDA.
     """
+    if _checks.autocast_on(a):  # torch computes it in float16 / bfloat16 there: torch's result
+        return torch.matmul(a, b)
     _checks.check_operands(a, "a", b, "b")
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError(
@@ -82,6 +84,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor
     (*, out_features). The bias is added inside the GEMM; the leading dims of input are folded
     into the GEMM's M dimension.
     """
+    if _checks.autocast_on(input):  # torch computes it in float16 / bfloat16 there: torch's result
+        return torch.nn.functional.linear(input, weight, bias)
     _checks.check_operands(input, "input", weight, "weight", bias, "bias")
     if input.dim() == 0:
         raise ValueError("linear: input must be at least 1-D (*, in_features), got a 0-D tensor")
@@ -155,6 +159,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     total padding puts the extra row/column after, as torch does). Returns (N, K, P, Q), in
     channels_last memory format when input or weight is.
     """
+    if _checks.autocast_on(input):  # torch computes it in float16 / bfloat16 there: torch's result
+        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     _checks.check_operands(input, "input", weight, "weight", bias, "bias")
     if input.dim() not in (3, 4):
         raise ValueError(
@@ -499,6 +505,11 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     pointwise kernel; the backward is one fused kernel plus GEMMs.
     """
     h, c = _lstm_hx(hx, "lstm_cell")
+    if _checks.autocast_on(input):  # torch computes it in float16 / bfloat16 there: torch's result
+        zeros = input.new_zeros(*input.shape[:-1], w_hh.shape[-1]) if h is None else None
+        return torch.lstm_cell(
+            input, (zeros if h is None else h, zeros if c is None else c), w_ih, w_hh, b_ih, b_hh
+        )
     _checks.check_operands(
         input, "input", h, "h", c, "c", w_ih, "w_ih", w_hh, "w_hh", b_ih, "b_ih", b_hh, "b_hh"
     )
@@ -512,13 +523,29 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     x = input if batched else input.unsqueeze(0)
     B = x.shape[0]
     state = (B, H) if batched else (H,)
-    h = _lstm_state(h, "h", state, x).reshape(1, B, H)
-    c = _lstm_state(c, "c", state, x).reshape(1, B, H)
-    y, _, cn = _lstm_ops.lstm_layer(
-        _lstm_ops._unit_last(x).unsqueeze(0), h, c, (w_ih, w_hh, b_ih, b_hh), 1
-    )
+    h = _lstm_state(h, "h", state, x).reshape(B, H)
+    c = _lstm_state(c, "c", state, x).reshape(B, H)
+    x3, h3, c3 = _lstm_ops._unit_last(x).unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0)
+    y, _, cn = _lstm_ops.lstm_layer(x3, h3, c3, (w_ih, w_hh, b_ih, b_hh), 1)
     h1, c1 = y[0], cn[0]
     return (h1, c1) if batched else (h1[0], c1[0])
+
+
+def _lstm_autocast(input, h0, c0, params, has_biases, num_layers, dropout, train, D, batch_first):
+    """torch's LSTM (torch.lstm, as torch.nn.LSTM calls it), for inputs under torch.autocast."""
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if h0 is None or c0 is None:
+        zeros = x.new_zeros(
+            num_layers * D, x.shape[0 if batched and batch_first else 1], params[1].shape[-1]
+        )
+    h0 = zeros if h0 is None else h0 if batched else h0.unsqueeze(1)
+    c0 = zeros if c0 is None else c0 if batched else c0.unsqueeze(1)
+    args = (list(params), has_biases, num_layers, dropout, train, D == 2, batch_first and batched)
+    out, h_n, c_n = torch.lstm(x, (h0, c0), *args)
+    if not batched:
+        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    return out, (h_n, c_n)
 
 
 def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
@@ -538,6 +565,10 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
             f"bidirectional={bidirectional}, bias={has_biases}, got {len(params)}"
         )
     h0, c0 = _lstm_hx(hx, "lstm")
+    if _checks.autocast_on(input):  # torch computes it in float16 / bfloat16 there: torch's result
+        return _lstm_autocast(
+            input, h0, c0, params, has_biases, num_layers, dropout, train, D, batch_first
+        )
     _checks.check_operands(input, "input", h0, "h0", c0, "c0")
     for k, p in enumerate(params):
         _checks.check_same(p, f"params[{k}]", input, "input")

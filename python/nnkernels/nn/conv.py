@@ -1,7 +1,6 @@
 import torch
 
 from .. import functional as NF
-from ._autocast import autocast_on
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -10,8 +9,6 @@ class Conv2d(torch.nn.Conv2d):
     holds. Non-zero padding modes pad explicitly first, exactly as torch.nn.Conv2d does."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if autocast_on(input):
-            return super().forward(input)
         if self.padding_mode != "zeros":
             input = torch.nn.functional.pad(
                 input, self._reversed_padding_repeated_twice, mode=self.padding_mode

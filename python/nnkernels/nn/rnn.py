@@ -2,7 +2,6 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as NF
-from ._autocast import autocast_on
 
 
 class LSTMCell(torch.nn.LSTMCell):
@@ -10,8 +9,6 @@ class LSTMCell(torch.nn.LSTMCell):
     bias_ih / bias_hh, init and state_dict are torch's)."""
 
     def forward(self, input, hx=None):
-        if autocast_on(input):
-            return super().forward(input, hx)
         return NF.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
@@ -35,8 +32,6 @@ class LSTM(torch.nn.LSTM):
                 "nnkernels.nn.LSTM: PackedSequence input is not supported; pass a padded tensor "
                 "(torch.nn.utils.rnn.pad_packed_sequence) or use torch.nn.LSTM"
             )
-        if autocast_on(input):
-            return super().forward(input, hx)
         params = [getattr(self, name) for name in self._flat_weights_names]
         return NF.lstm(
             input,
