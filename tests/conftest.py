@@ -20,7 +20,7 @@ def _seed():
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """Runs the test once per CPU path this machine has (avx512 / avx2 / scalar)."""
+    """Runs the test once per CPU path this machine has (avx512 / avx2 / baseline)."""
     before = _C.isa()
     emulate = request.param == "avx2-as-avx512-tiles"
     _C.set_isa("avx2" if emulate else request.param)

@@ -22,7 +22,7 @@ def _run(code, **env):
 def test_version_and_isa():
     assert nnkernels.__version__
     assert nnkernels.isa() in nnkernels.available_isas()
-    assert nnkernels.available_isas()[0] == "scalar"
+    assert nnkernels.available_isas()[0] == "baseline"
     assert _C.best_isa() == nnkernels.available_isas()[-1]
     name = _C.gemm_kernel_name("float32")
     assert name.startswith(f"sgemm_{nnkernels.isa()}_")
@@ -32,6 +32,11 @@ def test_version_and_isa():
 def test_isa_env_forces_a_path(isa):
     out, _ = _run("import nnkernels; print(nnkernels.isa())", NNKERNELS_ISA=isa)
     assert out == isa
+
+
+def test_isa_env_accepts_the_old_name_of_the_baseline_path():
+    out, _ = _run("import nnkernels; print(nnkernels.isa())", NNKERNELS_ISA="scalar")
+    assert out == "baseline"
 
 
 def test_isa_env_bad_value_warns_and_keeps_best():

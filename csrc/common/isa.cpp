@@ -17,12 +17,13 @@ const char* isa_name(Isa isa) {
     case Isa::avx2:
       return "avx2";
     default:
-      return "scalar";
+      return "baseline";
   }
 }
 
 bool isa_from_name(const char* name, Isa* out) {
-  for (Isa i : {Isa::scalar, Isa::avx2, Isa::avx512})
+  if (std::strcmp(name, "scalar") == 0) name = "baseline";
+  for (Isa i : {Isa::baseline, Isa::avx2, Isa::avx512})
     if (std::strcmp(name, isa_name(i)) == 0) {
       *out = i;
       return true;
@@ -39,14 +40,14 @@ static unsigned long long xgetbv0() {
 
 static Isa detect() {
   unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::scalar;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::baseline;
   const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
-  if (!(osxsave && avx && fma)) return Isa::scalar;
+  if (!(osxsave && avx && fma)) return Isa::baseline;
   const unsigned long long xcr0 = xgetbv0();
-  if ((xcr0 & 0x6) != 0x6) return Isa::scalar;  // OS saves XMM and YMM state
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::scalar;
+  if ((xcr0 & 0x6) != 0x6) return Isa::baseline;  // OS saves XMM and YMM state
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::baseline;
   const bool avx2 = b & (1u << 5);
-  if (!avx2) return Isa::scalar;
+  if (!avx2) return Isa::baseline;
   // The AVX-512 unit is compiled with F, DQ, BW and VL (Skylake-SP, Ice Lake, Zen 4 and later).
   const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   const bool os_zmm = (xcr0 & 0xe6) == 0xe6;  // opmask, ZMM_Hi256, Hi16_ZMM state
@@ -54,7 +55,7 @@ static Isa detect() {
   return Isa::avx2;
 }
 #else
-static Isa detect() { return Isa::scalar; }
+static Isa detect() { return Isa::baseline; }
 #endif
 
 Isa best_isa() {

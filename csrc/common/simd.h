@@ -1,23 +1,55 @@
 // SIMD mapping header (ggml-style): each kernel is written once against Simd<T> and compiled once
-// per ISA, in a translation unit that defines exactly one of
-//   NNK_ISA_AVX512  (compiled with -mavx512f -mavx512vl -mavx512bw -mavx512dq -mfma)
-//   NNK_ISA_AVX2    (compiled with -mavx2 -mfma)
-//   NNK_ISA_SCALAR  (no ISA flags: portable GCC/Clang vector extensions, SSE2 on x86-64)
-// Everything lands in namespace nnk::<isa> so that inline functions and template instances built
-// with different -m flags never merge at link time (an AVX-512 copy picked for the AVX2 path would
-// fault on a CPU without AVX-512).
+// per ISA. CMake compiles every source that includes this header once per path with
+// -DNNK_ISA=<path> and that path's flags (CMakeLists.txt, common/isa.h):
+//   avx512    -mavx512f -mavx512vl -mavx512bw -mavx512dq -mfma
+//   avx2      -mavx2 -mfma
+//   baseline  no ISA flags: portable GCC/Clang 16-byte vectors (SSE2 on x86-64, NEON on aarch64)
+// The loops land in namespace nnk::<path> (NNK_ISA_NS) so that inline functions and template
+// instances built with different -m flags never merge at link time (an AVX-512 copy picked for the
+// AVX2 path would fault on a CPU without AVX-512). For the same reason the per-path code uses no
+// out-of-line templates shared with other translation units (std::vector, std::copy, ...): only
+// what lives in nnk::<path>, plain libm calls and always-inlined helpers. The code a source
+// compiles once (its driver) sits under `#if NNK_BASELINE_PASS`.
 //
 // Simd<T> provides: V (the register type), W (lanes), zero, set1, load, store, stream (a
 // non-temporal store to a sizeof(V)-aligned address), fma (a*b+c), mul, add, sub, max / min
 // (x86 semantics: max(a, b) = a > b ? a : b, so a NaN in b comes through), div,
 // select_abs_lt(x, lim, a, b) (a where |x| < lim, else b; NaN x gives b), zero_below(x, lo, r)
 // (r where x >= lo or x is NaN, else 0) and pow2_bits(t) (2^n, for t = n + magic as in exp(),
-// simd_math.h). On AVX2 and
-// AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double) with 256-bit
-// shuffles: the AVX-512 unit uses the very same code as the AVX2 one.
+// simd_math.h). On AVX2 and AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4
+// double) with 256-bit shuffles: the AVX-512 unit uses the very same code as the AVX2 one.
 #pragma once
 #include <cstdint>
 #include <type_traits>
+
+#define NNK_ISA_LEVEL_baseline 0
+#define NNK_ISA_LEVEL_avx2 1
+#define NNK_ISA_LEVEL_avx512 2
+#define NNK_ISA_CAT2(a, b) a##b
+#define NNK_ISA_CAT(a, b) NNK_ISA_CAT2(a, b)
+#if !defined(NNK_ISA)
+#error "SIMD sources are compiled once per ISA by CMake with -DNNK_ISA=baseline|avx2|avx512"
+#endif
+#define NNK_ISA_NS NNK_ISA
+#define NNK_ISA_LEVEL NNK_ISA_CAT(NNK_ISA_LEVEL_, NNK_ISA)
+// The pass that also compiles the source's ISA-neutral code (once per build).
+#define NNK_BASELINE_PASS (NNK_ISA_LEVEL == 0)
+
+#if NNK_ISA_LEVEL == 2
+#if !defined(__AVX512F__)
+#error "the avx512 pass must be compiled with -mavx512f"
+#endif
+#define NNK_ISA_AVX512 1
+#elif NNK_ISA_LEVEL == 1
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "the avx2 pass must be compiled with -mavx2 -mfma"
+#endif
+#define NNK_ISA_AVX2 1
+#elif NNK_ISA_LEVEL == 0
+#define NNK_ISA_BASELINE 1
+#else
+#error "NNK_ISA must be baseline, avx2 or avx512"
+#endif
 
 #if defined(NNK_ISA_AVX512) || defined(NNK_ISA_AVX2)
 #include <immintrin.h>
@@ -25,29 +57,35 @@
 #include <emmintrin.h>
 #endif
 
-#if defined(NNK_ISA_AVX512)
-#if !defined(__AVX512F__)
-#error "NNK_ISA_AVX512 translation units must be compiled with -mavx512f"
-#endif
-#define NNK_ISA_NS avx512
-#elif defined(NNK_ISA_AVX2)
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "NNK_ISA_AVX2 translation units must be compiled with -mavx2 -mfma"
-#endif
-#define NNK_ISA_NS avx2
-#elif defined(NNK_ISA_SCALAR)
-#define NNK_ISA_NS scalar
-#else
-#error "define one of NNK_ISA_AVX512, NNK_ISA_AVX2, NNK_ISA_SCALAR before including simd.h"
-#endif
-
 #define NNK_INLINE inline __attribute__((always_inline))
+
+// In a per-ISA section: defines table_fn<T>() in this pass's namespace, returning the constexpr
+// Table<T> that Loops<T>::table() builds, for float and double. The driver declares it with
+// NNK_PER_ISA and calls it with NNK_ISA_CALL (common/isa.h).
+#define NNK_ISA_TABLE(table_fn, Table, Loops)        \
+  template <class T>                                 \
+  const Table<T>& table_fn() {                       \
+    static constexpr Table<T> k = Loops<T>::table(); \
+    return k;                                        \
+  }                                                  \
+  template const Table<float>& table_fn<float>();    \
+  template const Table<double>& table_fn<double>();
 
 namespace nnk {
 namespace NNK_ISA_NS {
 
 template <class T>
 struct Simd;
+
+// std::min / std::max for the per-ISA code (see the top of this file: no std templates there).
+template <class T>
+NNK_INLINE T lo(T a, T b) {
+  return b < a ? b : a;
+}
+template <class T>
+NNK_INLINE T hi(T a, T b) {
+  return a < b ? b : a;
+}
 
 #if defined(NNK_ISA_AVX512)
 
@@ -269,7 +307,7 @@ struct BlockTranspose<double> {
   }
 };
 
-#else  // NNK_ISA_SCALAR: 16-byte GCC/Clang vectors (SSE2 on x86-64, NEON on aarch64)
+#else  // baseline: 16-byte GCC/Clang vectors (SSE2 on x86-64, NEON on aarch64)
 
 template <class T>
 struct Simd {

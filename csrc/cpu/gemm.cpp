@@ -1,5 +1,6 @@
-// GEMM driver: ISA dispatch, cache blocking, packing, threading and edge tiles, written once for
-// every micro-kernel (see gemm.h for the contract, gemm_kernel.h for the per-ISA part).
+// The project's GEMM on the CPU (gemm.h). Two parts: the micro-kernel and packing routines, written
+// once against Simd<T> and compiled once per ISA (namespace nnk::<isa>), and the driver - ISA
+// dispatch, cache blocking, packing, threading and edge tiles - compiled once (NNK_BASELINE_PASS).
 //
 // Loop nest per thread (BLIS):
 //   for jc in N step nc:                      B block kc x nc, packed once, shared by all threads
@@ -23,8 +24,259 @@
 //   - M small and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is computed instead,
 //     so the large weight is streamed in place once and only the small A^T is packed.
 // Partial tiles of an operand read in place are packed into a small per-thread buffer.
+#include "common/simd.h"
 #include "cpu/gemm.h"
 
+// ======================================================= micro-kernels (compiled once per ISA)
+//
+// Tile: MR rows x NR = NV*W columns of C held in MR*NV vector registers. Per k step the kernel
+// loads NV vectors of the packed B row and, for each of the MR rows, broadcasts one packed A value
+// and issues NV FMAs: MR*NV FMAs for NV loads + MR broadcasts.
+//   AVX-512 f32 14x32: 28 accumulators + 2 B vectors (of 32 zmm).  AVX2 f32 6x16: 12 + 2 (of 16
+//   ymm).
+namespace nnk {
+namespace NNK_ISA_NS {
+
+template <class T, int MR, int NV>
+struct GemmTile {
+  using S = Simd<T>;
+  using V = typename S::V;
+  static constexpr int W = S::W;
+  static constexpr int NR = NV * W;
+  static_assert(MR * NR <= cpu::kMaxTileElems, "tile larger than the driver's edge buffer");
+
+  // One MR x NR tile of C over kc steps of k:
+  //   C[i*rsc + j] = alpha * sum_k A(i, k) * b[k*rsb + j] + beta * C[i*rsc + j] (+ biases)
+  // kPackedA: A(i, k) = a[k*MR + i] (a packed panel); otherwise A(i, k) = a[i*rsa + k*csa], read
+  // in place (the driver's skinny paths). B rows are NR contiguous values, rsb apart: a packed
+  // panel (rsb = NR) or B itself when it is row-major. beta == 0: C is not read.
+  template <bool kPackedA>
+  static NNK_INLINE void run(int64_t kc, const T* __restrict a, int64_t rsa, int64_t csa,
+                             const T* __restrict b, int64_t rsb, T* __restrict c, int64_t rsc,
+                             T alpha, T beta, const T* bias_m, const T* bias_n) {
+    V acc[MR][NV];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] = S::zero();
+
+    // C is written after the k loop; start fetching it now.
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      __builtin_prefetch(c + i * rsc, 1, 3);
+      __builtin_prefetch(c + i * rsc + NR - 1, 1, 3);
+    }
+
+    const T* rows[MR];  // unpacked A: one pointer per row, stepped by csa
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) rows[i] = a + i * rsa;
+
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; ++k) {
+      V bv[NV];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) bv[j] = S::load(b + j * W);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        const V av = S::set1(kPackedA ? a[i] : *rows[i]);
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[i][j] = S::fma(av, bv[j], acc[i][j]);
+      }
+      if (kPackedA) {
+        a += MR;
+      } else {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) rows[i] += csa;
+      }
+      b += rsb;
+    }
+
+    const V va = S::set1(alpha), vb = S::set1(beta);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      T* ci = c + i * rsc;
+      const V rowb = bias_m ? S::set1(bias_m[i]) : S::zero();
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        V r = S::mul(acc[i][j], va);
+        if (beta != T(0)) r = S::fma(vb, S::load(ci + j * W), r);
+        if (bias_n) r = S::add(r, S::load(bias_n + j * W));
+        if (bias_m) r = S::add(r, rowb);
+        S::store(ci + j * W, r);
+      }
+    }
+  }
+
+  static void tile(int64_t kc, const T* a, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha,
+                   T beta, const T* bias_m, const T* bias_n) {
+    run<true>(kc, a, 0, 0, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+  }
+
+  static void tile_strided_a(int64_t kc, const T* a, int64_t rsa, int64_t csa, const T* b,
+                             int64_t rsb, T* c, int64_t rsc, T alpha, T beta, const T* bias_m,
+                             const T* bias_n) {
+    run<false>(kc, a, rsa, csa, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+  }
+
+  // Peak probe: MR*NV independent FMA chains, the register budget of the kernel and nothing else
+  // (no loads). Returns the flops executed; the sum lands in sink[0..W) so nothing is elided.
+  static int64_t fma_loop(int64_t iters, T* sink) {
+    V acc[MR][NV];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] = S::set1(T(i * NV + j));
+    const V m = S::set1(T(0.999999)), c = S::set1(T(1e-6));
+    for (int64_t it = 0; it < iters; ++it)
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[i][j] = S::fma(acc[i][j], m, c);
+    V s = S::zero();
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) s = S::add(s, acc[i][j]);
+    S::store(sink, s);
+    return iters * MR * NV * W * 2;
+  }
+
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+  // One TB-wide k step of an A panel whose rows are contiguous in k: the MR rows in groups of TB
+  // (the last group may be short), each transposed into dst[kk*MR + g + i].
+  template <int G>
+  static NNK_INLINE void transpose_row_groups(const T* src, int64_t rsa, T* dst) {
+    using BT = BlockTranspose<T>;
+    constexpr int ROWS = MR - G < BT::TB ? MR - G : BT::TB;
+    BT::template run<ROWS>(src + G * rsa, rsa, dst + G, MR);
+    if constexpr (G + BT::TB < MR) transpose_row_groups<G + BT::TB>(src, rsa, dst);
+  }
+#endif
+
+  static void pack_a(int64_t m, int64_t k, const T* a, int64_t rsa, int64_t csa, T* dst) {
+    for (int64_t i0 = 0; i0 < m; i0 += MR, dst += MR * k) {
+      const int64_t mr = m - i0 < MR ? m - i0 : MR;
+      const T* src = a + i0 * rsa;
+      if (mr == MR && csa == 1) {
+        // Rows contiguous in k (A row-major): a transpose. TB x TB blocks in registers where the
+        // ISA has them (row groups of TB, the last one masked), scalar for the k tail.
+        int64_t p = 0;
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+        for (; p + BlockTranspose<T>::TB <= k; p += BlockTranspose<T>::TB)
+          transpose_row_groups<0>(src + p, rsa, dst + p * MR);
+#endif
+        for (; p < k; ++p)
+#pragma GCC unroll 32
+          for (int i = 0; i < MR; ++i) dst[p * MR + i] = src[i * rsa + p];
+      } else if (mr == MR && rsa == 1) {
+        // Columns contiguous (A transposed): each k step is one contiguous run of MR.
+        for (int64_t p = 0; p < k; ++p)
+#pragma GCC unroll 32
+          for (int i = 0; i < MR; ++i) dst[p * MR + i] = src[p * csa + i];
+      } else {
+        for (int64_t p = 0; p < k; ++p)
+          for (int i = 0; i < MR; ++i) dst[p * MR + i] = i < mr ? src[i * rsa + p * csa] : T(0);
+      }
+    }
+  }
+
+  static void pack_b(int64_t k, int64_t n, const T* b, int64_t rsb, int64_t csb, T* dst) {
+    for (int64_t j0 = 0; j0 < n; j0 += NR, dst += NR * k) {
+      const int64_t nr = n - j0 < NR ? n - j0 : NR;
+      const T* src = b + j0 * csb;
+      if (nr == NR && csb == 1) {
+        // Rows contiguous (B row-major): a vector copy per k step.
+        for (int64_t p = 0; p < k; ++p)
+#pragma GCC unroll 8
+          for (int j = 0; j < NV; ++j)
+            S::store(dst + p * NR + j * W, S::load(src + p * rsb + j * W));
+      } else if (nr == NR && rsb == 1) {
+        // Columns contiguous in k (B = W^T of a row-major weight): a transpose. TB x TB blocks in
+        // registers where the ISA has them, else blocks of 8 k steps so each source column is
+        // read as a contiguous run; scalar for the k tail.
+        int64_t p = 0;
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+        using BT = BlockTranspose<T>;
+        static_assert(NR % BT::TB == 0, "B panels are whole transpose blocks");
+        for (; p + BT::TB <= k; p += BT::TB)
+#pragma GCC unroll 8
+          for (int g = 0; g < NR; g += BT::TB)
+            BT::template run<BT::TB>(src + g * csb + p, csb, dst + p * NR + g, NR);
+#else
+        for (; p + 8 <= k; p += 8)
+          for (int j = 0; j < NR; ++j) {
+            const T* col = src + j * csb + p;
+#pragma GCC unroll 8
+            for (int q = 0; q < 8; ++q) dst[(p + q) * NR + j] = col[q];
+          }
+#endif
+        for (; p < k; ++p)
+          for (int j = 0; j < NR; ++j) dst[p * NR + j] = src[j * csb + p];
+      } else {
+        for (int64_t p = 0; p < k; ++p)
+          for (int j = 0; j < NR; ++j) dst[p * NR + j] = j < nr ? src[p * rsb + j * csb] : T(0);
+      }
+    }
+  }
+};
+
+template <class T, int MR, int NV>
+constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc, int nc) {
+  using K = GemmTile<T, MR, NV>;
+  return cpu::GemmUKernel<T>{name,       MR,         K::NR,       mc,
+                             kc,         nc,         &K::tile,    &K::tile_strided_a,
+                             &K::pack_a, &K::pack_b, &K::fma_loop};
+}
+
+// The kernels of this pass. AVX-512 (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4): 32 zmm
+// registers, 2 x 512-bit FMA; f32 14x32 and f64 14x16 are 28 accumulators + 2 B vectors; kc = 192
+// keeps the B micro-panel (kc x 32 floats = 24 KiB) in a 32-48 KiB L1, mc = 336 the A block
+// (258 KiB) in L2. AVX2 + FMA (Haswell and later, Zen): 16 ymm, f32 6x16 and f64 6x8 are 12
+// accumulators + 2 B vectors + 1 broadcast; kc = 384 keeps the B micro-panel (24 KiB) in a 32 KiB
+// L1 and means fewer passes over C than kc = 256 (measured on Zen 3: 1024^3 on 2 threads, mean
+// 147 vs 137 GFLOP/s); mc = 144 keeps the A block in L2. Baseline (16-byte vectors, 16 registers):
+// f32 6x8 and f64 6x4, 12 accumulators + 2 B vectors.
+template <class T>
+const cpu::GemmUKernel<T>& gemm_ukernel() {
+  constexpr bool f32 = sizeof(T) == 4;
+#if NNK_ISA_LEVEL == 2
+  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, cpu::Avx512Tiles::mr, 2>(
+      f32 ? "sgemm_avx512_14x32" : "dgemm_avx512_14x16",
+      f32 ? cpu::Avx512Tiles::s_mc : cpu::Avx512Tiles::d_mc,
+      f32 ? cpu::Avx512Tiles::s_kc : cpu::Avx512Tiles::d_kc,
+      f32 ? cpu::Avx512Tiles::s_nc : cpu::Avx512Tiles::d_nc);
+#elif NNK_ISA_LEVEL == 1
+  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, 2>(
+      f32 ? "sgemm_avx2_6x16" : "dgemm_avx2_6x8", f32 ? 144 : 72, 384, f32 ? 4080 : 2040);
+#else
+  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, 2>(
+      f32 ? "sgemm_baseline_6x8" : "dgemm_baseline_6x4", 120, 256, 2048);
+#endif
+  return k;
+}
+template const cpu::GemmUKernel<float>& gemm_ukernel<float>();
+template const cpu::GemmUKernel<double>& gemm_ukernel<double>();
+
+#if NNK_ISA_LEVEL == 1
+// The AVX-512 geometry on AVX2 registers (56 / 28 accumulators: it spills, it is for tests only).
+template <class T>
+const cpu::GemmUKernel<T>& gemm_ukernel_avx512_tiles() {
+  constexpr bool f32 = sizeof(T) == 4;
+  static constexpr cpu::GemmUKernel<T> k =
+      make_gemm_ukernel<T, cpu::Avx512Tiles::mr, (f32 ? cpu::Avx512Tiles::s_nr : cpu::Avx512Tiles::d_nr) / (32 / sizeof(T))>(
+          f32 ? "sgemm_avx2_14x32_test" : "dgemm_avx2_14x16_test",
+          f32 ? cpu::Avx512Tiles::s_mc : cpu::Avx512Tiles::d_mc,
+          f32 ? cpu::Avx512Tiles::s_kc : cpu::Avx512Tiles::d_kc,
+          f32 ? cpu::Avx512Tiles::s_nc : cpu::Avx512Tiles::d_nc);
+  return k;
+}
+template const cpu::GemmUKernel<float>& gemm_ukernel_avx512_tiles<float>();
+template const cpu::GemmUKernel<double>& gemm_ukernel_avx512_tiles<double>();
+#endif
+
+}  // namespace NNK_ISA_NS
+}  // namespace nnk
+
+// ======================================================================== driver (compiled once)
+#if NNK_BASELINE_PASS
 #include <atomic>
 #include <cstdlib>
 #include <new>
@@ -32,7 +284,16 @@
 #include "common/isa.h"
 #include "common/threading.h"
 #include "common/workspace.h"
-#include "cpu/gemm_kernel.h"
+
+namespace nnk {
+NNK_PER_ISA(template <class T> const cpu::GemmUKernel<T>& gemm_ukernel())
+#if defined(NNK_X86)
+namespace avx2 {
+template <class T>
+const cpu::GemmUKernel<T>& gemm_ukernel_avx512_tiles();
+}
+#endif
+}  // namespace nnk
 
 namespace nnk {
 namespace cpu {
@@ -41,32 +302,12 @@ static std::atomic<bool> g_avx512_tiles{false};
 void set_emulated_avx512_tiles(bool on) { g_avx512_tiles.store(on, std::memory_order_relaxed); }
 bool emulated_avx512_tiles() { return g_avx512_tiles.load(std::memory_order_relaxed); }
 
-template <>
-const GemmUKernel<float>& active_gemm_ukernel<float>() {
-  switch (active_isa()) {
+template <class T>
+const GemmUKernel<T>& active_gemm_ukernel() {
 #if defined(NNK_X86)
-    case Isa::avx512:
-      return sgemm_ukernel_avx512();
-    case Isa::avx2:
-      return emulated_avx512_tiles() ? sgemm_ukernel_avx2_avx512_tiles() : sgemm_ukernel_avx2();
+  if (active_isa() == Isa::avx2 && emulated_avx512_tiles()) return avx2::gemm_ukernel_avx512_tiles<T>();
 #endif
-    default:
-      return sgemm_ukernel_scalar();
-  }
-}
-
-template <>
-const GemmUKernel<double>& active_gemm_ukernel<double>() {
-  switch (active_isa()) {
-#if defined(NNK_X86)
-    case Isa::avx512:
-      return dgemm_ukernel_avx512();
-    case Isa::avx2:
-      return emulated_avx512_tiles() ? dgemm_ukernel_avx2_avx512_tiles() : dgemm_ukernel_avx2();
-#endif
-    default:
-      return dgemm_ukernel_scalar();
-  }
+  return NNK_ISA_CALL(gemm_ukernel<T>());
 }
 
 namespace {
@@ -440,9 +681,11 @@ const char* gemm_kernel_name() {
   template void gemm_batched<T>(const Gemm<T>&, int64_t, int64_t, int64_t, int64_t, int); \
   template size_t gemm_packed_b_size<T>(int64_t, int64_t);                                \
   template void gemm_pack_b<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*, int);    \
-  template const char* gemm_kernel_name<T>();
+  template const char* gemm_kernel_name<T>();                                             \
+  template const GemmUKernel<T>& active_gemm_ukernel<T>();
 NNK_INSTANTIATE_GEMM(float)
 NNK_INSTANTIATE_GEMM(double)
 
 }  // namespace cpu
 }  // namespace nnk
+#endif  // NNK_BASELINE_PASS

@@ -1,7 +1,7 @@
 // LSTM on the CPU: one layer in one direction over a whole sequence (arguments and math:
 // common/lstm_args.h; the time loop: common/lstm_driver.h). The GEMMs are the project's GEMM
 // (cpu/gemm.h), the recurrent weight packed once per call; the pointwise part of each step is one
-// fused kernel per ISA (lstm_kernel.h) over the batch rows, split across threads.
+// fused kernel per ISA (lstm.cpp) over the batch rows, split across threads.
 #pragma once
 #include "common/lstm_args.h"
 

@@ -10,7 +10,7 @@
 #endif
 
 #include "common/threading.h"
-#include "cpu/gemm_kernel.h"
+#include "cpu/gemm.h"
 
 namespace nnk {
 namespace cpu {

@@ -29,8 +29,9 @@ from .swap import SwapReport, restore_layers, swap_layers  # noqa: E402
 
 
 def isa() -> str:
-    """The CPU code path in use: 'avx512', 'avx2' or 'scalar' (chosen at import from cpuid;
-    NNKERNELS_ISA=avx2|scalar forces a lower one)."""
+    """The CPU code path in use: 'avx512', 'avx2' or 'baseline' (no ISA flags: 16-byte vectors,
+    SSE2 on x86-64, NEON on aarch64), chosen at import from cpuid; NNKERNELS_ISA=avx2|baseline
+    forces a lower one ('scalar' is accepted for 'baseline')."""
     return _C.isa()
 
 

@@ -281,7 +281,7 @@ def _table(rows) -> str:
 
 def run(device: str = "cpu", ops=None, out=print, all_isas=False) -> int:
     """Runs the parity checks; returns the exit code (0: all pass). all_isas: on the CPU, once
-    per CPU path this machine can run (avx512 / avx2 / scalar), not just the active one."""
+    per CPU path this machine can run (avx512 / avx2 / baseline), not just the active one."""
     import nnkernels
     from nnkernels import _C
 

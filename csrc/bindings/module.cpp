@@ -19,7 +19,6 @@
 #include "cpu/conv2d.h"
 #include "cpu/cross_entropy.h"
 #include "cpu/gemm.h"
-#include "cpu/gemm_kernel.h"
 #include "cpu/lstm.h"
 #include "cpu/peak.h"
 #include "cpu/reduce.h"
@@ -704,7 +703,7 @@ void bn_backward_train(py::handle dy_, py::handle x_, py::handle mean_, py::hand
 Isa isa_arg(const std::string& name) {
   Isa isa;
   NNK_CHECK_VALUE(isa_from_name(name.c_str(), &isa), "unknown ISA '", name,
-                  "'; expected one of avx512, avx2, scalar");
+                  "'; expected one of avx512, avx2, baseline");
   return isa;
 }
 
@@ -1100,7 +1099,7 @@ PYBIND11_MODULE(_C, m) {
         NNK_CHECK_VALUE(set_isa(isa), "ISA '", name,
                         "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
       },
-      "name"_a, "Force a CPU path no higher than best_isa().");
+      "name"_a, "Force a CPU path no higher than best_isa() ('scalar' names the baseline path too).");
 
   m.def(
       "_emulate_avx512_tiles",
