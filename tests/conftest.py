@@ -3,7 +3,7 @@
 import nnkernels
 import pytest
 import torch
-from nnkernels import _C
+from nnkernels import _native
 from nnkernels.check import reference_error
 
 ISAS = nnkernels.available_isas()
@@ -21,13 +21,13 @@ def _seed():
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Runs the test once per CPU path this machine has (avx512 / avx2 / baseline)."""
-    before = _C.isa()
+    before = _native.isa()
     emulate = request.param == "avx2-as-avx512-tiles"
-    _C.set_isa("avx2" if emulate else request.param)
-    _C._emulate_avx512_tiles(emulate)
+    _native.set_isa("avx2" if emulate else request.param)
+    _native.emulate_avx512_tiles(emulate)
     yield request.param
-    _C._emulate_avx512_tiles(False)
-    _C.set_isa(before)
+    _native.emulate_avx512_tiles(False)
+    _native.set_isa(before)
 
 
 @pytest.fixture
@@ -36,10 +36,7 @@ def threads(request):
     n = request.param
     nnkernels.set_num_threads(n)
     yield n
-    import nnkernels._ops as ops
-
-    ops._user_threads = None
-    ops.sync_threads()
+    _native.follow_torch_threads()
 
 
 def assert_matches_reference(ours, theirs, ref, *, k=1, scale=None, name="output", mult=8.0):

@@ -7,65 +7,106 @@ import copy
 import nnkernels
 import pytest
 import torch
-from nnkernels import _library as L
+from nnkernels.ops import batch_norm as bn
+from nnkernels.ops import conv2d as conv
+from nnkernels.ops import cross_entropy as ce
+from nnkernels.ops import lstm
+from nnkernels.ops import matmul as mm
 
 # torch 2.13 warns about its own torch.jit use when dynamo is imported
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 
 
-def _t(*shape, grad=True, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
 
 
 def _opcheck_cases():
+    """Every primitive's custom op on representative arguments. The primitives carry no autograd
+    formula (their op's Function does), so no input requires grad."""
     torch.manual_seed(0)
-    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1, False)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
     x4, w4 = _t(2, 3, 6, 6), _t(4, 3, 3, 3)
     lstm_w = [_t(16, 3), _t(16, 4), _t(16), _t(16)]
     lstm_w2 = lstm_w + [_t(16, 3), _t(16, 4), _t(16), _t(16)]
+    x_seq, h0, c0 = _t(3, 2, 3), _t(1, 2, 4), _t(1, 2, 4)
+    y, hn, cn, *saved = lstm.layer_kernel(x_seq, h0, c0, lstm_w, 1, True)
+    bn_x = _t(4, 3, 5, 5)
+    _, mean, invstd = bn.forward_train(bn_x, None, None, None, None, 0.1, 1e-5)
     return {
-        "mm": (L.mm, (_t(5, 7), _t(7, 3))),
-        "mm batched": (L.mm, (_t(2, 5, 7), _t(2, 7, 3))),
-        "sum_rows": (L.sum_rows, (_t(6, 5),)),
-        "linear": (L.linear, (_t(5, 7), _t(3, 7), _t(3))),
-        "linear no bias": (L.linear, (_t(5, 7), _t(3, 7), None)),
-        "conv2d": (L.conv2d, (x4, w4, _t(4), *geometry)),
+        "mm": (mm.mm_kernel, (_t(5, 7), _t(7, 3))),
+        "mm batched": (mm.mm_kernel, (_t(2, 5, 7), _t(2, 7, 3))),
+        "sum_rows": (mm.sum_rows_kernel, (_t(6, 5),)),
+        "linear": (mm.linear_kernel, (_t(5, 7), _t(3, 7), _t(3))),
+        "linear no bias": (mm.linear_kernel, (_t(5, 7), _t(3, 7), None)),
+        "linear 3-D input": (mm.linear_kernel, (_t(2, 5, 7), _t(3, 7), _t(3))),
+        "conv2d": (conv.forward_kernel, (x4, w4, _t(4), *geometry, False)),
+        "conv2d channels_last": (
+            conv.forward_kernel,
+            (x4.contiguous(memory_format=torch.channels_last), w4, None, *geometry, True),
+        ),
         "conv2d_backward_data": (
-            L.conv2d_backward_data,
-            (_t(2, 4, 6, 6, grad=False), w4.detach(), [2, 3, 6, 6], *geometry),
+            conv.backward_data_kernel,
+            (_t(2, 4, 6, 6), w4, [2, 3, 6, 6], *geometry, False),
         ),
         "conv2d_backward_weight": (
-            L.conv2d_backward_weight,
-            (x4.detach(), _t(2, 4, 6, 6, grad=False), [4, 3, 3, 3], *geometry, True),
+            conv.backward_weight_kernel,
+            (x4, _t(2, 4, 6, 6), [4, 3, 3, 3], *geometry, True),
         ),
+        "sum_channels": (conv.sum_channels_kernel, (_t(2, 4, 6, 6),)),
         "batch_norm_train": (
-            L.batch_norm_train,
-            (_t(4, 3, 5, 5), _t(3), _t(3), torch.zeros(3), torch.ones(3), 0.1, 1e-5),
+            bn.forward_train,
+            (bn_x, _t(3), _t(3), torch.zeros(3), torch.ones(3), 0.1, 1e-5),
         ),
         "batch_norm_train no running stats": (
-            L.batch_norm_train,
-            (_t(4, 3, 5, 5), None, None, None, None, 0.1, 1e-5),
+            bn.forward_train,
+            (bn_x, None, None, None, None, 0.1, 1e-5),
         ),
-        "batch_norm_eval": (
-            L.batch_norm_eval,
-            (_t(4, 3, 5, 5), _t(3), _t(3), torch.randn(3), torch.rand(3) + 0.5, 1e-5),
+        "batch_norm_apply": (bn.apply_kernel, (bn_x, _t(3), _t(3), _t(3))),
+        "batch_norm_backward_train": (
+            bn.backward_train_kernel,
+            (_t(4, 3, 5, 5), bn_x, _t(3), mean, invstd, [True, True, True]),
+        ),
+        "batch_norm_backward_train dx only": (
+            bn.backward_train_kernel,
+            (_t(4, 3, 5, 5), bn_x, None, mean, invstd, [True, False, False]),
+        ),
+        "batch_norm_backward_reduce": (
+            bn.backward_reduce_kernel,
+            (_t(4, 3, 5, 5), bn_x, mean, invstd),
+        ),
+        "batch_norm_stats": (bn.stats_kernel, (bn_x,)),
+        "batch_norm_backward_apply": (
+            bn.backward_apply_kernel,
+            (_t(4, 3, 5, 5), bn_x, mean, invstd, _t(3), _t(3), _t(3)),
         ),
         "cross_entropy": (
-            L.cross_entropy,
+            ce.rows_kernel,
             (_t(6, 5), torch.randint(0, 5, (6,)), None, None, -100, "mean", 0.1, True),
         ),
         "cross_entropy none": (
-            L.cross_entropy,
+            ce.rows_kernel,
             (_t(6, 5), torch.randint(0, 5, (6,)), None, None, -100, "none", 0.0, True),
         ),
-        "lstm_layer": (L.lstm_layer, (_t(3, 2, 3), _t(1, 2, 4), _t(1, 2, 4), lstm_w, 1, True)),
-        "lstm_layer bidirectional": (
-            L.lstm_layer,
-            (_t(3, 2, 3), _t(2, 2, 4), _t(2, 2, 4), lstm_w2, 2, True),
+        "linear_cross_entropy": (
+            ce.lce_kernel,
+            (_t(6, 4), _t(5, 4), _t(5), torch.randint(0, 5, (6,)), -100, "mean", 0.0,
+             [True, True, True], None),
         ),
-        "lstm_layer no bias": (
-            L.lstm_layer,
-            (_t(3, 2, 3), _t(1, 2, 4), _t(1, 2, 4), lstm_w[:2], 1, False),
+        "linear_cross_entropy none": (
+            ce.lce_kernel,
+            (_t(6, 4), _t(5, 4), None, torch.randint(0, 5, (6,)), -100, "none", 0.1,
+             [True, True, False], _t(6)),
+        ),
+        "lstm_layer": (lstm.layer_kernel, (x_seq, h0, c0, lstm_w, 1, True)),
+        "lstm_layer bidirectional": (
+            lstm.layer_kernel,
+            (x_seq, _t(2, 2, 4), _t(2, 2, 4), lstm_w2, 2, True),
+        ),
+        "lstm_layer no bias": (lstm.layer_kernel, (x_seq, h0, c0, lstm_w[:2], 1, False)),
+        "lstm_layer_backward": (
+            lstm.layer_backward_kernel,
+            (_t(3, 2, 4), hn, cn, x_seq, h0, c0, y, lstm_w, saved, 1, True, [True] * 7),
         ),
     }
 
@@ -75,8 +116,8 @@ CASES = _opcheck_cases()
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_opcheck(name):
-    op, args = CASES[name]
-    torch.library.opcheck(op, args)
+    prim, args = CASES[name]
+    torch.library.opcheck(prim.op, args)
 
 
 class Net(torch.nn.Module):

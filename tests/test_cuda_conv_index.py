@@ -1,5 +1,5 @@
 """The CUDA convolution's index math, checked on the CPU: tests/native/conv_index_check.cpp
-includes csrc/cuda/conv2d_index.cuh as plain C++ and compares the implicit-GEMM formulation of
+includes csrc/common/conv2d_args.h as plain C++ and compares the implicit-GEMM formulation of
 the forward and both backward passes with the convolution written out directly, over fixed and
 random shapes (strides, dilation, asymmetric padding, groups, channels_last strides). The CUDA
 kernels' operand providers only read memory through these functions, so this runs the part of

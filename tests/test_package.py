@@ -46,8 +46,6 @@ def test_isa_env_bad_value_warns_and_keeps_best():
 
 
 def test_threads_follow_torch_unless_set():
-    import nnkernels._ops as ops
-
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -57,9 +55,8 @@ def test_threads_follow_torch_unless_set():
         nnkernels.set_num_threads(3)
         assert nnkernels.get_num_threads() == 3 and _C.get_num_threads() == 3
     finally:
-        ops._user_threads = None
+        nnkernels._native.follow_torch_threads()
         torch.set_num_threads(before)
-        ops.sync_threads()
     assert _C.get_num_threads() == before
 
 

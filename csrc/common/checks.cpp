@@ -15,47 +15,115 @@ void throw_not_implemented(const std::string& msg) {
   throw py::error_already_set();
 }
 
-std::string dtype_str(const TensorView& v) {
-  const DLDataType t{v.dl_code, v.dl_bits, v.dl_lanes};
-  if (t.lanes != 1) return str_cat("a vector dtype with ", t.lanes, " lanes");
-  switch (t.code) {
-    case kDLInt:
-      return str_cat("int", int(t.bits));
-    case kDLUInt:
-      return str_cat("uint", int(t.bits));
-    case kDLFloat:
-      return str_cat("float", int(t.bits));
-    case kDLBfloat:
-      return str_cat("bfloat", int(t.bits));
-    case kDLBool:
-      return "bool";
-    default:
-      return str_cat("dtype code ", int(t.code), " with ", int(t.bits), " bits");
-  }
+// ------------------------------------------------------------------------------ torch hand-off
+
+namespace {
+
+struct Torch {
+  PyTypeObject* tensor = nullptr;
+  PyObject *f16 = nullptr, *bf16 = nullptr, *f32 = nullptr, *f64 = nullptr, *i64 = nullptr;
+  PyObject* get_num_threads = nullptr;
+  PyObject* current_stream = nullptr;  // torch._C._cuda_getCurrentRawStream, or None
+  // Interned attribute and method names.
+  PyObject *s_dtype, *s_is_cuda, *s_is_cpu, *s_data_ptr, *s_shape, *s_stride, *s_get_device,
+      *s_is_neg, *s_device;
+};
+Torch g_torch;
+
+PyObject* intern(const char* s) { return PyUnicode_InternFromString(s); }
+
+// obj.<name>() with no arguments; a new reference (throws when it raised).
+PyObject* call_method(PyObject* obj, PyObject* name) {
+  PyObject* r = PyObject_VectorcallMethod(name, &obj, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+  if (!r) throw py::error_already_set();
+  return r;
 }
 
-static DType dl_dtype(DLDataType t) {
+PyObject* get_attr(PyObject* obj, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(obj, name);
+  if (!r) throw py::error_already_set();
+  return r;
+}
+
+// The int64s of a tuple (torch.Size or the tuple of stride()) into out[0..n).
+int tuple_ints(PyObject* t, int64_t* out, const char* name) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(t);
+  NNK_CHECK_VALUE(n <= kMaxDims, name, " has ", n, " dimensions; at most ", kMaxDims,
+                  " are supported");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(t, i));
+    if (out[i] == -1 && PyErr_Occurred()) throw py::error_already_set();
+  }
+  return int(n);
+}
+
+TensorView view_of_tensor(PyObject* obj, const char* name) {
+  TensorView v;
+  v.owner = obj;
+  const Torch& t = g_torch;
+  {
+    PyObject* dt = get_attr(obj, t.s_dtype);
+    v.dtype = dt == t.f32   ? DType::f32
+              : dt == t.f64 ? DType::f64
+              : dt == t.f16 ? DType::f16
+              : dt == t.bf16 ? DType::bf16
+              : dt == t.i64  ? DType::i64
+                             : DType::unsupported;
+    Py_DECREF(dt);
+  }
+  PyObject* cuda = get_attr(obj, t.s_is_cuda);
+  const bool is_cuda = cuda == Py_True;
+  Py_DECREF(cuda);
+  if (is_cuda) {
+    v.device = Device::cuda;
+    PyObject* d = call_method(obj, t.s_get_device);
+    v.device_id = int(PyLong_AsLong(d));
+    Py_DECREF(d);
+  } else {
+    PyObject* cpu = get_attr(obj, t.s_is_cpu);
+    v.device = cpu == Py_True ? Device::cpu : Device::unsupported;
+    Py_DECREF(cpu);
+  }
+  PyObject* shape = get_attr(obj, t.s_shape);
+  v.ndim = tuple_ints(shape, v.shape, name);
+  Py_DECREF(shape);
+  if (v.device == Device::unsupported) return v;  // meta, mps, ...: no data to point at
+  PyObject* neg = call_method(obj, t.s_is_neg);
+  const bool negative = neg == Py_True;
+  Py_DECREF(neg);
+  // A lazily negated view (the imaginary part of a conjugated tensor) holds -x in memory.
+  NNK_CHECK_IMPLEMENTED(!negative, name,
+                        " is a lazily negated view (is_neg() is True); pass ", name,
+                        ".resolve_neg()");
+  PyObject* strides = call_method(obj, t.s_stride);
+  tuple_ints(strides, v.strides, name);
+  Py_DECREF(strides);
+  PyObject* ptr = call_method(obj, t.s_data_ptr);
+  v.data = PyLong_AsVoidPtr(ptr);
+  Py_DECREF(ptr);
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+DType dl_dtype(DLDataType t) {
   if (t.lanes != 1) return DType::unsupported;
   if (t.code == kDLFloat && t.bits == 16) return DType::f16;
   if (t.code == kDLFloat && t.bits == 32) return DType::f32;
   if (t.code == kDLFloat && t.bits == 64) return DType::f64;
   if (t.code == kDLBfloat && t.bits == 16) return DType::bf16;
+  if (t.code == kDLInt && t.bits == 64) return DType::i64;
   return DType::unsupported;
 }
 
-TensorView view_of(py::handle obj, const char* name) {
-  NNK_CHECK_TYPE(obj && PyCapsule_CheckExact(obj.ptr()), name,
-                 " must be passed as a DLPack capsule, got ",
-                 py::str(py::type::of(obj)).cast<std::string>());
-  const char* cap_name = PyCapsule_GetName(obj.ptr());
+TensorView view_of_capsule(PyObject* obj, const char* name) {
+  const char* cap_name = PyCapsule_GetName(obj);
   const DLTensor* t = nullptr;
   bool readonly = false;
   if (cap_name && std::strcmp(cap_name, "dltensor") == 0) {
-    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj, "dltensor"));
     if (m) t = &m->dl_tensor;
   } else if (cap_name && std::strcmp(cap_name, "dltensor_versioned") == 0) {
-    auto* m = static_cast<DLManagedTensorVersioned*>(
-        PyCapsule_GetPointer(obj.ptr(), "dltensor_versioned"));
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(obj, "dltensor_versioned"));
     if (m) {
       NNK_CHECK_VALUE(m->version.major == 1, name, ": DLPack major version ", m->version.major,
                       " is not supported (expected 1)");
@@ -96,6 +164,66 @@ TensorView view_of(py::handle obj, const char* name) {
     v.strides[d] = t->strides ? t->strides[d] : running;
     running *= t->shape[d];
   }
+  return v;
+}
+
+}  // namespace
+
+void register_torch(py::handle tensor_type, py::handle f16, py::handle bf16, py::handle f32,
+                    py::handle f64, py::handle i64, py::handle get_num_threads,
+                    py::handle current_stream) {
+  NNK_CHECK_TYPE(PyType_Check(tensor_type.ptr()), "tensor_type must be a type");
+  Torch& t = g_torch;
+  t.tensor = reinterpret_cast<PyTypeObject*>(tensor_type.inc_ref().ptr());
+  t.f16 = f16.inc_ref().ptr();
+  t.bf16 = bf16.inc_ref().ptr();
+  t.f32 = f32.inc_ref().ptr();
+  t.f64 = f64.inc_ref().ptr();
+  t.i64 = i64.inc_ref().ptr();
+  t.get_num_threads = get_num_threads.inc_ref().ptr();
+  t.current_stream = current_stream.is_none() ? nullptr : current_stream.inc_ref().ptr();
+  t.s_dtype = intern("dtype");
+  t.s_is_cuda = intern("is_cuda");
+  t.s_is_cpu = intern("is_cpu");
+  t.s_data_ptr = intern("data_ptr");
+  t.s_shape = intern("shape");
+  t.s_stride = intern("stride");
+  t.s_get_device = intern("get_device");
+  t.s_is_neg = intern("is_neg");
+  t.s_device = intern("device");
+}
+
+int torch_num_threads() {
+  if (!g_torch.get_num_threads) return 0;
+  PyObject* r = PyObject_CallNoArgs(g_torch.get_num_threads);
+  if (!r) throw py::error_already_set();
+  const long n = PyLong_AsLong(r);
+  Py_DECREF(r);
+  return n > 0 ? int(n) : 0;
+}
+
+uintptr_t torch_cuda_stream(int device) {
+  if (!g_torch.current_stream) return 0;
+  PyObject* d = PyLong_FromLong(device);
+  PyObject* r = PyObject_CallOneArg(g_torch.current_stream, d);
+  Py_DECREF(d);
+  if (!r) throw py::error_already_set();
+  const uintptr_t s = reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(r));
+  Py_DECREF(r);
+  return s;
+}
+
+TensorView view_of(py::handle h, const char* name) {
+  PyObject* obj = h.ptr();
+  TensorView v;
+  if (obj && g_torch.tensor && PyObject_TypeCheck(obj, g_torch.tensor)) {
+    v = view_of_tensor(obj, name);
+  } else if (obj && PyCapsule_CheckExact(obj)) {
+    v = view_of_capsule(obj, name);
+  } else {
+    NNK_CHECK_TYPE(false, name, " must be a torch.Tensor (or a DLPack capsule), got ",
+                   obj ? Py_TYPE(obj)->tp_name : "nothing");
+  }
   // (N, C, H, W): a size-1 H or W may carry any stride (torch's contiguity checks ignore it, and
   // torch hands such strides out, e.g. x.transpose(2, 3) of a (N, C, 1, W) tensor). The kernels
   // read the pixel stride from W's stride and test layouts with H's, so give them the values
@@ -108,6 +236,58 @@ TensorView view_of(py::handle obj, const char* name) {
   return v;
 }
 
+// ------------------------------------------------------------------------------------ messages
+
+namespace {
+
+// str(owner.<attr>) without a "torch." prefix ("float32", "cuda:0"), for torch tensors.
+std::string owner_attr_str(const TensorView& v, PyObject* attr) {
+  PyObject* a = PyObject_GetAttr(static_cast<PyObject*>(v.owner), attr);
+  PyObject* s = a ? PyObject_Str(a) : nullptr;
+  std::string out = s ? PyUnicode_AsUTF8(s) : "?";
+  Py_XDECREF(s);
+  Py_XDECREF(a);
+  if (!s) PyErr_Clear();
+  if (out.rfind("torch.", 0) == 0) out = out.substr(6);
+  return out;
+}
+
+}  // namespace
+
+std::string dtype_str(const TensorView& v) {
+  if (v.owner) return owner_attr_str(v, g_torch.s_dtype);
+  const DLDataType t{v.dl_code, v.dl_bits, v.dl_lanes};
+  if (t.lanes != 1) return str_cat("a vector dtype with ", t.lanes, " lanes");
+  switch (t.code) {
+    case kDLInt:
+      return str_cat("int", int(t.bits));
+    case kDLUInt:
+      return str_cat("uint", int(t.bits));
+    case kDLFloat:
+      return str_cat("float", int(t.bits));
+    case kDLBfloat:
+      return str_cat("bfloat", int(t.bits));
+    case kDLBool:
+      return "bool";
+    case 5:  // kDLComplex
+      return str_cat("complex", int(t.bits));
+    default:
+      return str_cat("dtype code ", int(t.code), " with ", int(t.bits), " bits");
+  }
+}
+
+std::string device_str(const TensorView& v) {
+  if (v.owner) return owner_attr_str(v, g_torch.s_device);
+  switch (v.device) {
+    case Device::cpu:
+      return "cpu";
+    case Device::cuda:
+      return str_cat("cuda:", v.device_id);
+    default:
+      return "an unsupported device";
+  }
+}
+
 std::string shape_str(const TensorView& v) {
   std::ostringstream os;
   os << "(";
@@ -115,6 +295,37 @@ std::string shape_str(const TensorView& v) {
   os << (v.ndim == 1 ? ",)" : ")");
   return os.str();
 }
+
+// ------------------------------------------------------------------------------ dtype support
+
+bool supported(Dtypes set, Device device, DType dtype) {
+  switch (device) {
+    case Device::cpu:
+      return dtype == DType::f32 || dtype == DType::f64;
+    case Device::cuda:
+      return dtype == DType::f32 ||
+             (set == Dtypes::logits && (dtype == DType::f16 || dtype == DType::bf16));
+    default:
+      return false;
+  }
+}
+
+std::string supported_names(Dtypes set, Device device) {
+  std::string out;
+  int n = 0;
+  for (DType d : {DType::f16, DType::bf16, DType::f32, DType::f64})
+    if (supported(set, device, d)) ++n;
+  int i = 0;
+  for (DType d : {DType::f16, DType::bf16, DType::f32, DType::f64}) {
+    if (!supported(set, device, d)) continue;
+    out += (i == 0 ? "" : i + 1 == n ? " and " : ", ");
+    out += dtype_name(d);
+    ++i;
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------- checks
 
 void check_ndim(const TensorView& v, const char* name, std::initializer_list<int> ranks) {
   if (std::find(ranks.begin(), ranks.end(), v.ndim) != ranks.end()) return;
@@ -138,26 +349,32 @@ void check_shape(const TensorView& v, const char* name, std::initializer_list<in
   NNK_CHECK_VALUE(false, name, " must have shape ", want.str(), ", got ", shape_str(v));
 }
 
-void check_float(const TensorView& v, const char* name) {
-  NNK_CHECK_VALUE(v.device != Device::unsupported, name,
-                  " lives on a device nnkernels does not support (only CPU and CUDA)");
-  NNK_CHECK_TYPE(v.dtype != DType::unsupported, name,
-                 " must be a floating-point tensor (float32 or float64), got ", dtype_str(v));
-  if (v.device == Device::cpu) {
-    NNK_CHECK_IMPLEMENTED(v.dtype == DType::f32 || v.dtype == DType::f64, name, " has dtype ",
-                          dtype_str(v), ": the CPU kernels support float32 and float64");
-  } else {
-    NNK_CHECK_IMPLEMENTED(v.dtype == DType::f32, name, " has dtype ", dtype_str(v),
-                          ": the CUDA kernels support float32");
-  }
+void check_float(const TensorView& v, const char* name, Dtypes set) {
+  if (v.dtype != DType::unsupported && supported(set, v.device, v.dtype)) return;  // fast path
+  const std::string dt = dtype_str(v);
+  const bool floating = dt.rfind("float", 0) == 0 || dt.rfind("bfloat", 0) == 0 ||
+                        dt.rfind("complex", 0) == 0;  // float8_*, complex64, ...: not computed
+  NNK_CHECK_TYPE(floating, name, " must be a floating-point tensor, got dtype ", dt);
+  NNK_CHECK_IMPLEMENTED(v.device != Device::unsupported, name, " is on device '", device_str(v),
+                        "'; nnkernels supports cpu and cuda");
+#if !defined(NNK_WITH_CUDA)
+  NNK_CHECK_IMPLEMENTED(v.device != Device::cuda, name,
+                        " is a CUDA tensor but this nnkernels build has no CUDA kernels "
+                        "(rebuild with nvcc on the PATH, or NNKERNELS_CUDA=ON)");
+#endif
+  const char* dev = v.device == Device::cuda ? "cuda" : "cpu";
+  NNK_CHECK_IMPLEMENTED(false, name, " has dtype ", dt, "; nnkernels on ", dev, " supports ",
+                        supported_names(set, v.device));
 }
 
 void check_like(const TensorView& v, const char* name, const TensorView& ref,
                 const char* ref_name) {
-  NNK_CHECK_VALUE(v.device == ref.device && v.device_id == ref.device_id, name, " and ", ref_name,
-                  " must be on the same device");
-  NNK_CHECK_TYPE(v.dtype == ref.dtype, name, " has dtype ", dtype_str(v), " but ", ref_name,
-                 " has dtype ", dtype_str(ref), "; they must match");
+  NNK_CHECK_VALUE(v.device == ref.device && v.device_id == ref.device_id, name, " is on ",
+                  device_str(v), " but ", ref_name, " is on ", device_str(ref),
+                  "; they must be on one device");
+  NNK_CHECK_TYPE(v.dtype == ref.dtype, name,
+                 " has dtype ", dtype_str(v), " but ", ref_name, " has dtype ", dtype_str(ref),
+                 "; they must match");
 }
 
 bool is_non_overlapping(const TensorView& v) {
@@ -192,6 +409,21 @@ void check_output(const TensorView& out, const char* name) {
 void check_no_overlap(const TensorView& out, const char* name, const TensorView& input,
                       const char* input_name) {
   NNK_CHECK_VALUE(!may_overlap(out, input), name, " must not share memory with ", input_name);
+}
+
+void check_vector(const TensorView& v, const char* name, int64_t n, const TensorView& ref,
+                  const char* ref_name) {
+  check_like(v, name, ref, ref_name);
+  check_shape(v, name, {n});
+  NNK_CHECK_VALUE(n <= 1 || v.strides[0] == 1, name, " must be contiguous");
+}
+
+bool flattens(const TensorView& v, int a, int b) {
+  return v.shape[a] <= 1 || v.shape[b] <= 1 || v.strides[a] == v.shape[b] * v.strides[b];
+}
+
+int64_t flat_stride(const TensorView& v, int a, int b) {
+  return v.shape[b] == 1 ? v.strides[a] : v.strides[b];
 }
 
 }  // namespace nnk

@@ -34,26 +34,57 @@ std::string str_cat(const Args&... args) {
     if (!(cond)) ::nnk::throw_not_implemented(::nnk::str_cat(__VA_ARGS__)); \
   } while (0)
 
-// A view of the DLPack capsule `obj` (not consumed: the producer keeps ownership, and the capsule
-// stays alive for the duration of the call). `name` is used in error messages.
+// torch's objects the hand-off compares against, given once at import (nnkernels/_native.py):
+// the Tensor type, the dtypes float16, bfloat16, float32, float64, int64, and callables for the
+// thread count and the current CUDA stream. Before that (or without torch) only DLPack capsules
+// pass.
+void register_torch(pybind11::handle tensor_type, pybind11::handle f16, pybind11::handle bf16,
+                    pybind11::handle f32, pybind11::handle f64, pybind11::handle i64,
+                    pybind11::handle get_num_threads, pybind11::handle current_stream);
+// torch.get_num_threads() (0 when torch is not registered) and torch's current raw stream on a
+// CUDA device (0 when unknown); call with the GIL held.
+int torch_num_threads();
+uintptr_t torch_cuda_stream(int device);
+
+// A view of `obj`: a torch.Tensor (read through its attributes: dtype, device, data_ptr, shape,
+// stride) or a DLPack capsule (not consumed: the producer keeps ownership, and the capsule stays
+// alive for the duration of the call). `name` is used in error messages.
 TensorView view_of(pybind11::handle obj, const char* name);
 
 // "(2, 3, 4)"
 std::string shape_str(const TensorView& v);
 // The dtype as the producer named it: "float32", "int64", "bool", ...
 std::string dtype_str(const TensorView& v);
+// The device as the producer named it: "cpu", "cuda:1", "meta", ...
+std::string device_str(const TensorView& v);
+
+// The one table of what the kernels compute, per device. Every op computes `floating`; the
+// cross-entropy logits also `logits` (float16 / bfloat16 storage with float32 math, CUDA only).
+enum class Dtypes { floating, logits };
+bool supported(Dtypes set, Device device, DType dtype);
+// "float32 and float64"
+std::string supported_names(Dtypes set, Device device);
 
 // `v` must have one of the given ranks.
 void check_ndim(const TensorView& v, const char* name, std::initializer_list<int> ranks);
 // `v` must have exactly this shape.
 void check_shape(const TensorView& v, const char* name, std::initializer_list<int64_t> shape);
-// `v` must be floating point and of a dtype this build computes on its device.
-void check_float(const TensorView& v, const char* name);
+// `v` must be floating point, on a supported device, of a dtype `set` computes there.
+void check_float(const TensorView& v, const char* name, Dtypes set = Dtypes::floating);
 // `v` must have the same dtype and device as `ref`.
 void check_like(const TensorView& v, const char* name, const TensorView& ref, const char* ref_name);
 // `out` must be writable, must not write one element twice, and must not overlap `input`.
 void check_output(const TensorView& out, const char* name);
 void check_no_overlap(const TensorView& out, const char* name, const TensorView& input,
                       const char* input_name);
+// A (n,) vector with ref's dtype and device and unit stride (a bias, per-channel coefficients).
+void check_vector(const TensorView& v, const char* name, int64_t n, const TensorView& ref,
+                  const char* ref_name);
+
+// (dim a, dim b) of v flatten into one index (size-1 dims never matter).
+bool flattens(const TensorView& v, int a, int b);
+// The element stride of dims (a, b) flattened into one (flattens(v, a, b) holds). A size-1 dim b
+// may carry any stride (torch's contiguity checks ignore it): step by a's then.
+int64_t flat_stride(const TensorView& v, int a, int b);
 
 }  // namespace nnk

@@ -8,7 +8,7 @@ namespace nnk {
 
 constexpr int kMaxDims = 8;
 
-enum class DType { f16, bf16, f32, f64, unsupported };
+enum class DType { f16, bf16, f32, f64, i64, unsupported };  // i64: class targets
 enum class Device { cpu, cuda, unsupported };
 
 inline const char* dtype_name(DType t) {
@@ -21,6 +21,8 @@ inline const char* dtype_name(DType t) {
       return "float32";
     case DType::f64:
       return "float64";
+    case DType::i64:
+      return "int64";
     default:
       return "an unsupported dtype";
   }
@@ -34,6 +36,7 @@ inline int dtype_size(DType t) {
     case DType::f32:
       return 4;
     case DType::f64:
+    case DType::i64:
       return 8;
     default:
       return 0;
@@ -41,7 +44,8 @@ inline int dtype_size(DType t) {
 }
 
 // A default-constructed view stands for an absent optional argument: data null, no dims, strides
-// 0, so kernels can take view.ptr<T>() as "or null" directly.
+// 0, so kernels can take view.ptr<T>() as "or null" directly. Views come from torch tensors (read
+// through their Python attributes) or DLPack capsules (numpy arrays): common/checks.h, view_of.
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::unsupported;
@@ -53,6 +57,7 @@ struct TensorView {
   int64_t shape[kMaxDims] = {};
   int64_t strides[kMaxDims] = {};  // in elements, any sign
   bool readonly = false;
+  void* owner = nullptr;  // the Python object the view came from (borrowed), for messages
 
   int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
   int64_t stride(int d) const { return strides[d < 0 ? d + ndim : d]; }

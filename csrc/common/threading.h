@@ -1,6 +1,6 @@
 // Thread count and a parallel-for for the CPU kernels. OpenMP when the build has it, one thread
-// otherwise. The count follows torch.get_num_threads() (the Python layer keeps it in sync) unless
-// the user calls nnkernels.set_num_threads(n).
+// otherwise. The count follows torch.get_num_threads() (read at every kernel call by the binding
+// layer's run(), bindings/binding.h) unless the user calls nnkernels.set_num_threads(n).
 #pragma once
 #include <cstdint>
 
@@ -10,8 +10,14 @@
 
 namespace nnk {
 
+// The threads a kernel uses: the user's count when set, else torch's count for this call, else
+// OpenMP's default.
 int num_threads();
-void set_num_threads(int n);
+// nnkernels.set_num_threads: n >= 1 fixes the count; 0 follows torch again.
+void set_user_num_threads(int n);
+int user_num_threads();  // 0: not set
+// torch's count for the kernel call running on this thread (0: none).
+void set_call_threads(int n);
 
 inline int thread_id() {
 #if defined(_OPENMP)

@@ -1,4 +1,4 @@
-// Batch normalization on the CPU: per-channel statistics, normalisation and their gradients over
+// Batch normalization (the interface of both backends): per-channel statistics, normalisation and their gradients over
 // an (N, C, S) view of the input (S = the flattened spatial dims: 1 for (N, C), L, or H*W).
 //
 //   training forward   mean, var = stats of x[:, c, :];  y = (x - mean) * invstd * w + b
@@ -78,4 +78,31 @@ void batch_norm_backward_train(View3<const T> dy, View3<const T> x, const T* mea
                                const T* w, View3<T> dx, T* dw, T* db);
 
 }  // namespace cpu
+
+// The CUDA backend (cuda/batch_norm.cu), float32, the same operations. Every view of a call has
+// unit-stride rows (ss == 1) or channels innermost (sc == 1), the same for all of them. ws: a
+// workspace of C * kBatchNormParts * 2 doubles for the partial sums of the reductions.
+namespace cuda {
+constexpr int kBatchNormParts = 64;
+void batch_norm_forward_train(cpu::View3<const float> x, cpu::View3<float> y, const float* w,
+                              const float* b, double eps, double momentum, float* save_mean,
+                              float* save_invstd, float* running_mean, float* running_var,
+                              double* ws, int device, void* stream);
+void batch_norm_stats(cpu::View3<const float> x, float* mean, float* m2, double* ws, int device,
+                      void* stream);
+void batch_norm_apply(cpu::View3<const float> x, cpu::View3<float> y, const float* center,
+                      const float* scale, const float* shift, int device, void* stream);
+void batch_norm_backward_reduce(cpu::View3<const float> dy, cpu::View3<const float> x,
+                                const float* mean, const float* invstd, float* sum_dy,
+                                float* sum_dy_xhat, double* ws, int device, void* stream);
+void batch_norm_backward_apply(cpu::View3<const float> dy, cpu::View3<const float> x,
+                               const float* mean, const float* invstd, const float* w,
+                               const float* mean_dy, const float* mean_dy_xhat,
+                               cpu::View3<float> dx, int device, void* stream);
+// dx.p null: dw and db only.
+void batch_norm_backward_train(cpu::View3<const float> dy, cpu::View3<const float> x,
+                               const float* mean, const float* invstd, const float* w,
+                               cpu::View3<float> dx, float* dw, float* db, double* ws, int device,
+                               void* stream);
+}  // namespace cuda
 }  // namespace nnk

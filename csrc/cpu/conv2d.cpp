@@ -1,8 +1,8 @@
 // 2-D convolution on the CPU, forward + backward-data + backward-weight, all on the project's GEMM
 // (cpu/gemm.h). Per image n and group g, with Cg = C/groups, Kg = K/groups, CRS = Cg*R*S:
 //
-//   forward          Y[n]_g (Kg x PQ)  = W_g (Kg x CRS) . col (CRS x PQ)           bias in the
-//   store backward-data    stride 1: the forward of dY with the flipped, channel-transposed weight;
+//   forward          Y[n]_g (Kg x PQ)  = W_g (Kg x CRS) . col (CRS x PQ), bias in the store
+//   backward-data    stride 1: the forward of dY with the flipped, channel-transposed weight;
 //                    else dcol (CRS x PQ) = W_g^T (CRS x Kg) . dY[n]_g, then col2im (+=)
 //   backward-weight  dW_g (Kg x CRS)  += dY[n]_g (Kg x PQ) . col^T (PQ x CRS)
 //
@@ -32,7 +32,26 @@
 
 namespace nnk {
 namespace cpu {
+
 namespace {
+
+// The CPU code's view of a pass: the geometry (Conv2dArgs without the strides, which the
+// pass's View4s carry).
+struct Conv2dShape {
+  int64_t N = 0, C = 0, H = 0, W = 0;  // input
+  int64_t K = 0, R = 0, S = 0;         // weight (K, C / groups, R, S)
+  int64_t P = 0, Q = 0;                // output
+  int64_t sh = 1, sw = 1;              // stride
+  int64_t ph = 0, pw = 0;              // padding before (top, left); after follows from P, Q
+  int64_t dh = 1, dw = 1;              // dilation
+  int64_t groups = 1;
+};
+
+template <class T>
+struct View4 {
+  T* p = nullptr;
+  int64_t s[4] = {};  // strides of dims (N|K, C, H|R, W|S)
+};
 
 // Elements of im2col buffer per thread (1 MiB of float32 keeps it in L2/L3 next to the packing).
 constexpr int64_t kColBudget = int64_t(1) << 18;
@@ -483,13 +502,10 @@ void depthwise_backward_weight(const Conv2dShape& s, View4<const T> x, View4<con
   });
 }
 
-}  // namespace
-
 // ------------------------------------------------------------------------------------ forward
 
 template <class T>
-void conv2d_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, const T* bias,
-                    View4<T> y) {
+void forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, const T* bias, View4<T> y) {
   const Geometry<T> gm(s);
   if (s.N == 0 || s.K == 0 || gm.PQ == 0) return;
   if (is_depthwise(s)) return depthwise_forward(s, x, w, bias, y);
@@ -545,7 +561,7 @@ void conv2d_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, co
 // ------------------------------------------------------------------------------ backward data
 
 template <class T>
-void conv2d_backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, View4<T> dx) {
+void backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, View4<T> dx) {
   const Geometry<T> gm(s);
   if (s.N == 0 || s.C == 0) return;
   if (is_depthwise(s)) return depthwise_backward_data(s, dy, w, dx);
@@ -575,7 +591,7 @@ void conv2d_backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T
               wt[(((g * gm.Cg + c) * gm.Kg + k) * s.R + r) * s.S + u] =
                   w.p[(g * gm.Kg + k) * w.s[0] + c * w.s[1] + (s.R - 1 - r) * w.s[2] +
                       (s.S - 1 - u) * w.s[3]];
-    conv2d_forward<T>(t, dy, View4<const T>{wt, {gm.Kg * RS, RS, s.S, 1}}, nullptr, dx);
+    forward<T>(t, dy, View4<const T>{wt, {gm.Kg * RS, RS, s.S, 1}}, nullptr, dx);
     return;
   }
   const View4<const T> dxc{dx.p, {dx.s[0], dx.s[1], dx.s[2], dx.s[3]}};
@@ -624,7 +640,7 @@ void conv2d_backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T
 // ---------------------------------------------------------------------------- backward weight
 
 template <class T>
-void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, View4<T> dw,
+void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, View4<T> dw,
                             T* dbias) {
   const Geometry<T> gm(s);
   if (s.K == 0) return;
@@ -758,13 +774,43 @@ void conv2d_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const 
   });
 }
 
-#define NNK_INSTANTIATE_CONV(T)                                                                 \
-  template void conv2d_forward<T>(const Conv2dShape&, View4<const T>, View4<const T>, const T*, \
-                                  View4<T>);                                                    \
-  template void conv2d_backward_data<T>(const Conv2dShape&, View4<const T>, View4<const T>,     \
-                                        View4<T>);                                              \
-  template void conv2d_backward_weight<T>(const Conv2dShape&, View4<const T>, View4<const T>,   \
-                                          View4<T>, T*);
+// ------------------------------------------------------------------------------- entry points
+
+Conv2dShape shape_of(const Conv2dArgs& a) {
+  Conv2dShape s;
+  s.N = a.N, s.C = a.C, s.H = a.H, s.W = a.W, s.K = a.K, s.R = a.R, s.S = a.S, s.P = a.P,
+  s.Q = a.Q;
+  s.sh = a.sh, s.sw = a.sw, s.ph = a.ph, s.pw = a.pw, s.dh = a.dh, s.dw = a.dw;
+  s.groups = a.groups;
+  return s;
+}
+
+template <class T>
+View4<T> view4(T* p, const int64_t* st) {
+  return View4<T>{p, {st[0], st[1], st[2], st[3]}};
+}
+
+}  // namespace
+
+template <class T>
+void conv2d_forward(const Conv2dArgs& a, const T* x, const T* w, const T* bias, T* y) {
+  forward<T>(shape_of(a), view4(x, a.xs), view4(w, a.ws), bias, view4(y, a.ys));
+}
+
+template <class T>
+void conv2d_backward_data(const Conv2dArgs& a, const T* dy, const T* w, T* dx) {
+  backward_data<T>(shape_of(a), view4(dy, a.ys), view4(w, a.ws), view4(dx, a.xs));
+}
+
+template <class T>
+void conv2d_backward_weight(const Conv2dArgs& a, const T* x, const T* dy, T* dw, T* dbias) {
+  backward_weight<T>(shape_of(a), view4(x, a.xs), view4(dy, a.ys), view4(dw, a.ws), dbias);
+}
+
+#define NNK_INSTANTIATE_CONV(T)                                                          \
+  template void conv2d_forward<T>(const Conv2dArgs&, const T*, const T*, const T*, T*); \
+  template void conv2d_backward_data<T>(const Conv2dArgs&, const T*, const T*, T*);     \
+  template void conv2d_backward_weight<T>(const Conv2dArgs&, const T*, const T*, T*, T*);
 NNK_INSTANTIATE_CONV(float)
 NNK_INSTANTIATE_CONV(double)
 

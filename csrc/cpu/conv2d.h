@@ -10,38 +10,36 @@
 #pragma once
 #include <cstdint>
 
+#include "common/conv2d_args.h"
+
 namespace nnk {
 namespace cpu {
 
-struct Conv2dShape {
-  int64_t N = 0, C = 0, H = 0, W = 0;  // input
-  int64_t K = 0, R = 0, S = 0;         // weight (K, C / groups, R, S)
-  int64_t P = 0, Q = 0;                // output
-  int64_t sh = 1, sw = 1;              // stride
-  int64_t ph = 0, pw = 0;              // padding before (top, left); after follows from P, Q
-  int64_t dh = 1, dw = 1;              // dilation
-  int64_t groups = 1;
-};
-
+// a: the geometry and the strides of the pass's tensors (x or dx in xs, w or dw in ws, y or dy
+// in ys).
 template <class T>
-struct View4 {
-  T* p = nullptr;
-  int64_t s[4] = {};  // strides of dims (N|K, C, H|R, W|S)
-};
-
-template <class T>
-void conv2d_forward(const Conv2dShape& sh, View4<const T> x, View4<const T> w, const T* bias,
-                    View4<T> y);
+void conv2d_forward(const Conv2dArgs& a, const T* x, const T* w, const T* bias, T* y);
 
 // dx = the adjoint of the forward in x (every element of dx is written).
 template <class T>
-void conv2d_backward_data(const Conv2dShape& sh, View4<const T> dy, View4<const T> w, View4<T> dx);
+void conv2d_backward_data(const Conv2dArgs& a, const T* dy, const T* w, T* dx);
 
 // dw = the adjoint of the forward in w (written, not accumulated); dbias (K,) = sum of dy over
 // n, p, q when not null.
 template <class T>
-void conv2d_backward_weight(const Conv2dShape& sh, View4<const T> x, View4<const T> dy, View4<T> dw,
-                            T* dbias);
+void conv2d_backward_weight(const Conv2dArgs& a, const T* x, const T* dy, T* dw, T* dbias);
 
 }  // namespace cpu
+
+// The CUDA backend (cuda/conv2d.cu): implicit-GEMM passes with the same arguments, float32, on
+// `stream` of `device`. The weight's (C/groups, R, S) dims, and the pixels of y / dx / dy, must
+// flatten.
+namespace cuda {
+void conv2d_forward(const Conv2dArgs& a, const float* x, const float* w, const float* bias,
+                    float* y, int device, void* stream);
+void conv2d_backward_data(const Conv2dArgs& a, const float* dy, const float* w, float* dx,
+                          int device, void* stream);
+void conv2d_backward_weight(const Conv2dArgs& a, const float* x, const float* dy, float* dw,
+                            float* dbias, int device, void* stream);
+}  // namespace cuda
 }  // namespace nnk

@@ -266,12 +266,38 @@ int64_t cross_entropy_check_targets(const int64_t* target, int64_t rows, int64_t
 
 namespace {
 
+// CrossEntropyArgs with its pointers typed.
+template <class T>
+struct TypedArgs {
+  const T* x;
+  int64_t rows, C, ldx;
+  const int64_t* target;
+  int64_t ignore_index;
+  const T* soft;
+  int64_t ldt;
+  const T* weight;
+  double smoothing;
+  T* loss;
+  T* grad;
+  int64_t ldg;
+  double grad_scale;
+};
+
+template <class T>
+TypedArgs<T> typed(const CrossEntropyArgs& a) {
+  return {static_cast<const T*>(a.x),      a.rows,      a.C,
+          a.ldx,                           a.target,    a.ignore_index,
+          static_cast<const T*>(a.soft),   a.ldt,       static_cast<const T*>(a.weight),
+          a.smoothing,                     static_cast<T*>(a.loss), static_cast<T*>(a.grad),
+          a.ldg,                           a.grad_scale};
+}
+
 // Gradients larger than this go out with non-temporal stores: they will not be read back from
 // cache before they are evicted anyway.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 template <class T>
-void forward_rows(const CrossEntropyArgs<T>& a, const CrossEntropyKernels<T>& k, double wsum,
+void forward_rows(const TypedArgs<T>& a, const CrossEntropyKernels<T>& k, double wsum,
                   bool stream, int64_t r0, int64_t r1) {
   const double eps = a.smoothing, C = double(a.C), gs = a.grad_scale;
   const bool smooth = eps > 0;
@@ -318,8 +344,9 @@ void forward_rows(const CrossEntropyArgs<T>& a, const CrossEntropyKernels<T>& k,
 }  // namespace
 
 template <class T>
-void cross_entropy_forward(const CrossEntropyArgs<T>& a) {
-  if (a.rows == 0) return;
+void cross_entropy_forward(const CrossEntropyArgs& args) {
+  if (args.rows == 0) return;
+  const TypedArgs<T> a = typed<T>(args);
   double wsum = double(a.C);
   if (a.weight) {
     wsum = 0;
@@ -336,7 +363,7 @@ void cross_entropy_forward(const CrossEntropyArgs<T>& a) {
 #define NNK_INSTANTIATE(T)                                                                   \
   template int64_t cross_entropy_check_targets<T>(const int64_t*, int64_t, int64_t, int64_t, \
                                                   const T*, double*);                        \
-  template void cross_entropy_forward<T>(const CrossEntropyArgs<T>&);
+  template void cross_entropy_forward<T>(const CrossEntropyArgs&);
 NNK_INSTANTIATE(float)
 NNK_INSTANTIATE(double)
 #undef NNK_INSTANTIATE

@@ -15,4 +15,11 @@ template <class T>
 void lstm_layer_backward(const LstmLayer<T>& a);
 
 }  // namespace cpu
+
+// The CUDA backend (cuda/lstm.cu), float32: the same time loop, the project's CUDA GEMM and one
+// fused step kernel per step.
+namespace cuda {
+void lstm_layer_forward(const LstmLayer<float>& a, int device, void* stream);
+void lstm_layer_backward(const LstmLayer<float>& a, int device, void* stream);
+}  // namespace cuda
 }  // namespace nnk

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cpu/batch_norm.h"
 #include "cuda/cuda_api.h"
 
 namespace nnk {

@@ -1,6 +1,6 @@
 // conv2d on CUDA: implicit-GEMM forward, backward-data and backward-weight on the tile kernel of
 // gemm_tile.cuh (the project's one GPU GEMM), with operand providers that read x, w and dY through
-// the index math of conv2d_index.cuh instead of a materialised im2col:
+// the index math of common/conv2d_args.h instead of a materialised im2col:
 //   forward          items n*groups + g:  Y[n]_g = W_g . col(x[n]_g)                   + bias
 //   backward-data    items n*groups + g:  dX[n]_g = W~_g . gather(dY[n]_g)   (any stride, dilation)
 //   backward-weight  items g*ksplit + s:  dW_g += dY_g . col^T (K split in ksplit slices, atomics)
@@ -8,8 +8,9 @@
 // along the image rows); the weight of the forward is a strided operand (float4 along k).
 #include <cstdint>
 
+#include "common/conv2d_args.h"
+#include "cpu/conv2d.h"
 #include "cuda/common.cuh"
-#include "cuda/conv2d_index.cuh"
 #include "cuda/cuda_api.h"
 #include "cuda/gemm_epilogue.cuh"
 #include "cuda/gemm_tile.cuh"
@@ -24,7 +25,7 @@ using namespace tile;
 
 // Forward B: col[crs = k][pix = w] of item (n, g).
 struct Im2col {
-  ConvIndex ix;
+  Conv2dArgs ix;
   const float* x;
   __device__ float operator()(int64_t item, int64_t pix, int64_t crs) const {
     const int64_t n = item / ix.groups,
@@ -35,7 +36,7 @@ struct Im2col {
 
 // Backward-data A: W~[c = w][krs = k] of group g.
 struct WeightT {
-  ConvIndex ix;
+  Conv2dArgs ix;
   const float* w;
   __device__ float operator()(int64_t item, int64_t c, int64_t krs) const {
     return c < ix.Cg ? w[ix.weight_t(item % ix.groups, c, krs)] : 0.f;
@@ -44,7 +45,7 @@ struct WeightT {
 
 // Backward-data B: gather(dY)[krs = k][pix = w] of item (n, g), pix over the input's H x W.
 struct DyGather {
-  ConvIndex ix;
+  Conv2dArgs ix;
   const float* dy;
   __device__ float operator()(int64_t item, int64_t pix, int64_t krs) const {
     const int64_t n = item / ix.groups;
@@ -55,7 +56,7 @@ struct DyGather {
 
 // Backward-weight A: dY[m = w][(n, pix) = k] of group g = item / ksplit.
 struct DyRow {
-  ConvIndex ix;
+  Conv2dArgs ix;
   const float* dy;
   int64_t ksplit;
   __device__ float operator()(int64_t item, int64_t m, int64_t npix) const {
@@ -65,7 +66,7 @@ struct DyRow {
 
 // Backward-weight B: col^T[(n, pix) = k][crs = w] of group g = item / ksplit.
 struct ColT {
-  ConvIndex ix;
+  Conv2dArgs ix;
   const float* x;
   int64_t ksplit;
   __device__ float operator()(int64_t item, int64_t crs, int64_t npix) const {
@@ -109,7 +110,7 @@ void launch(const P& pr, cudaStream_t stream, const char* what) {
 
 }  // namespace
 
-void conv2d_forward(const ConvIndex& ix, const float* x, const float* w, const float* bias,
+void conv2d_forward(const Conv2dArgs& ix, const float* x, const float* w, const float* bias,
                     float* y, int device, void* stream) {
   if (ix.N == 0 || ix.K == 0 || ix.P * ix.Q == 0) return;
   Problem<Strided, Implicit<Im2col>, StoreC> pr;
@@ -144,7 +145,7 @@ void conv2d_forward(const ConvIndex& ix, const float* x, const float* w, const f
   launch(pr, static_cast<cudaStream_t>(stream), "conv2d forward launch");
 }
 
-void conv2d_backward_data(const ConvIndex& ix, const float* dy, const float* w, float* dx,
+void conv2d_backward_data(const Conv2dArgs& ix, const float* dy, const float* w, float* dx,
                           int device, void* stream) {
   if (ix.N == 0 || ix.C == 0 || ix.H * ix.W == 0) return;
   Problem<Implicit<WeightT>, Implicit<DyGather>, StoreC> pr;
@@ -167,7 +168,7 @@ void conv2d_backward_data(const ConvIndex& ix, const float* dy, const float* w, 
   launch(pr, static_cast<cudaStream_t>(stream), "conv2d backward-data launch");
 }
 
-void conv2d_backward_weight(const ConvIndex& ix, const float* x, const float* dy, float* dw,
+void conv2d_backward_weight(const Conv2dArgs& ix, const float* x, const float* dy, float* dw,
                             float* dbias, int device, void* stream) {
   DeviceGuard guard(device);
   const auto st = static_cast<cudaStream_t>(stream);

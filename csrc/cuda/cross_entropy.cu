@@ -10,6 +10,7 @@
 
 #include <cfloat>
 
+#include "cpu/cross_entropy.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_api.h"
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common/lstm_driver.h"
+#include "cpu/lstm.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_api.h"
 

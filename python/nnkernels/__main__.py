@@ -8,27 +8,27 @@ def info() -> int:
     import torch
 
     import nnkernels
-    from nnkernels import _C
+    from nnkernels import _native
 
     rows = [
         ("nnkernels", nnkernels.__version__),
         ("torch", torch.__version__),
         (
             "CPU ISA in use",
-            f"{_C.isa()} (best: {_C.best_isa()}; available: {', '.join(_C.available_isas())})",
+            f"{_native.isa()} (best: {_native.best_isa()}; available: {', '.join(_native.available_isas())})",
         ),
         (
             "GEMM micro-kernels",
-            f"{_C.gemm_kernel_name('float32')}, {_C.gemm_kernel_name('float64')}",
+            f"{_native.gemm_kernel_name('float32')}, {_native.gemm_kernel_name('float64')}",
         ),
-        ("threads", f"{nnkernels.get_num_threads()} (OpenMP: {'yes' if _C.openmp() else 'no'})"),
+        ("threads", f"{nnkernels.get_num_threads()} (OpenMP: {'yes' if _native.openmp() else 'no'})"),
         (
             "CUDA kernels",
-            f"compiled for sm_{_C.cuda_archs().replace(',', ', sm_')}"
-            if _C.cuda_compiled()
+            f"compiled for sm_{_native.cuda_archs().replace(',', ', sm_')}"
+            if _native.cuda_compiled()
             else "not compiled",
         ),
-        ("visible GPUs", str(_C.cuda_device_count())),
+        ("visible GPUs", str(_native.cuda_device_count())),
     ]
     try:
         import numpy

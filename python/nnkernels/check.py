@@ -283,7 +283,7 @@ def run(device: str = "cpu", ops=None, out=print, all_isas=False) -> int:
     """Runs the parity checks; returns the exit code (0: all pass). all_isas: on the CPU, once
     per CPU path this machine can run (avx512 / avx2 / baseline), not just the active one."""
     import nnkernels
-    from nnkernels import _C
+    from nnkernels import _native
 
     if device == "cuda" and not nnkernels.cuda_available():
         out("check --device cuda: no CUDA GPU visible to this nnkernels build")
@@ -293,12 +293,12 @@ def run(device: str = "cpu", ops=None, out=print, all_isas=False) -> int:
         torch.backends.cudnn.allow_tf32 = False
     dtypes = [torch.float32, torch.float64] if device == "cpu" else [torch.float32]
     cases = [c for c in CASES if ops is None or c.op in ops]
-    active = _C.isa()
+    active = _native.isa()
     isas = nnkernels.available_isas()[::-1] if all_isas and device == "cpu" else [active]
     failures = 0
     try:
         for isa in isas:
-            _C.set_isa(isa)
+            _native.set_isa(isa)
             where = f" (CPU path {isa}, {nnkernels.get_num_threads()} threads)"
             out(
                 f"nnkernels {nnkernels.__version__} parity vs torch {torch.__version__} on "
@@ -314,5 +314,5 @@ def run(device: str = "cpu", ops=None, out=print, all_isas=False) -> int:
             out(f"{len(rows) - len(failed)}/{len(rows)} op/dtype rows pass\n")
             failures += len(failed)
     finally:
-        _C.set_isa(active)
+        _native.set_isa(active)
     return 1 if failures else 0

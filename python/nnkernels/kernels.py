@@ -4,14 +4,15 @@
     c = K.matmul(np.ones((3, 4), np.float32), np.ones((4, 5), np.float32))
 
 Inputs may be strided (transposed views run without copies); outputs are allocated here unless
-`out` is given. Arguments are checked by the native layer (names a, b, out, bias).
+`out` is given. Arguments are checked by the native layer (names a, b, out, bias); numpy arrays
+reach it as DLPack capsules.
 """
 
 import math
 
 import torch
 
-from . import _C, _ops
+from . import _native as N
 
 __all__ = ["conv2d", "linear", "matmul"]
 
@@ -37,6 +38,19 @@ def _kind(args):
     if len(kinds) > 1:
         raise TypeError("mix of numpy arrays and torch tensors; pass one kind")
     return kinds.pop() if kinds else "torch"
+
+
+def _arg(x, name):
+    """What the kernels take: a torch tensor as it is, a numpy array as a DLPack capsule
+    (versioned where numpy supports it, so read-only arrays are refused as outputs)."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    try:
+        return x.__dlpack__(max_version=(1, 0))
+    except TypeError:  # numpy < 2.1
+        return x.__dlpack__()
+    except BufferError as e:
+        raise ValueError(f"{name}: numpy array cannot be passed to the kernels ({e})") from None
 
 
 def _empty(kind, like, shape):
@@ -69,7 +83,8 @@ def matmul(a, b, out=None, *, alpha=1.0, beta=0.0):
         if _ndim(a) == 3 or _ndim(b) == 3:
             shape = ((a if _ndim(a) == 3 else b).shape[0],) + shape
         out = _empty(kind, a, shape)
-    return _ops.gemm(a, b, out, alpha, beta)
+    N.gemm(_arg(a, "a"), _arg(b, "b"), _arg(out, "out"), alpha, beta)
+    return out
 
 
 def linear(input, weight, bias=None, out=None):
@@ -97,7 +112,8 @@ def linear(input, weight, bias=None, out=None):
                     "linear: out must be contiguous when input has several leading dims"
                 )
             o2 = out.reshape(rows, n)
-    _ops.gemm(x2, weight, o2, bias=bias, trans_b=True)
+    N.gemm(_arg(x2, "input"), _arg(weight, "weight"), _arg(o2, "out"), bias=_arg(bias, "bias"),
+           trans_b=True)
     return o2.reshape(*lead, n) if out is None else out
 
 
@@ -105,7 +121,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     """out = conv2d(input, weight) + bias for input (N, C, H, W), weight (K, C/groups, R, S),
     bias (K,) or None. stride, dilation: int or (h, w); padding: int, (h, w), (top, bottom, left,
     right), 'valid' or 'same' (zeros). Returns out (N, K, P, Q)."""
-    from .functional import _pair
+    from .ops.conv2d import pair as _pair
 
     kind = _kind([("input", input), ("weight", weight), ("bias", bias), ("out", out)])
     if _ndim(input) != 4 or _ndim(weight) != 4:
@@ -137,16 +153,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         weight = np.ascontiguousarray(weight)
     if out is None:
         out = _empty(kind, input, (n, weight.shape[0], max(p, 0), max(q, 0)))
-    _ops.sync_threads()
-    _C.conv2d_forward(
-        _ops.to_dl(input, "input"),
-        _ops.to_dl(weight, "weight"),
-        None if bias is None else _ops.to_dl(bias, "bias"),
-        _ops.to_dl(out, "out"),
+    N.conv2d_forward(
+        _arg(input, "input"),
+        _arg(weight, "weight"),
+        _arg(bias, "bias"),
+        _arg(out, "out"),
         (sh, sw),
         pad,
         (dh, dw),
         groups,
-        _ops._stream(out),
     )
     return out

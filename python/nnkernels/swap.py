@@ -19,7 +19,7 @@ import fnmatch
 
 import torch
 
-from . import _C
+from . import _native
 from . import nn as _nnk
 
 # torch class -> nnkernels twin. Exact classes only: a user subclass may override forward.
@@ -35,7 +35,6 @@ TWINS = {
 }
 _ORIGIN = "_nnkernels_swapped_from"  # instance attribute: the torch class before the swap
 
-_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
 
 
 def _unsupported(module) -> str | None:
@@ -48,11 +47,11 @@ def _unsupported(module) -> str | None:
         if t is None or not t.dtype.is_floating_point:
             continue
         dev = t.device.type
-        if dev not in _DTYPES:
+        if dev not in ("cpu", "cuda"):
             return f"{name} is on {t.device}; nnkernels runs on cpu and cuda"
-        if dev == "cuda" and not _C.cuda_compiled():
+        if dev == "cuda" and not _native.cuda_compiled():
             return "this nnkernels build has no CUDA kernels"
-        if t.dtype not in _DTYPES[dev]:
+        if t.dtype not in _native.supported_dtypes(dev):
             return f"{name} is {str(t.dtype).replace('torch.', '')} on {dev}"
     return None
 

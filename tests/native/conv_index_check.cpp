@@ -1,14 +1,14 @@
-// Checks the index math of the CUDA implicit-GEMM convolution (csrc/cuda/conv2d_index.cuh) on the
-// CPU: each pass computed as the GEMM the CUDA kernels run, through ConvIndex, must equal the
+// Checks the index math of the CUDA implicit-GEMM convolution (csrc/common/conv2d_args.h) on the
+// CPU: each pass computed as the GEMM the CUDA kernels run, through Conv2dArgs, must equal the
 // convolution written out directly. Built and run by tests/test_cuda_conv_index.py.
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
-#include "cuda/conv2d_index.cuh"
+#include "common/conv2d_args.h"
 
-using nnk::cuda::ConvIndex;
+using nnk::Conv2dArgs;
 
 struct Case {
   int64_t N, C, H, W, K, R, S, sh, sw, ph, pw, pb, pr, dh, dw, groups;
@@ -25,7 +25,7 @@ static void strides(int64_t n, int64_t c, int64_t h, int64_t w, bool cl, int64_t
 }
 
 static double check(const Case& t, std::mt19937& rng) {
-  ConvIndex ix{};
+  Conv2dArgs ix{};
   ix.N = t.N, ix.C = t.C, ix.H = t.H, ix.W = t.W, ix.K = t.K, ix.R = t.R, ix.S = t.S;
   ix.sh = t.sh, ix.sw = t.sw, ix.ph = t.ph, ix.pw = t.pw, ix.dh = t.dh, ix.dw = t.dw;
   ix.groups = t.groups, ix.Cg = t.C / t.groups, ix.Kg = t.K / t.groups;

@@ -10,7 +10,7 @@ import torch
 
 import nnkernels
 
-from . import batch_norm, conv2d, cross_entropy, harness, linear, lstm, matmul
+from . import batch_norm, call_cost, conv2d, cross_entropy, harness, linear, lstm, matmul
 
 SUITES = {
     "matmul": matmul.cases,
@@ -19,6 +19,7 @@ SUITES = {
     "batch_norm": batch_norm.cases,
     "cross_entropy": cross_entropy.cases,
     "lstm": lstm.cases,
+    "call_cost": call_cost.cases,
 }
 
 

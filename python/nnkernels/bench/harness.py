@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 import nnkernels
-from nnkernels import _C
+from nnkernels import _native
 
 
 @dataclasses.dataclass
@@ -150,10 +150,11 @@ _peaks: dict = {}
 
 def fma_peak_gflops(dtype: str) -> float:
     """Measured FMA throughput of this CPU on nnkernels' threads (cached per process)."""
-    key = ("fma", dtype, nnkernels.get_num_threads(), _C.isa())
+    threads = nnkernels.get_num_threads()
+    key = ("fma", dtype, threads, _native.isa())
     if key not in _peaks:
-        nnkernels._ops.sync_threads()
-        _peaks[key] = max(_C.fma_peak_gflops(dtype == "float64", 0, 0.15) for _ in range(3))
+        fp64 = dtype == "float64"
+        _peaks[key] = max(_native.fma_peak_gflops(fp64, threads, 0.15) for _ in range(3))
     return _peaks[key]
 
 
@@ -161,7 +162,8 @@ def copy_bandwidth_gbs(device: str) -> float:
     """Measured memory bandwidth (read + written bytes per second), cached: on the CPU a copy with
     non-temporal stores on nnkernels' threads (256 MiB buffers; a copy through the cache also
     reads every destination line, a third of its traffic uncounted); on CUDA a device copy."""
-    key = ("copy", device, nnkernels.get_num_threads())
+    threads = nnkernels.get_num_threads()
+    key = ("copy", device, threads)
     if key not in _peaks:
         if device == "cuda":
             src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
@@ -169,8 +171,7 @@ def copy_bandwidth_gbs(device: str) -> float:
             best = min(_time_once(lambda: dst.copy_(src), 1, device) for _ in range(8))
             _peaks[key] = 2 * src.numel() * 4 / best / 1e9
         else:
-            nnkernels._ops.sync_threads()
-            _peaks[key] = _C.copy_bandwidth_gbs(512 * 2**20, 8)
+            _peaks[key] = _native.copy_bandwidth_gbs(512 * 2**20, 8, threads)
     return _peaks[key]
 
 
@@ -323,8 +324,8 @@ def machine_info(device: str) -> dict:
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": nnkernels.get_num_threads(),
-        "isa": _C.isa(),
-        "gemm_kernels": [_C.gemm_kernel_name("float32"), _C.gemm_kernel_name("float64")],
+        "isa": _native.isa(),
+        "gemm_kernels": [_native.gemm_kernel_name("float32"), _native.gemm_kernel_name("float64")],
         "nnkernels": nnkernels.__version__,
         "commit": _git_commit(),
         "torch": torch.__version__,

@@ -1,6 +1,7 @@
 import torch
 
 from .. import functional as NF
+from ..ops.batch_norm import sync_batch_norm
 
 
 class _BatchNormForward:
@@ -45,8 +46,6 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
     torch's."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        from .._autograd.batch_norm import SyncBatchNormFunction
-
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         running_mean, running_var, bn_training, factor = self._batch_norm_state()
@@ -68,15 +67,8 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
                 factor,
                 self.eps,
             )
-        return SyncBatchNormFunction.apply(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            self.eps,
-            factor,
-            group,
+        return sync_batch_norm(
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
             world_size,
         )
 

@@ -1,6 +1,8 @@
-// Index math of the implicit-GEMM convolution (conv2d.cu), host- and device-callable so that
-// tests/test_cuda_conv_index.py can check it on a CPU against a direct convolution: the operand
-// providers of the CUDA kernels only call these functions.
+// The arguments of one conv2d pass, shared by the CPU (cpu/conv2d.cpp) and CUDA (cuda/conv2d.cu)
+// kernels: the geometry and the element strides of the three tensors of the pass. Its index
+// methods are the math of the CUDA implicit GEMM, host- and device-callable so that
+// tests/test_cuda_conv_index.py checks them on a CPU against a direct convolution (the CUDA
+// kernels' operand providers read memory only through them).
 //
 //   x (N, C, H, W), w (K, C/groups, R, S), y (N, K, P, Q); Cg = C/groups, Kg = K/groups.
 //   forward          item (n, g):  Y (Kg x PQ) = W_g (Kg x CRS) . col (CRS x PQ)
@@ -17,11 +19,15 @@
 #endif
 
 namespace nnk {
-namespace cuda {
 
-struct ConvIndex {
-  int64_t N, C, H, W, K, R, S, P, Q;
-  int64_t sh, sw, ph, pw, dh, dw, groups, Cg, Kg;
+struct Conv2dArgs {
+  int64_t N, C, H, W;  // input
+  int64_t K, R, S;     // weight (K, C / groups, R, S)
+  int64_t P, Q;        // output
+  int64_t sh, sw;      // stride
+  int64_t ph, pw;      // padding before (top, left); after follows from P, Q
+  int64_t dh, dw;      // dilation
+  int64_t groups, Cg, Kg;       // Cg = C / groups, Kg = K / groups
   int64_t xs[4], ws[4], ys[4];  // strides of x (or dx), w (or dw), y (or dy), NCHW order
 
   // col[crs][pix] of image n, group g: x offset, or -1 where the window is in the padding.
@@ -70,5 +76,4 @@ struct ConvIndex {
   }
 };
 
-}  // namespace cuda
 }  // namespace nnk

@@ -1,0 +1,86 @@
+"""The only module that imports the native extension nnkernels._C.
+
+The kernels take torch tensors directly (the extension reads their dtype, device, data pointer,
+shape and strides through their Python attributes; it never links libtorch) or DLPack capsules
+(numpy arrays), in destination-passing style: the caller allocates every output. The extension
+checks every argument, follows torch.get_num_threads() unless set_num_threads() fixed a count,
+launches CUDA kernels on torch's current stream and releases the GIL while kernels run.
+
+Everything else in the package reaches the kernels through the names below.
+"""
+
+import torch
+
+from . import _C
+
+_C.register_torch(
+    torch.Tensor,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+    torch.get_num_threads,
+    getattr(torch._C, "_cuda_getCurrentRawStream", None),  # absent from CPU builds of torch
+)
+
+# ------------------------------------------------------------------------- kernel entry points
+gemm = _C.gemm
+linear = _C.linear
+sum_rows = _C.sum_rows
+conv2d_forward = _C.conv2d_forward
+conv2d_backward_data = _C.conv2d_backward_data
+conv2d_backward_weight = _C.conv2d_backward_weight
+sum_channels = _C.sum_channels
+batch_norm_forward_train = _C.batch_norm_forward_train
+batch_norm_stats = _C.batch_norm_stats
+batch_norm_apply = _C.batch_norm_apply
+batch_norm_backward_reduce = _C.batch_norm_backward_reduce
+batch_norm_backward_apply = _C.batch_norm_backward_apply
+batch_norm_backward_train = _C.batch_norm_backward_train
+BATCH_NORM_CUDA_WORKSPACE_PER_CHANNEL = _C.batch_norm_cuda_workspace_per_channel
+cross_entropy_check_targets = _C.cross_entropy_check_targets
+cross_entropy_forward = _C.cross_entropy_forward
+lstm_forward = _C.lstm_forward
+lstm_backward = _C.lstm_backward
+
+# ---------------------------------------------------------------------------- machine and build
+isa = _C.isa
+best_isa = _C.best_isa
+available_isas = _C.available_isas
+set_isa = _C.set_isa
+emulate_avx512_tiles = _C._emulate_avx512_tiles
+openmp = _C.openmp
+cuda_compiled = _C.cuda_compiled
+cuda_device_count = _C.cuda_device_count
+cuda_archs = _C.cuda_archs
+gemm_kernel_name = _C.gemm_kernel_name
+fma_peak_gflops = _C.fma_peak_gflops
+copy_bandwidth_gbs = _C.copy_bandwidth_gbs
+
+
+def supported_dtypes(device: str, logits: bool = False) -> list:
+    """The dtypes the kernels compute on 'cpu' or 'cuda', as torch dtypes (logits: the inputs of
+    cross-entropy, which on CUDA also take float16 / bfloat16). The one table lives in the
+    extension (common/checks.cpp); every check and message derives from it."""
+    return [getattr(torch, name) for name in _C.supported_dtypes(device, logits)]
+
+
+# ------------------------------------------------------------------------------------ threads
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads in nnkernels' CPU kernels (by default they follow torch.get_num_threads())."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads nnkernels' CPU kernels use."""
+    return _C.get_num_threads()
+
+
+def follow_torch_threads() -> None:
+    """Undo set_num_threads: follow torch.get_num_threads() again (the default)."""
+    _C.follow_torch_threads()
