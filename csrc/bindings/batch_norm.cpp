@@ -31,9 +31,9 @@ cpu::View3<T> view3(const TensorView& v) {
 }
 
 // Activation i: the input itself (like null: a float (N, C, *) tensor) or shaped like it.
-TensorView activation(const Call& c, int i, const TensorView* like) {
+TensorView activation(const Call& c, int i, const TensorView* like, bool output = false) {
   const char* name = c.name(i);
-  TensorView v = c.tensor(i);
+  TensorView v = output ? c.output(i) : c.tensor(i);
   if (like) {
     check_like(v, name, *like, "input");
     bool same = v.ndim == like->ndim;
@@ -51,7 +51,7 @@ TensorView activation(const Call& c, int i, const TensorView* like) {
 }
 
 TensorView output_activation(const Call& c, int i, const TensorView& x) {
-  const TensorView v = activation(c, i, &x);
+  const TensorView v = activation(c, i, &x, true);
   check_output(v, c.name(i));
   check_no_overlap(v, c.name(i), x, "input");
   return v;
@@ -61,7 +61,7 @@ TensorView output_activation(const Call& c, int i, const TensorView& x) {
 TensorView channel(const Call& c, int i, const TensorView& x, bool output = false,
                    bool optional = false) {
   if (optional && !c.given(i)) return TensorView();
-  const TensorView v = c.tensor(i);
+  const TensorView v = output ? c.output(i) : c.tensor(i);
   check_vector(v, c.name(i), x.shape[1], x, "input");
   if (output) check_output(v, c.name(i));
   return v;
@@ -89,7 +89,7 @@ void check_cuda_layout(std::initializer_list<std::pair<const TensorView*, const 
 double* workspace(const Call& c, int i, const TensorView& x) {
   if (x.device != Device::cuda) return nullptr;
   NNK_CHECK_VALUE(c.given(i), "workspace is required for CUDA inputs");
-  const TensorView ws = c.tensor(i);
+  const TensorView ws = c.output(i);
   NNK_CHECK_VALUE(ws.device == x.device && ws.device_id == x.device_id,
                   "workspace and input must be on the same device");
   NNK_CHECK_TYPE(ws.dtype == DType::f64, "workspace must be float64, got ", dtype_str(ws));
@@ -113,7 +113,7 @@ py::object batch_norm_forward_train(Call& c) {
   check_cuda_layout({{&x, "input"}, {&y, "out"}});
   double* ws = workspace(c, 10, x);
   run(
-      x,
+      x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_forward_train<T>(view3<const T>(x), view3<T>(y), w.ptr<const T>(),
@@ -142,7 +142,7 @@ py::object batch_norm_stats(Call& c) {
   check_cuda_layout({{&x, "input"}});
   double* ws = workspace(c, 3, x);
   run(
-      x,
+      x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_stats<T>(view3<const T>(x), mean.ptr<T>(), m2.ptr<T>());
@@ -162,7 +162,7 @@ py::object batch_norm_apply(Call& c) {
   const TensorView scale = channel(c, 3, x), shift = channel(c, 4, x);
   check_cuda_layout({{&x, "input"}, {&y, "out"}});
   run(
-      x,
+      x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_apply<T>(view3<const T>(x), view3<T>(y), center.ptr<const T>(),
@@ -185,7 +185,7 @@ py::object batch_norm_backward_reduce(Call& c) {
   check_cuda_layout({{&dy, "grad_output"}, {&x, "input"}});
   double* ws = workspace(c, 6, x);
   run(
-      x,
+      x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_backward_reduce<T>(view3<const T>(dy), view3<const T>(x),
@@ -213,7 +213,7 @@ py::object batch_norm_backward_apply(Call& c) {
   check_no_overlap(dx, "grad_input", dy, "grad_output");
   check_cuda_layout({{&dy, "grad_output"}, {&x, "input"}, {&dx, "grad_input"}});
   run(
-      x,
+      x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_backward_apply<T>(view3<const T>(dy), view3<const T>(x),
@@ -247,7 +247,7 @@ py::object batch_norm_backward_train(Call& c) {
   check_cuda_layout({{&dy, "grad_output"}, {&x, "input"}, {&dx, "grad_input"}});
   double* ws = workspace(c, 8, x);
   run(
-      x,
+      x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
         cpu::View3<T> dxv;

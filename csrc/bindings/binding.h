@@ -42,6 +42,8 @@ class Call {
   py::handle handle(int i) const { return a_[i]; }
 
   TensorView tensor(int i) const { return view_of(a_[i], name(i)); }
+  // An output the binding writes (see view_of: no negative-bit check).
+  TensorView output(int i) const { return view_of(a_[i], name(i), true); }
   // The empty view (data null) when absent or None.
   TensorView tensor_or_none(int i) const { return given(i) ? tensor(i) : TensorView(); }
   double f64(int i, double fallback) const;
@@ -93,11 +95,15 @@ struct CudaStream {
 };
 
 // Runs an op's kernel on the device of `ref` (a view check_float has accepted): on the CPU
-// cpu(T()) with T = float or double (ref's dtype); on CUDA cuda(CudaStream). Both run with the
-// GIL released. `cuda` is a generic lambda, so a build without CUDA never instantiates it (its
-// check_float already rejected CUDA views); pass no_cuda for a CPU-only entry point.
+// cpu(T()) with T = float or double (ref's dtype); on CUDA cuda(CudaStream). `work` is about the
+// number of element operations: a CPU call releases the GIL only when there is enough work for
+// other Python threads to gain from it (a release and re-acquire cost ~0.15 us, a tiny layer's
+// whole kernel a few). `cuda` is a generic lambda, so a build without CUDA never instantiates it
+// (its check_float already rejected CUDA views); pass no_cuda for a CPU-only entry point.
+constexpr double kReleaseGilWork = 1 << 15;
+
 template <class Cpu, class Cuda>
-void run(const TensorView& ref, Cpu&& cpu, Cuda&& cuda) {
+void run(const TensorView& ref, double work, Cpu&& cpu, Cuda&& cuda) {
   if (ref.device == Device::cuda) {
 #if defined(NNK_WITH_CUDA)
     const CudaStream s{ref.device_id, reinterpret_cast<void*>(torch_cuda_stream(ref.device_id))};
@@ -109,11 +115,15 @@ void run(const TensorView& ref, Cpu&& cpu, Cuda&& cuda) {
     return;
   }
   const ThreadsForCall threads;
+  auto body = [&] {
+    if (ref.dtype == DType::f32)
+      cpu(float());
+    else
+      cpu(double());
+  };
+  if (work < kReleaseGilWork) return body();
   py::gil_scoped_release nogil;
-  if (ref.dtype == DType::f32)
-    cpu(float());
-  else
-    cpu(double());
+  body();
 }
 
 inline constexpr auto no_cuda = [](auto) {};

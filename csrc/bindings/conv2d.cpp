@@ -59,9 +59,14 @@ Conv2dArgs conv_args(const Call& c, int first, const TensorView& xv, const char*
   return a;
 }
 
+// Multiply-adds of one pass.
+double conv_work(const Conv2dArgs& a) {
+  return double(a.N) * double(a.K) * double(a.P) * double(a.Q) * double(a.Cg * a.R * a.S);
+}
+
 // out = conv2d(input, weight) + bias.
 py::object conv2d_forward(Call& c) {
-  const TensorView x = c.tensor(0), w = c.tensor(1), bias = c.tensor_or_none(2), y = c.tensor(3);
+  const TensorView x = c.tensor(0), w = c.tensor(1), bias = c.tensor_or_none(2), y = c.output(3);
   check_float(x, "input");
   check_like(w, "weight", x, "input");
   check_like(y, "out", x, "input");
@@ -74,7 +79,7 @@ py::object conv2d_forward(Call& c) {
     check_no_overlap(y, "out", bias, "bias");
   }
   run(
-      x,
+      x, conv_work(a),
       [&](auto t) {
         using T = decltype(t);
         cpu::conv2d_forward<T>(a, x.ptr<const T>(), w.ptr<const T>(), bias.ptr<const T>(),
@@ -91,7 +96,7 @@ NNK_BINDING(conv2d_forward, "input, weight, bias, out, stride, padding, dilation
 
 // grad_input = the adjoint of the forward in the input.
 py::object conv2d_backward_data(Call& c) {
-  const TensorView dy = c.tensor(0), w = c.tensor(1), dx = c.tensor(2);
+  const TensorView dy = c.tensor(0), w = c.tensor(1), dx = c.output(2);
   check_float(dy, "grad_output");
   check_like(w, "weight", dy, "grad_output");
   check_like(dx, "grad_input", dy, "grad_output");
@@ -100,7 +105,7 @@ py::object conv2d_backward_data(Call& c) {
   check_no_overlap(dx, "grad_input", dy, "grad_output");
   check_no_overlap(dx, "grad_input", w, "weight");
   run(
-      dy,
+      dy, conv_work(a),
       [&](auto t) {
         using T = decltype(t);
         cpu::conv2d_backward_data<T>(a, dy.ptr<const T>(), w.ptr<const T>(), dx.ptr<T>());
@@ -117,7 +122,8 @@ NNK_BINDING(conv2d_backward_data,
 
 // grad_weight (and grad_bias, or None) = the adjoint of the forward in the weight (and bias).
 py::object conv2d_backward_weight(Call& c) {
-  const TensorView x = c.tensor(0), dy = c.tensor(1), dw = c.tensor(2), db = c.tensor_or_none(3);
+  const TensorView x = c.tensor(0), dy = c.tensor(1), dw = c.output(2);
+  const TensorView db = c.given(3) ? c.output(3) : TensorView();
   check_float(x, "input");
   check_like(dy, "grad_output", x, "input");
   check_like(dw, "grad_weight", x, "input");
@@ -132,7 +138,7 @@ py::object conv2d_backward_weight(Call& c) {
     check_no_overlap(db, "grad_bias", dy, "grad_output");
   }
   run(
-      x,
+      x, conv_work(a),
       [&](auto t) {
         using T = decltype(t);
         cpu::conv2d_backward_weight<T>(a, x.ptr<const T>(), dy.ptr<const T>(), dw.ptr<T>(),
@@ -150,7 +156,7 @@ NNK_BINDING(conv2d_backward_weight,
 
 // out[c] = sum_{n,h,w} x[n, c, h, w] for a 4-D x whose (H, W) dims flatten.
 py::object sum_channels(Call& c) {
-  const TensorView x = c.tensor(0), out = c.tensor(1);
+  const TensorView x = c.tensor(0), out = c.output(1);
   check_float(x, "x");
   check_like(out, "out", x, "x");
   check_ndim(x, "x", {4});
@@ -162,7 +168,7 @@ py::object sum_channels(Call& c) {
   const int64_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3];
   const int64_t si = flat_stride(x, 2, 3);
   run(
-      x,
+      x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
         cpu::sum_channels(N, C, HW, x.ptr<const T>(), x.strides[0], x.strides[1], si,

@@ -44,7 +44,7 @@ py::object cross_entropy_check_targets(Call& c) {
   double total = 0;
   int64_t bad = -1;
   run(
-      w,
+      w, double(t.shape[0]),
       [&](auto tag) {
         using T = decltype(tag);
         bad = cpu::cross_entropy_check_targets<T>(t.ptr<const int64_t>(), t.shape[0], C,
@@ -85,12 +85,12 @@ py::object cross_entropy_forward(Call& c) {
     weight = c.tensor(3);
     check_vector(weight, "weight", C, x, "input");
   }
-  const TensorView loss = c.tensor(4);
+  const TensorView loss = c.output(4);
   check_vector(loss, "loss", rows, x, "input");
   check_output(loss, "loss");
   check_no_overlap(loss, "loss", x, "input");
   if (c.given(5)) {
-    grad = c.tensor(5);
+    grad = c.output(5);
     check_like(grad, "grad_input", x, "input");
     check_rows(grad, "grad_input", rows, C);
     check_output(grad, "grad_input");
@@ -125,7 +125,7 @@ py::object cross_entropy_forward(Call& c) {
   a.grad_scale = grad_scale;
   a.grad_scale_divisor = divisor;
   run(
-      x, [&](auto t) { cpu::cross_entropy_forward<decltype(t)>(a); },
+      x, double(rows) * double(C), [&](auto t) { cpu::cross_entropy_forward<decltype(t)>(a); },
       [&](auto s) { cuda::cross_entropy_forward(a, s.device, s.stream); });
   return py::none();
 }

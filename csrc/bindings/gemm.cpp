@@ -25,7 +25,7 @@ void run_gemm(const TensorView& a, const TensorView& b, const TensorView& out, i
               int64_t N, int64_t K, double alpha, double beta, const TensorView& bias,
               int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
   run(
-      a,
+      a, double(batch) * double(M) * double(N) * double(K),
       [&](auto t) {
         using T = decltype(t);
         cpu::gemm_batched(gemm_of<T>(a, b, out, M, N, K, alpha, beta, bias), batch, sa, sb, sc);
@@ -42,7 +42,7 @@ void run_gemm(const TensorView& a, const TensorView& b, const TensorView& out, i
 // trans_x (a strided view, no copy).
 py::object gemm(Call& c) {
   TensorView a = c.tensor(0), b = c.tensor(1);
-  const TensorView out = c.tensor(2);
+  const TensorView out = c.output(2);
   const double alpha = c.f64(3, 1.0), beta = c.f64(4, 0.0);
   const TensorView bias = c.tensor_or_none(5);
   if (c.flag(6, false)) a = transposed(a);
@@ -107,7 +107,7 @@ bool fold_rows(const TensorView& v, int64_t* rows, int64_t* ld) {
 // bias (out,) or None, out (*, out). The leading dims of input and out fold into the GEMM's rows.
 py::object linear(Call& c) {
   const TensorView x = c.tensor(0), w = c.tensor(1);
-  const TensorView bias = c.tensor_or_none(2), out = c.tensor(3);
+  const TensorView bias = c.tensor_or_none(2), out = c.output(3);
   check_float(x, "input");
   check_like(w, "weight", x, "input");
   NNK_CHECK_VALUE(x.ndim >= 1, "linear: input must be at least 1-D (*, in_features), got a 0-D "
@@ -155,9 +155,104 @@ NNK_BINDING(linear, "input, weight, bias, out",
             "out = input @ weight^T + bias for input (*, in) and out (*, out); the bias (or None) "
             "is added in the GEMM's store.");
 
+// The (rows, n) matrix of a (*, n) view whose leading dims fold (see fold_rows), named for messages.
+TensorView rows_of(const TensorView& v, const char* name) {
+  int64_t rows, ld;
+  NNK_CHECK_VALUE(v.ndim >= 1 && fold_rows(v, &rows, &ld), name,
+                  " must be at least 1-D with leading dims that fold into one, got shape ",
+                  shape_str(v));
+  TensorView m = v;
+  m.ndim = 2;
+  m.shape[0] = rows, m.shape[1] = v.shape[v.ndim - 1];
+  m.strides[0] = ld, m.strides[1] = v.strides[v.ndim - 1];
+  return m;
+}
+
+// The gradients of linear for grad_output dy (*, out): grad_input = dy @ weight (*, in) (needs
+// weight), grad_weight = dy^T @ input (out, in) (needs input), grad_bias = the column sums of dy
+// (out,). Each output may be None, and so may an operand its output does not need. One call for
+// the three: a tiny layer's backward is mostly the cost of each call.
+py::object linear_backward(Call& c) {
+  const TensorView dy = c.tensor(0);
+  check_float(dy, "grad_output");
+  const TensorView g = rows_of(dy, "grad_output");
+  const int64_t M = g.shape[0], N = g.shape[1];
+  const TensorView none;
+  std::pair<const TensorView*, const char*> written[3];
+  int nwritten = 0;
+  auto output = [&](int i, const char* name) {
+    const TensorView v = c.output(i);
+    check_like(v, name, dy, "grad_output");
+    check_output(v, name);
+    check_no_overlap(v, name, dy, "grad_output");
+    return v;
+  };
+  TensorView w, x, dx, dw, db;
+  if (c.given(3)) {  // grad_input (*, K) = dy @ w
+    w = c.tensor(2);
+    check_like(w, "weight", dy, "grad_output");
+    check_ndim(w, "weight", {2});
+    NNK_CHECK_VALUE(w.shape[0] == N, "weight ", shape_str(w), " does not match grad_output ",
+                    shape_str(dy));
+    dx = output(3, "grad_input");
+    NNK_CHECK_VALUE(dx.ndim == dy.ndim && dx.shape[dx.ndim - 1] == w.shape[1], "grad_input ",
+                    shape_str(dx), " must be grad_output's leading dims x ", w.shape[1]);
+    for (int d = 0; d + 1 < dx.ndim; ++d)
+      NNK_CHECK_VALUE(dx.shape[d] == dy.shape[d], "grad_input ", shape_str(dx),
+                      " must have grad_output's leading dims ", shape_str(dy));
+    check_no_overlap(dx, "grad_input", w, "weight");
+    written[nwritten++] = {&dx, "grad_input"};
+  }
+  if (c.given(4)) {  // grad_weight (N, K) = dy^T @ x
+    x = c.tensor(1);
+    check_like(x, "input", dy, "grad_output");
+    const TensorView a = rows_of(x, "input");
+    NNK_CHECK_VALUE(a.shape[0] == M, "input ", shape_str(x), " and grad_output ", shape_str(dy),
+                    " must have the same leading dims");
+    dw = output(4, "grad_weight");
+    check_shape(dw, "grad_weight", {N, a.shape[1]});
+    check_no_overlap(dw, "grad_weight", x, "input");
+    written[nwritten++] = {&dw, "grad_weight"};
+  }
+  if (c.given(5)) {  // grad_bias (N,)
+    db = output(5, "grad_bias");
+    check_vector(db, "grad_bias", N, dy, "grad_output");
+    written[nwritten++] = {&db, "grad_bias"};
+  }
+  for (int o = 0; o < nwritten; ++o)
+    for (int p = 0; p < o; ++p)
+      check_no_overlap(*written[o].first, written[o].second, *written[p].first,
+                       written[p].second);
+  if (dx.ndim) {
+    const TensorView gx = rows_of(dx, "grad_input");
+    run_gemm(g, w, gx, M, gx.shape[1], N, 1.0, 0.0, none, 1, 0, 0, 0);
+  }
+  if (dw.ndim) {
+    const TensorView a = rows_of(x, "input");
+    run_gemm(transposed(g), a, dw, N, a.shape[1], M, 1.0, 0.0, none, 1, 0, 0, 0);
+  }
+  if (db.ndim)
+    run(
+        dy, double(M) * double(N),
+        [&](auto t) {
+          using T = decltype(t);
+          cpu::sum_rows(M, N, dy.ptr<const T>(), g.strides[0], g.strides[1], db.ptr<T>(),
+                        db.strides[0]);
+        },
+        [&](auto s) {
+          cuda::sum_rows(M, N, dy.ptr<const float>(), g.strides[0], g.strides[1],
+                         db.ptr<float>(), db.strides[0], s.device, s.stream);
+        });
+  return py::none();
+}
+NNK_BINDING(linear_backward, "grad_output, input, weight, grad_input, grad_weight, grad_bias",
+            "grad_input = grad_output @ weight, grad_weight = grad_output^T @ input, grad_bias = "
+            "the column sums of grad_output, for linear's (*, n) operands; each output None to "
+            "skip (input and weight then None too where unused).");
+
 // out[j] = sum_i x[i, j] for a 2-D x (R, N) and out (N,).
 py::object sum_rows(Call& c) {
-  const TensorView x = c.tensor(0), out = c.tensor(1);
+  const TensorView x = c.tensor(0), out = c.output(1);
   check_float(x, "x");
   check_like(out, "out", x, "x");
   check_ndim(x, "x", {2});
@@ -166,7 +261,7 @@ py::object sum_rows(Call& c) {
   check_no_overlap(out, "out", x, "x");
   const int64_t R = x.shape[0], N = x.shape[1];
   run(
-      x,
+      x, double(R) * double(N),
       [&](auto t) {
         using T = decltype(t);
         cpu::sum_rows(R, N, x.ptr<const T>(), x.strides[0], x.strides[1], out.ptr<T>(),

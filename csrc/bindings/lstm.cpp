@@ -77,9 +77,9 @@ struct LstmViews {
     check_like(c0, "c0", x, "input");
     ldh0 = state_rows(h0, "h0", B, H);
     ldc0 = state_rows(c0, "c0", B, H);
-    y = call.tensor(at[6]);
-    gates = call.tensor(at[7]);
-    c = call.tensor(at[8]);
+    y = call.output(at[6]);
+    gates = call.output(at[7]);
+    c = call.output(at[8]);
     check_like(y, "output", x, "input");
     check_like(gates, "gates", x, "input");
     check_like(c, "cell_states", x, "input");
@@ -106,6 +106,11 @@ struct LstmViews {
   }
 };
 
+// Multiply-adds of a layer-direction's forward.
+double lstm_work(const LstmViews& v) {
+  return double(v.T) * double(v.B) * double(4 * v.H) * double(v.I + v.H);
+}
+
 using Named = std::pair<const TensorView*, const char*>;
 
 // No output overlaps an input or an earlier output.
@@ -131,7 +136,7 @@ py::object lstm_forward(Call& call) {
                   {&v.h0, "h0"},
                   {&v.c0, "c0"}});
   run(
-      v.x, [&](auto t) { cpu::lstm_layer_forward(v.layer<decltype(t)>(reverse)); },
+      v.x, lstm_work(v), [&](auto t) { cpu::lstm_layer_forward(v.layer<decltype(t)>(reverse)); },
       [&](auto s) { cuda::lstm_layer_forward(v.layer<float>(reverse), s.device, s.stream); });
   return py::none();
 }
@@ -147,7 +152,7 @@ NNK_BINDING(lstm_forward,
 py::object lstm_backward(Call& call) {
   const LstmViews v(call, {0, 1, 2, -1, 3, 4, 5, 6, 7});
   const int64_t T = v.T, B = v.B, I = v.I, H = v.H;
-  TensorView dy, dh = call.tensor(9), dc = call.tensor(10), dx, dw_ih, dw_hh, dbias;
+  TensorView dy, dh = call.output(9), dc = call.output(10), dx, dw_ih, dw_hh, dbias;
   int64_t sdyt = 0, sdyb = 0, lddx = 0;
   if (call.given(8)) {
     dy = call.tensor(8);
@@ -164,26 +169,26 @@ py::object lstm_backward(Call& call) {
     outs.emplace_back(view, name);
   }
   if (call.given(11)) {
-    dx = call.tensor(11);
+    dx = call.output(11);
     check_like(dx, "grad_input", v.x, "input");
     lddx = seq_rows(dx, "grad_input", T, B, I);
     check_output(dx, "grad_input");
     outs.emplace_back(&dx, "grad_input");
   }
   if (call.given(12)) {
-    dw_ih = call.tensor(12);
+    dw_ih = call.output(12);
     check_like(dw_ih, "grad_w_ih", v.x, "input");
     check_contiguous_out(dw_ih, "grad_w_ih", {4 * H, I});
     outs.emplace_back(&dw_ih, "grad_w_ih");
   }
   if (call.given(13)) {
-    dw_hh = call.tensor(13);
+    dw_hh = call.output(13);
     check_like(dw_hh, "grad_w_hh", v.x, "input");
     check_contiguous_out(dw_hh, "grad_w_hh", {4 * H, H});
     outs.emplace_back(&dw_hh, "grad_w_hh");
   }
   if (call.given(14)) {
-    dbias = call.tensor(14);
+    dbias = call.output(14);
     check_vector(dbias, "grad_bias", 4 * H, v.x, "input");
     check_output(dbias, "grad_bias");
     outs.emplace_back(&dbias, "grad_bias");
@@ -210,7 +215,7 @@ py::object lstm_backward(Call& call) {
     return a;
   };
   run(
-      v.x, [&](auto t) { cpu::lstm_layer_backward(layer(t)); },
+      v.x, 2 * lstm_work(v), [&](auto t) { cpu::lstm_layer_backward(layer(t)); },
       [&](auto s) { cuda::lstm_layer_backward(layer(float()), s.device, s.stream); });
   return py::none();
 }

@@ -123,8 +123,8 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // The torch hand-off and the dtype rules
-  m.def("register_torch", &register_torch, "tensor_type"_a, "float16"_a, "bfloat16"_a,
-        "float32"_a, "float64"_a, "int64"_a, "get_num_threads"_a, "current_stream"_a,
+  m.def("register_torch", &register_torch, "tensor_type"_a, "to_dlpack"_a, "get_num_threads"_a,
+        "current_stream"_a,
         "Called once by nnkernels/_native.py: the torch objects the kernels' hand-off reads.");
   m.def(
       "supported_dtypes",

@@ -21,12 +21,12 @@ namespace {
 
 struct Torch {
   PyTypeObject* tensor = nullptr;
-  PyObject *f16 = nullptr, *bf16 = nullptr, *f32 = nullptr, *f64 = nullptr, *i64 = nullptr;
   PyObject* get_num_threads = nullptr;
   PyObject* current_stream = nullptr;  // torch._C._cuda_getCurrentRawStream, or None
+  PyObject* to_dlpack = nullptr;       // torch._C._to_dlpack
+  const DLPackExchangeAPI* api = nullptr;  // DLPack's C exchange table (torch >= 2.9), or null
   // Interned attribute and method names.
-  PyObject *s_dtype, *s_is_cuda, *s_is_cpu, *s_data_ptr, *s_shape, *s_stride, *s_get_device,
-      *s_is_neg, *s_device;
+  PyObject *s_dtype, *s_shape, *s_is_neg, *s_device;
 };
 Torch g_torch;
 
@@ -57,52 +57,18 @@ int tuple_ints(PyObject* t, int64_t* out, const char* name) {
   return int(n);
 }
 
-TensorView view_of_tensor(PyObject* obj, const char* name) {
+// The device, dtype and shape of a torch tensor read through its attributes: the slow path, for
+// tensors torch cannot export (meta, ...), so that the message can name what came.
+TensorView describe_tensor(PyObject* obj, const char* name, const std::string& why) {
   TensorView v;
   v.owner = obj;
-  const Torch& t = g_torch;
-  {
-    PyObject* dt = get_attr(obj, t.s_dtype);
-    v.dtype = dt == t.f32   ? DType::f32
-              : dt == t.f64 ? DType::f64
-              : dt == t.f16 ? DType::f16
-              : dt == t.bf16 ? DType::bf16
-              : dt == t.i64  ? DType::i64
-                             : DType::unsupported;
-    Py_DECREF(dt);
-  }
-  PyObject* cuda = get_attr(obj, t.s_is_cuda);
-  const bool is_cuda = cuda == Py_True;
-  Py_DECREF(cuda);
-  if (is_cuda) {
-    v.device = Device::cuda;
-    PyObject* d = call_method(obj, t.s_get_device);
-    v.device_id = int(PyLong_AsLong(d));
-    Py_DECREF(d);
-  } else {
-    PyObject* cpu = get_attr(obj, t.s_is_cpu);
-    v.device = cpu == Py_True ? Device::cpu : Device::unsupported;
-    Py_DECREF(cpu);
-  }
-  PyObject* shape = get_attr(obj, t.s_shape);
+  const std::string dev = device_str(v);
+  NNK_CHECK_IMPLEMENTED(dev.rfind("cpu", 0) != 0 && dev.rfind("cuda", 0) != 0, name,
+                        " cannot be read by the kernels (", why, ")");
+  PyObject* shape = get_attr(obj, g_torch.s_shape);
   v.ndim = tuple_ints(shape, v.shape, name);
   Py_DECREF(shape);
-  if (v.device == Device::unsupported) return v;  // meta, mps, ...: no data to point at
-  PyObject* neg = call_method(obj, t.s_is_neg);
-  const bool negative = neg == Py_True;
-  Py_DECREF(neg);
-  // A lazily negated view (the imaginary part of a conjugated tensor) holds -x in memory.
-  NNK_CHECK_IMPLEMENTED(!negative, name,
-                        " is a lazily negated view (is_neg() is True); pass ", name,
-                        ".resolve_neg()");
-  PyObject* strides = call_method(obj, t.s_stride);
-  tuple_ints(strides, v.strides, name);
-  Py_DECREF(strides);
-  PyObject* ptr = call_method(obj, t.s_data_ptr);
-  v.data = PyLong_AsVoidPtr(ptr);
-  Py_DECREF(ptr);
-  if (PyErr_Occurred()) throw py::error_already_set();
-  return v;
+  return v;  // device unsupported, dtype from the owner: check_float names both
 }
 
 DType dl_dtype(DLDataType t) {
@@ -115,27 +81,7 @@ DType dl_dtype(DLDataType t) {
   return DType::unsupported;
 }
 
-TensorView view_of_capsule(PyObject* obj, const char* name) {
-  const char* cap_name = PyCapsule_GetName(obj);
-  const DLTensor* t = nullptr;
-  bool readonly = false;
-  if (cap_name && std::strcmp(cap_name, "dltensor") == 0) {
-    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj, "dltensor"));
-    if (m) t = &m->dl_tensor;
-  } else if (cap_name && std::strcmp(cap_name, "dltensor_versioned") == 0) {
-    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(obj, "dltensor_versioned"));
-    if (m) {
-      NNK_CHECK_VALUE(m->version.major == 1, name, ": DLPack major version ", m->version.major,
-                      " is not supported (expected 1)");
-      t = &m->dl_tensor;
-      readonly = (m->flags & kDLPackFlagReadOnly) != 0;
-    }
-  }
-  if (!t) {
-    PyErr_Clear();
-    NNK_CHECK_VALUE(false, name, ": capsule '", cap_name ? cap_name : "",
-                    "' is not an unconsumed DLPack tensor");
-  }
+TensorView view_of_dltensor(const DLTensor* t, bool readonly, const char* name) {
   TensorView v;
   NNK_CHECK_VALUE(t->ndim >= 0 && t->ndim <= kMaxDims, name, " has ", t->ndim,
                   " dimensions; at most ", kMaxDims, " are supported");
@@ -167,28 +113,85 @@ TensorView view_of_capsule(PyObject* obj, const char* name) {
   return v;
 }
 
+TensorView view_of_capsule(PyObject* obj, const char* name) {
+  const char* cap_name = PyCapsule_GetName(obj);
+  const DLTensor* t = nullptr;
+  bool readonly = false;
+  if (cap_name && std::strcmp(cap_name, "dltensor") == 0) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj, "dltensor"));
+    if (m) t = &m->dl_tensor;
+  } else if (cap_name && std::strcmp(cap_name, "dltensor_versioned") == 0) {
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(obj, "dltensor_versioned"));
+    if (m) {
+      NNK_CHECK_VALUE(m->version.major == 1, name, ": DLPack major version ", m->version.major,
+                      " is not supported (expected 1)");
+      t = &m->dl_tensor;
+      readonly = (m->flags & kDLPackFlagReadOnly) != 0;
+    }
+  }
+  if (!t) {
+    PyErr_Clear();
+    NNK_CHECK_VALUE(false, name, ": capsule '", cap_name ? cap_name : "",
+                    "' is not an unconsumed DLPack tensor");
+  }
+  return view_of_dltensor(t, readonly, name);
+}
+
+// A torch tensor: DLPack's C exchange function where torch has it (a DLTensor filled on the stack,
+// no Python call, no allocation), else one call of torch._C._to_dlpack (its capsule released
+// right away: the caller's tensor keeps the memory alive); plus the negative bit, which DLPack
+// does not carry.
+TensorView view_of_tensor(PyObject* obj, const char* name, bool output) {
+  TensorView v;
+  if (g_torch.api) {
+    DLTensor t;
+    if (g_torch.api->dltensor_from_py_object_no_sync(obj, &t) != 0) {
+      const py::error_already_set err;  // not exportable (meta, sparse, ...)
+      return describe_tensor(obj, name, err.what());
+    }
+    v = view_of_dltensor(&t, false, name);
+  } else {
+    PyObject* cap = PyObject_CallOneArg(g_torch.to_dlpack, obj);
+    if (!cap) {
+      const py::error_already_set err;
+      return describe_tensor(obj, name, err.what());
+    }
+    v = view_of_capsule(cap, name);
+    Py_DECREF(cap);
+  }
+  v.owner = obj;
+  if (output) return v;
+  PyObject* neg = call_method(obj, g_torch.s_is_neg);
+  const bool negative = neg == Py_True;
+  Py_DECREF(neg);
+  // A lazily negated view (the imaginary part of a conjugated tensor) holds -x in memory.
+  NNK_CHECK_IMPLEMENTED(!negative, name, " is a lazily negated view (is_neg() is True); pass ", name,
+                        ".resolve_neg()");
+  return v;
+}
+
 }  // namespace
 
-void register_torch(py::handle tensor_type, py::handle f16, py::handle bf16, py::handle f32,
-                    py::handle f64, py::handle i64, py::handle get_num_threads,
+void register_torch(py::handle tensor_type, py::handle to_dlpack, py::handle get_num_threads,
                     py::handle current_stream) {
   NNK_CHECK_TYPE(PyType_Check(tensor_type.ptr()), "tensor_type must be a type");
   Torch& t = g_torch;
   t.tensor = reinterpret_cast<PyTypeObject*>(tensor_type.inc_ref().ptr());
-  t.f16 = f16.inc_ref().ptr();
-  t.bf16 = bf16.inc_ref().ptr();
-  t.f32 = f32.inc_ref().ptr();
-  t.f64 = f64.inc_ref().ptr();
-  t.i64 = i64.inc_ref().ptr();
+  t.to_dlpack = to_dlpack.inc_ref().ptr();
+  PyObject* api = PyObject_GetAttrString(tensor_type.ptr(), "__dlpack_c_exchange_api__");
+  if (api && PyCapsule_IsValid(api, "dlpack_exchange_api")) {
+    const auto* table =
+        static_cast<const DLPackExchangeAPI*>(PyCapsule_GetPointer(api, "dlpack_exchange_api"));
+    if (table->header.version.major == 1 && table->dltensor_from_py_object_no_sync &&
+        table->current_work_stream)
+      t.api = table;  // the capsule lives on the type, as long as the process
+  }
+  Py_XDECREF(api);
+  PyErr_Clear();
   t.get_num_threads = get_num_threads.inc_ref().ptr();
   t.current_stream = current_stream.is_none() ? nullptr : current_stream.inc_ref().ptr();
   t.s_dtype = intern("dtype");
-  t.s_is_cuda = intern("is_cuda");
-  t.s_is_cpu = intern("is_cpu");
-  t.s_data_ptr = intern("data_ptr");
   t.s_shape = intern("shape");
-  t.s_stride = intern("stride");
-  t.s_get_device = intern("get_device");
   t.s_is_neg = intern("is_neg");
   t.s_device = intern("device");
 }
@@ -203,6 +206,11 @@ int torch_num_threads() {
 }
 
 uintptr_t torch_cuda_stream(int device) {
+  if (g_torch.api) {
+    void* stream = nullptr;
+    if (g_torch.api->current_work_stream(kDLCUDA, device, &stream) != 0) throw py::error_already_set();
+    return reinterpret_cast<uintptr_t>(stream);
+  }
   if (!g_torch.current_stream) return 0;
   PyObject* d = PyLong_FromLong(device);
   PyObject* r = PyObject_CallOneArg(g_torch.current_stream, d);
@@ -213,11 +221,11 @@ uintptr_t torch_cuda_stream(int device) {
   return s;
 }
 
-TensorView view_of(py::handle h, const char* name) {
+TensorView view_of(py::handle h, const char* name, bool output) {
   PyObject* obj = h.ptr();
   TensorView v;
   if (obj && g_torch.tensor && PyObject_TypeCheck(obj, g_torch.tensor)) {
-    v = view_of_tensor(obj, name);
+    v = view_of_tensor(obj, name, output);
   } else if (obj && PyCapsule_CheckExact(obj)) {
     v = view_of_capsule(obj, name);
   } else {

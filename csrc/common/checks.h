@@ -34,22 +34,23 @@ std::string str_cat(const Args&... args) {
     if (!(cond)) ::nnk::throw_not_implemented(::nnk::str_cat(__VA_ARGS__)); \
   } while (0)
 
-// torch's objects the hand-off compares against, given once at import (nnkernels/_native.py):
-// the Tensor type, the dtypes float16, bfloat16, float32, float64, int64, and callables for the
-// thread count and the current CUDA stream. Before that (or without torch) only DLPack capsules
-// pass.
-void register_torch(pybind11::handle tensor_type, pybind11::handle f16, pybind11::handle bf16,
-                    pybind11::handle f32, pybind11::handle f64, pybind11::handle i64,
+// torch's objects the hand-off uses, given once at import (nnkernels/_native.py): the Tensor type,
+// torch._C._to_dlpack, and callables for the thread count and the current CUDA stream (None where
+// torch has no CUDA). Before that (or without torch) only DLPack capsules pass.
+void register_torch(pybind11::handle tensor_type, pybind11::handle to_dlpack,
                     pybind11::handle get_num_threads, pybind11::handle current_stream);
 // torch.get_num_threads() (0 when torch is not registered) and torch's current raw stream on a
 // CUDA device (0 when unknown); call with the GIL held.
 int torch_num_threads();
 uintptr_t torch_cuda_stream(int device);
 
-// A view of `obj`: a torch.Tensor (read through its attributes: dtype, device, data_ptr, shape,
-// stride) or a DLPack capsule (not consumed: the producer keeps ownership, and the capsule stays
-// alive for the duration of the call). `name` is used in error messages.
-TensorView view_of(pybind11::handle obj, const char* name);
+// A view of `obj`: a torch.Tensor (exported through DLPack's C exchange table, or one call of
+// torch._C._to_dlpack on older torch; the tensor, which the caller holds, keeps the memory alive)
+// or a DLPack capsule (not consumed: the producer keeps ownership, and the capsule stays alive for
+// the duration of the call). `name` is used in error messages. An input with torch's negative bit
+// set (a lazily negated view, which holds -x in memory) is refused; for an output (which the
+// Python layer allocates afresh) that check, a torch call of its own, is skipped.
+TensorView view_of(pybind11::handle obj, const char* name, bool output = false);
 
 // "(2, 3, 4)"
 std::string shape_str(const TensorView& v);

@@ -56,4 +56,33 @@ struct DLManagedTensorVersioned {
   DLTensor dl_tensor;
 };
 
+// The fast exchange protocol of DLPack 1.2 (`type(tensor).__dlpack_c_exchange_api__`, a capsule
+// named "dlpack_exchange_api"): C functions that fill a DLTensor from a Python tensor without a
+// Python call or an allocation, and report the framework's current stream. torch >= 2.9 has it.
+typedef int (*DLPackManagedTensorAllocator)(DLTensor* prototype, DLManagedTensorVersioned** out,
+                                            void* error_ctx,
+                                            void (*SetError)(void* error_ctx, const char* kind,
+                                                             const char* message));
+typedef int (*DLPackManagedTensorFromPyObjectNoSync)(void* py_object,
+                                                     DLManagedTensorVersioned** out);
+typedef int (*DLPackDLTensorFromPyObjectNoSync)(void* py_object, DLTensor* out);
+typedef int (*DLPackCurrentWorkStream)(int32_t device_type, int32_t device_id,
+                                       void** out_current_stream);
+typedef int (*DLPackManagedTensorToPyObjectNoSync)(DLManagedTensorVersioned* tensor,
+                                                   void** out_py_object);
+
+struct DLPackExchangeAPIHeader {
+  DLPackVersion version;
+  DLPackExchangeAPIHeader* prev_api;
+};
+
+struct DLPackExchangeAPI {
+  DLPackExchangeAPIHeader header;
+  DLPackManagedTensorAllocator managed_tensor_allocator;
+  DLPackManagedTensorFromPyObjectNoSync managed_tensor_from_py_object_no_sync;
+  DLPackManagedTensorToPyObjectNoSync managed_tensor_to_py_object_no_sync;
+  DLPackDLTensorFromPyObjectNoSync dltensor_from_py_object_no_sync;  // may be null
+  DLPackCurrentWorkStream current_work_stream;
+};
+
 }  // extern "C"

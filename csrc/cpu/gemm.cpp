@@ -172,10 +172,65 @@ struct GemmTile {
 #pragma GCC unroll 32
           for (int i = 0; i < MR; ++i) dst[p * MR + i] = src[p * csa + i];
       } else {
-        for (int64_t p = 0; p < k; ++p)
-          for (int i = 0; i < MR; ++i) dst[p * MR + i] = i < mr ? src[i * rsa + p * csa] : T(0);
+        // An edge panel (or odd strides): its mr rows, the rest zero.
+        if (mr < MR) zero(dst, k * MR);
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t p = 0; p < k; ++p) dst[p * MR + i] = src[i * rsa + p * csa];
       }
     }
+  }
+
+  // dst[0 .. n) = 0 (n need not be a multiple of W).
+  static NNK_INLINE void zero(T* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) S::store(dst + i, S::zero());
+    for (; i < n; ++i) dst[i] = T(0);
+  }
+
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+  // BlockTranspose<T>::run<rows> for a runtime rows < TB.
+  template <int R = 1>
+  static NNK_INLINE void transpose_rows(int rows, const T* src, int64_t lds, T* dst, int64_t ldd) {
+    if constexpr (R < BlockTranspose<T>::TB) {
+      if (rows == R) return BlockTranspose<T>::template run<R>(src, lds, dst, ldd);
+      transpose_rows<R + 1>(rows, src, lds, dst, ldd);
+    }
+  }
+#endif
+
+  // One B panel whose columns are contiguous in k (B = W^T of a row-major weight): column j < nr
+  // is the run src[j*csb + p], p < k; columns past nr are zero. A transpose: TB x TB blocks in
+  // registers where the ISA has them (a partial group of columns as a short block), else blocks
+  // of 8 k steps so each source column is read as a contiguous run; scalar for the k tail.
+  static void pack_b_columns(int64_t k, int64_t nr, const T* src, int64_t csb, T* dst) {
+    if (nr < NR) zero(dst, k * NR);
+    int64_t p = 0;
+#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
+    using BT = BlockTranspose<T>;
+    static_assert(NR % BT::TB == 0, "B panels are whole transpose blocks");
+    if (nr == NR) {
+      for (; p + BT::TB <= k; p += BT::TB)
+#pragma GCC unroll 8
+        for (int g = 0; g < NR; g += BT::TB)
+          BT::template run<BT::TB>(src + g * csb + p, csb, dst + p * NR + g, NR);
+    } else {
+      for (; p + BT::TB <= k; p += BT::TB) {
+        int64_t g = 0;
+        for (; g + BT::TB <= nr; g += BT::TB)
+          BT::template run<BT::TB>(src + g * csb + p, csb, dst + p * NR + g, NR);
+        if (g < nr) transpose_rows(int(nr - g), src + g * csb + p, csb, dst + p * NR + g, NR);
+      }
+    }
+#else
+    for (; p + 8 <= k; p += 8)
+      for (int64_t j = 0; j < nr; ++j) {
+        const T* col = src + j * csb + p;
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) dst[(p + q) * NR + j] = col[q];
+      }
+#endif
+    for (; p < k; ++p)
+      for (int64_t j = 0; j < nr; ++j) dst[p * NR + j] = src[j * csb + p];
   }
 
   static void pack_b(int64_t k, int64_t n, const T* b, int64_t rsb, int64_t csb, T* dst) {
@@ -188,31 +243,12 @@ struct GemmTile {
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j)
             S::store(dst + p * NR + j * W, S::load(src + p * rsb + j * W));
-      } else if (nr == NR && rsb == 1) {
-        // Columns contiguous in k (B = W^T of a row-major weight): a transpose. TB x TB blocks in
-        // registers where the ISA has them, else blocks of 8 k steps so each source column is
-        // read as a contiguous run; scalar for the k tail.
-        int64_t p = 0;
-#if defined(NNK_HAVE_BLOCK_TRANSPOSE)
-        using BT = BlockTranspose<T>;
-        static_assert(NR % BT::TB == 0, "B panels are whole transpose blocks");
-        for (; p + BT::TB <= k; p += BT::TB)
-#pragma GCC unroll 8
-          for (int g = 0; g < NR; g += BT::TB)
-            BT::template run<BT::TB>(src + g * csb + p, csb, dst + p * NR + g, NR);
-#else
-        for (; p + 8 <= k; p += 8)
-          for (int j = 0; j < NR; ++j) {
-            const T* col = src + j * csb + p;
-#pragma GCC unroll 8
-            for (int q = 0; q < 8; ++q) dst[(p + q) * NR + j] = col[q];
-          }
-#endif
-        for (; p < k; ++p)
-          for (int j = 0; j < NR; ++j) dst[p * NR + j] = src[j * csb + p];
+      } else if (rsb == 1) {
+        pack_b_columns(k, nr, src, csb, dst);
       } else {
+        if (nr < NR) zero(dst, k * NR);
         for (int64_t p = 0; p < k; ++p)
-          for (int j = 0; j < NR; ++j) dst[p * NR + j] = j < nr ? src[p * rsb + j * csb] : T(0);
+          for (int64_t j = 0; j < nr; ++j) dst[p * NR + j] = src[p * rsb + j * csb];
       }
     }
   }
@@ -234,26 +270,47 @@ constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc
 // L1 and means fewer passes over C than kc = 256 (measured on Zen 3: 1024^3 on 2 threads, mean
 // 147 vs 137 GFLOP/s); mc = 144 keeps the A block in L2. Baseline (16-byte vectors, 16 registers):
 // f32 6x8 and f64 6x4, 12 accumulators + 2 B vectors.
-template <class T>
-const cpu::GemmUKernel<T>& gemm_ukernel() {
+//
+// Each pass also has a narrow kernel, one vector wide (NV = 1), for products with N of at most one
+// vector (a Linear layer with few outputs, the transposed problems of small batches): at N = 8 the
+// wide AVX-512 tile computes 32 columns for 8, the narrow one 16.
+template <class T, bool kNarrow>
+const cpu::GemmUKernel<T>& gemm_ukernel_of() {
   constexpr bool f32 = sizeof(T) == 4;
+  constexpr int NV = kNarrow ? 1 : 2;
 #if NNK_ISA_LEVEL == 2
-  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, cpu::Avx512Tiles::mr, 2>(
-      f32 ? "sgemm_avx512_14x32" : "dgemm_avx512_14x16",
+  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, cpu::Avx512Tiles::mr, NV>(
+      kNarrow ? (f32 ? "sgemm_avx512_14x16" : "dgemm_avx512_14x8")
+              : (f32 ? "sgemm_avx512_14x32" : "dgemm_avx512_14x16"),
       f32 ? cpu::Avx512Tiles::s_mc : cpu::Avx512Tiles::d_mc,
       f32 ? cpu::Avx512Tiles::s_kc : cpu::Avx512Tiles::d_kc,
       f32 ? cpu::Avx512Tiles::s_nc : cpu::Avx512Tiles::d_nc);
 #elif NNK_ISA_LEVEL == 1
-  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, 2>(
-      f32 ? "sgemm_avx2_6x16" : "dgemm_avx2_6x8", f32 ? 144 : 72, 384, f32 ? 4080 : 2040);
+  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, NV>(
+      kNarrow ? (f32 ? "sgemm_avx2_6x8" : "dgemm_avx2_6x4")
+              : (f32 ? "sgemm_avx2_6x16" : "dgemm_avx2_6x8"),
+      f32 ? 144 : 72, 384, f32 ? 4080 : 2040);
 #else
-  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, 2>(
-      f32 ? "sgemm_baseline_6x8" : "dgemm_baseline_6x4", 120, 256, 2048);
+  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, NV>(
+      kNarrow ? (f32 ? "sgemm_baseline_6x4" : "dgemm_baseline_6x2")
+              : (f32 ? "sgemm_baseline_6x8" : "dgemm_baseline_6x4"),
+      120, 256, 2048);
 #endif
   return k;
 }
+
+template <class T>
+const cpu::GemmUKernel<T>& gemm_ukernel() {
+  return gemm_ukernel_of<T, false>();
+}
+template <class T>
+const cpu::GemmUKernel<T>& gemm_ukernel_narrow() {
+  return gemm_ukernel_of<T, true>();
+}
 template const cpu::GemmUKernel<float>& gemm_ukernel<float>();
 template const cpu::GemmUKernel<double>& gemm_ukernel<double>();
+template const cpu::GemmUKernel<float>& gemm_ukernel_narrow<float>();
+template const cpu::GemmUKernel<double>& gemm_ukernel_narrow<double>();
 
 #if NNK_ISA_LEVEL == 1
 // The AVX-512 geometry on AVX2 registers (56 / 28 accumulators: it spills, it is for tests only).
@@ -287,6 +344,7 @@ template const cpu::GemmUKernel<double>& gemm_ukernel_avx512_tiles<double>();
 
 namespace nnk {
 NNK_PER_ISA(template <class T> const cpu::GemmUKernel<T>& gemm_ukernel())
+NNK_PER_ISA(template <class T> const cpu::GemmUKernel<T>& gemm_ukernel_narrow())
 #if defined(NNK_X86)
 namespace avx2 {
 template <class T>
@@ -308,6 +366,18 @@ const GemmUKernel<T>& active_gemm_ukernel() {
   if (active_isa() == Isa::avx2 && emulated_avx512_tiles()) return avx2::gemm_ukernel_avx512_tiles<T>();
 #endif
   return NNK_ISA_CALL(gemm_ukernel<T>());
+}
+
+// The kernel of a product with N columns: the narrow one when N fits its single vector (except at
+// the emulated AVX-512 geometry, which tests the wide kernel's paths). A function of N only, so
+// that gemm_pack_b and the product agree on the packed layout.
+template <class T>
+const GemmUKernel<T>& gemm_ukernel_for(int64_t N) {
+#if defined(NNK_X86)
+  if (active_isa() == Isa::avx2 && emulated_avx512_tiles()) return avx2::gemm_ukernel_avx512_tiles<T>();
+#endif
+  const GemmUKernel<T>& narrow = NNK_ISA_CALL(gemm_ukernel_narrow<T>());
+  return N <= narrow.nr ? narrow : NNK_ISA_CALL(gemm_ukernel<T>());
 }
 
 namespace {
@@ -425,9 +495,44 @@ Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
 
 // Writes a tile computed into `tmp` (ldt apart): edge tiles, and every tile when C is not unit-
 // stride along j. Walks C along its smaller stride (a transposed C is written column by column).
+// r = alpha * tmp, then + beta * c, + bias_n[j], + bias_m[i] where present (the kernel's order).
+template <bool kBeta, bool kBiasN, bool kBiasM, class T>
+void store_edge_rows(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc,
+                     T alpha, T beta, const T* bias_m, const T* bias_n) {
+  for (int64_t i = 0; i < mr; ++i) {
+    T* ci = c + i * rsc;
+    const T* ti = tmp + i * ldt;
+    for (int64_t j = 0; j < nr; ++j) {  // unit stride: vectorised
+      T r = alpha * ti[j];
+      if constexpr (kBeta) r += beta * ci[j];
+      if constexpr (kBiasN) r += bias_n[j];
+      if constexpr (kBiasM) r += bias_m[i];
+      ci[j] = r;
+    }
+  }
+}
+
 template <class T>
 void store_edge(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc, int64_t csc,
                 T alpha, T beta, const T* bias_m, const T* bias_n) {
+  if (csc == 1) {
+    const int flags = (beta != T(0)) * 4 + (bias_n != nullptr) * 2 + (bias_m != nullptr);
+    switch (flags) {
+#define NNK_STORE_CASE(f)                                                                     \
+  case f:                                                                                     \
+    return store_edge_rows<bool(f & 4), bool(f & 2), bool(f & 1)>(tmp, ldt, mr, nr, c, rsc, \
+                                                                   alpha, beta, bias_m, bias_n);
+      NNK_STORE_CASE(0)
+      NNK_STORE_CASE(1)
+      NNK_STORE_CASE(2)
+      NNK_STORE_CASE(3)
+      NNK_STORE_CASE(4)
+      NNK_STORE_CASE(5)
+      NNK_STORE_CASE(6)
+      NNK_STORE_CASE(7)
+#undef NNK_STORE_CASE
+    }
+  }
   auto one = [&](int64_t i, int64_t j) {
     T& cij = c[i * rsc + j * csc];
     T r = alpha * tmp[i * ldt + j];
@@ -587,7 +692,7 @@ inline int resolve_threads(int nthreads) {
 template <class T>
 size_t gemm_workspace(const Gemm<T>& g, int nthreads) {
   if (g.M <= 0 || g.N <= 0 || g.K <= 0 || g.alpha == T(0)) return 0;
-  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  const GemmUKernel<T>& uk = gemm_ukernel_for<T>(g.N);
   return make_plan(oriented(g, uk), uk, resolve_threads(nthreads)).workspace;
 }
 
@@ -598,7 +703,7 @@ void gemm(const Gemm<T>& g, int nthreads, T* workspace) {
     scale_only(g);
     return;
   }
-  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  const GemmUKernel<T>& uk = gemm_ukernel_for<T>(g.N);
   const Gemm<T> h = oriented(g, uk);
   run(h, uk, make_plan(h, uk, resolve_threads(nthreads)), workspace);
 }
@@ -640,7 +745,7 @@ void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64
 
 template <class T>
 size_t gemm_packed_b_size(int64_t K, int64_t N) {
-  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  const GemmUKernel<T>& uk = gemm_ukernel_for<T>(N);
   return K <= 0 || N <= 0 ? 0 : size_t(K * round_up(N, uk.nr));
 }
 
@@ -649,7 +754,7 @@ size_t gemm_packed_b_size(int64_t K, int64_t N) {
 template <class T>
 void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsb, int64_t csb, T* dst, int nthreads) {
   if (K <= 0 || N <= 0) return;
-  const GemmUKernel<T>& uk = active_gemm_ukernel<T>();
+  const GemmUKernel<T>& uk = gemm_ukernel_for<T>(N);
   const int64_t NR = uk.nr;
   const Blocks b = kn_blocks(K, N, uk);
   const int64_t per_block = b.nc / NR;

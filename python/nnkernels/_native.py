@@ -1,8 +1,9 @@
 """The only module that imports the native extension nnkernels._C.
 
-The kernels take torch tensors directly (the extension reads their dtype, device, data pointer,
-shape and strides through their Python attributes; it never links libtorch) or DLPack capsules
-(numpy arrays), in destination-passing style: the caller allocates every output. The extension
+The kernels take torch tensors directly (the extension exports each with torch._C._to_dlpack, one
+call, and reads dtype, device, data pointer, shape and strides from it; it never links libtorch)
+or DLPack capsules (numpy arrays), in destination-passing style: the caller allocates every
+output. The extension
 checks every argument, follows torch.get_num_threads() unless set_num_threads() fixed a count,
 launches CUDA kernels on torch's current stream and releases the GIL while kernels run.
 
@@ -15,11 +16,7 @@ from . import _C
 
 _C.register_torch(
     torch.Tensor,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int64,
+    torch._C._to_dlpack,
     torch.get_num_threads,
     getattr(torch._C, "_cuda_getCurrentRawStream", None),  # absent from CPU builds of torch
 )
@@ -27,6 +24,7 @@ _C.register_torch(
 # ------------------------------------------------------------------------- kernel entry points
 gemm = _C.gemm
 linear = _C.linear
+linear_backward = _C.linear_backward
 sum_rows = _C.sum_rows
 conv2d_forward = _C.conv2d_forward
 conv2d_backward_data = _C.conv2d_backward_data

@@ -25,14 +25,14 @@ __all__ = [
     "matmul",
 ]
 
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast_on(x) -> bool:
     """Whether torch.autocast is active for x's device. Under autocast torch computes matmul,
     linear, conv2d and the LSTMs in float16 / bfloat16, which nnkernels does not: those ops then
     return torch's own result rather than a float32 one (a silently different dtype)."""
-    if _any_autocast is not None and not _any_autocast():
+    if not _any_autocast():
         return False  # the common case: one call
     if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
         return False  # the checks that follow name the argument or the device
@@ -73,7 +73,7 @@ def linear(input, weight, bias=None):
     (*, out_features). The bias is added inside the GEMM; the leading dims of input are folded
     into the GEMM's M dimension.
     """
-    if _autocast_on(input):
+    if _any_autocast() and _autocast_on(input):
         return torch.nn.functional.linear(input, weight, bias)
     try:
         return _mm.linear(input, weight, bias)

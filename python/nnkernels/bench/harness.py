@@ -341,6 +341,11 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _ms(t: float) -> str:
+    """Milliseconds with 3 decimals, or 3 significant digits below 0.1 ms (per-call cases)."""
+    return f"{t:.3f}" if t >= 0.1 else f"{t:.3g}"
+
+
 def format_table(results, info) -> str:
     head = f"nnkernels bench on {info['device']}"
     if info["device"] == "cpu":
@@ -365,8 +370,8 @@ def format_table(results, info) -> str:
                 r.op,
                 r.name,
                 r.dtype,
-                f"{r.ours_ms:.3f}",
-                f"{r.torch_ms:.3f}",
+                _ms(r.ours_ms),
+                _ms(r.torch_ms),
                 f"{r.speedup:.2f}x",
                 f"{r.ours_rate:.1f} {unit}",
                 f"{r.torch_rate:.1f} {unit}",

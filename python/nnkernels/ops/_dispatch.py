@@ -69,9 +69,12 @@ class Function(torch.autograd.Function):
         cls.base_apply = super(torch.autograd.Function, cls).apply
 
 
+_grad_enabled = torch._C.is_grad_enabled
+
+
 def recording(a, b=None, c=None) -> bool:
     """Whether autograd must record an op on these tensors (b and c may be None)."""
-    return torch.is_grad_enabled() and (
+    return _grad_enabled() and (
         a.requires_grad
         or (b is not None and b.requires_grad)
         or (c is not None and c.requires_grad)
@@ -79,9 +82,4 @@ def recording(a, b=None, c=None) -> bool:
 
 
 def recording_any(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def empty(like, shape):
-    """An uninitialised tensor of like's dtype and device."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return _grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

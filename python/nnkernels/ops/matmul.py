@@ -11,21 +11,20 @@ written with the same ops, so they record themselves when create_graph asks (dou
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _native as N
-from ._dispatch import Function, apply, empty, primitive, recording
+from ._dispatch import Function, apply, primitive, recording
 
 # --------------------------------------------------------------------------------- primitives
 
 
 def _mm_out(a, b):
-    if a.dim() == 3:
-        return empty(a, (a.shape[0], a.shape[1], b.shape[2]))
-    return empty(a, (a.shape[0], b.shape[1]))
+    sa, sb = a.shape, b.shape
+    return a.new_empty(sa[0], sa[1], sb[2]) if len(sa) == 3 else a.new_empty(sa[0], sb[1])
 
 
 @primitive("mm", fake=_mm_out)
@@ -36,20 +35,64 @@ def mm_kernel(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _linear_out(x, weight):
-    return empty(x, (*x.shape[:-1], weight.shape[0]))
+    s = x.shape
+    if len(s) == 2:  # torch's Python calls are the cost here: the common case with the fewest
+        return x.new_empty(s[0], weight.shape[0])
+    return x.new_empty(*s[:-1], weight.shape[0])
 
 
 @primitive("linear", fake=lambda x, weight, bias: _linear_out(x, weight))
 def linear_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     out = _linear_out(x, weight)
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()  # the GEMM's store reads it as a vector
-    N.linear(x, weight, bias, out)  # the bias is added in the GEMM's store
+    try:
+        N.linear(x, weight, bias, out)  # the bias is added in the GEMM's store
+    except ValueError:
+        # The binding reads x's leading dims as one index and the bias as a vector: retry once with
+        # copies where those do not hold (the binding names anything else that is wrong).
+        xc = x if x.dim() <= 2 or x.is_contiguous() else x.contiguous()
+        bc = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+        if xc is x and bc is bias:
+            raise
+        N.linear(xc, weight, bc, out)
     return out
 
 
+def _linear_backward_out_fake(dout, x, weight, needs):
+    k = weight.shape[1] if weight is not None else x.shape[-1]
+    return (
+        dout.new_empty(*dout.shape[:-1], k) if needs[0] else dout.new_empty(0),
+        dout.new_empty(dout.shape[-1], k) if needs[1] else dout.new_empty(0),
+        dout.new_empty(dout.shape[-1]) if needs[2] else dout.new_empty(0),
+    )
+
+
+@primitive("linear_backward", fake=_linear_backward_out_fake)
+def linear_backward_kernel(
+    dout: Tensor, x: Optional[Tensor], weight: Optional[Tensor], needs: List[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) of linear for dout (*, out) in one call: dx = dout @ weight (*, in), dw =
+    dout^T @ x (out, in), db = the column sums of dout; each empty unless needs[i] (x may be None
+    unless dw is needed, weight unless dx is)."""
+    need_x, need_w, need_b = needs
+    k = weight.shape[1] if need_x else x.shape[-1]
+    dx = dout.new_empty(*dout.shape[:-1], k) if need_x else None
+    dw = dout.new_empty(dout.shape[-1], k) if need_w else None
+    db = dout.new_empty(dout.shape[-1]) if need_b else None
+    try:
+        N.linear_backward(dout, x, weight, dx, dw, db)
+    except ValueError:
+        # The binding reads the leading dims of dout and x as one index: retry once with copies
+        # where they do not fold (it names anything else that is wrong).
+        dc = dout if dout.is_contiguous() else dout.contiguous()
+        xc = x if x is None or x.is_contiguous() else x.contiguous()
+        if dc is dout and xc is x:
+            raise
+        N.linear_backward(dc, xc, weight, dx, dw, db)
+    return tuple(dout.new_empty(0) if t is None else t for t in (dx, dw, db))
+
+
 def _sum_rows_out(x):
-    return empty(x, (x.shape[1],))
+    return x.new_empty(x.shape[1])
 
 
 @primitive("sum_rows", fake=_sum_rows_out)
@@ -97,6 +140,11 @@ class LinearFunction(Function):
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
+        if not torch.is_grad_enabled():  # no graph of the backward: the three in one kernel call
+            needs = [need_x, need_w, need_b]
+            grads = linear_backward_kernel(dout, x, weight, needs)
+            return tuple(g if n else None for g, n in zip(grads, needs))
+        # create_graph: the same gradients from the differentiable ops (double backward)
         d2 = dout if dout.dim() == 2 else dout.reshape(-1, dout.shape[-1])  # (M, out)
         dx = dw = db = None
         if need_x:
@@ -144,9 +192,7 @@ def sum_rows(x):
 
 def linear(input, weight, bias=None):
     """input @ weight^T + bias, as torch.nn.functional.linear (the binding checks the arguments
-    and names them). Leading dims of input that do not fold into one index are copied first."""
-    if input.dim() > 2 and not input.is_contiguous():
-        input = input.contiguous()
+    and names them)."""
     if recording(input, weight, bias):
         return apply(LinearFunction, input, weight, bias)
     return linear_kernel(input, weight, bias)
