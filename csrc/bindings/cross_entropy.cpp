@@ -1,4 +1,8 @@
 // Bindings of the fused softmax-cross-entropy: the per-row kernel and the CPU target check.
+#include <cmath>
+#include <string>
+#include <vector>
+
 #include "bindings/binding.h"
 #include "cpu/cross_entropy.h"
 
@@ -59,10 +63,14 @@ NNK_BINDING(cross_entropy_check_targets, "target, num_classes, ignore_index=-100
             "Raises ValueError for a class index outside [0, C) that is not ignore_index; returns "
             "the sum of weight[target] over the other rows (the 'mean' denominator). CPU.");
 
-// loss[i] = the loss of row i (weighted, unreduced); grad_input (nullable) = grad_scale * d(sum
-// loss)/dx (CUDA: divided by *grad_scale_divisor when given), possibly in place of input. Class
-// targets must have been validated (cross_entropy_check_targets on CPU; on CUDA the Python layer
-// checks them, and the kernel never indexes with a bad one).
+// The loss of input (rows, C) and, when grad_input is given, grad_scale / grad_scale_divisor *
+// d(the loss)/d input, in one pass over each row (grad_input may be input itself:
+// linear_cross_entropy's chunk buffer). reduction 'none': loss (rows,) holds each row's loss
+// (weighted). 'mean' / 'sum' (CPU): loss is 0-d, the binding sums the rows in float64 and, for
+// 'mean', divides the loss and the gradient by the summed weights of the targets that count (the
+// rows for probability targets), as torch does. On the CPU class targets are checked here before
+// the kernel reads any (a ValueError naming target[i]); on CUDA the Python layer checks them and
+// passes the 'mean' denominator as grad_scale_divisor (a device scalar, no host sync).
 py::object cross_entropy_forward(Call& c) {
   const TensorView x = c.tensor(0);
   check_float(x, "input", Dtypes::logits);
@@ -71,9 +79,16 @@ py::object cross_entropy_forward(Call& c) {
   check_rows(x, "input", rows, C);
   NNK_CHECK_VALUE(c.given(1) != c.given(2),
                   "give exactly one of target (class indices) and soft_target (probabilities)");
-  const double smoothing = c.f64(7, 0.0), grad_scale = c.f64(8, 1.0);
+  const int64_t ignore_index = c.i64(6, -100);
+  const double smoothing = c.f64(7, 0.0), grad_scale = c.f64(9, 1.0);
   NNK_CHECK_VALUE(smoothing >= 0 && smoothing <= 1, "label_smoothing must be in [0, 1], got ",
                   smoothing);
+  const std::string reduction = c.given(8) ? py::str(c.handle(8)).cast<std::string>() : "none";
+  NNK_CHECK_VALUE(reduction == "none" || reduction == "mean" || reduction == "sum",
+                  "reduction must be one of 'none', 'mean', 'sum', got '", reduction, "'");
+  const bool reduce = reduction != "none";
+  NNK_CHECK_IMPLEMENTED(!reduce || x.device == Device::cpu,
+                        "cross_entropy_forward on CUDA writes per-row losses (reduction 'none')");
   TensorView target, soft, weight, grad;
   if (c.given(1)) target = class_target(c.tensor(1), rows, x);
   if (c.given(2)) {
@@ -86,7 +101,12 @@ py::object cross_entropy_forward(Call& c) {
     check_vector(weight, "weight", C, x, "input");
   }
   const TensorView loss = c.output(4);
-  check_vector(loss, "loss", rows, x, "input");
+  check_like(loss, "loss", x, "input");
+  if (reduce)
+    NNK_CHECK_VALUE(loss.ndim == 0, "loss must be 0-d for reduction '", reduction, "', got shape ",
+                    shape_str(loss));
+  else
+    check_vector(loss, "loss", rows, x, "input");
   check_output(loss, "loss");
   check_no_overlap(loss, "loss", x, "input");
   if (c.given(5)) {
@@ -102,9 +122,9 @@ py::object cross_entropy_forward(Call& c) {
     if (soft.ndim) check_no_overlap(grad, "grad_input", soft, "soft_target");
   }
   const float* divisor = nullptr;
-  if (c.given(9)) {
+  if (c.given(10)) {
     NNK_CHECK_VALUE(x.device == Device::cuda, "grad_scale_divisor is for CUDA inputs only");
-    const TensorView d = c.tensor(9);
+    const TensorView d = c.tensor(10);
     NNK_CHECK_TYPE(d.dtype == DType::f32 && d.device == x.device && d.numel() == 1,
                    "grad_scale_divisor must be one float32 value on the input's device");
     divisor = d.ptr<const float>();
@@ -114,7 +134,7 @@ py::object cross_entropy_forward(Call& c) {
   a.dtype = x.dtype;
   a.rows = rows, a.C = C, a.ldx = x.strides[0];
   a.target = target.ptr<const int64_t>();
-  a.ignore_index = c.i64(6, -100);
+  a.ignore_index = ignore_index;
   a.soft = soft.data;
   a.ldt = soft.strides[0];
   a.weight = weight.data;
@@ -125,15 +145,42 @@ py::object cross_entropy_forward(Call& c) {
   a.grad_scale = grad_scale;
   a.grad_scale_divisor = divisor;
   run(
-      x, double(rows) * double(C), [&](auto t) { cpu::cross_entropy_forward<decltype(t)>(a); },
+      x, double(rows) * double(C),
+      [&](auto t) {
+        using T = decltype(t);
+        // CPU: the targets are checked (and the 'mean' denominator summed) before the kernel.
+        double denom = double(rows);
+        if (target.data) {
+          const int64_t bad = cpu::cross_entropy_check_targets<T>(
+              target.ptr<const int64_t>(), rows, C, ignore_index, weight.ptr<const T>(), &denom);
+          if (bad >= 0)
+            throw py::value_error(str_cat("target[", bad, "] = ", target.ptr<const int64_t>()[bad],
+                                          " is not a class index in [0, ", C,
+                                          ") nor ignore_index (", ignore_index, ")"));
+        }
+        std::vector<T> rows_loss;  // per-row losses of a reduced call (not tensor memory)
+        if (reduce) {
+          rows_loss.resize(size_t(rows));
+          a.loss = rows_loss.data();
+          if (reduction == "mean") a.grad_scale = denom != 0 ? grad_scale / denom : INFINITY;
+        }
+        cpu::cross_entropy_forward<T>(a);
+        if (reduce) {
+          double sum = 0;
+          for (const T v : rows_loss) sum += double(v);
+          *loss.ptr<T>() = T(reduction == "mean" ? sum / denom : sum);
+        }
+      },
       [&](auto s) { cuda::cross_entropy_forward(a, s.device, s.stream); });
   return py::none();
 }
 NNK_BINDING(cross_entropy_forward,
             "input, target, soft_target, weight, loss, grad_input, ignore_index=-100, "
-            "label_smoothing=0.0, grad_scale=1.0, grad_scale_divisor=None",
-            "Per-row softmax cross-entropy of input (rows, C) and, when grad_input is given, "
-            "grad_scale / grad_scale_divisor * d(sum of the row losses)/d input, in one pass.");
+            "label_smoothing=0.0, reduction='none', grad_scale=1.0, grad_scale_divisor=None",
+            "Softmax cross-entropy of input (rows, C) and, when grad_input is given, its gradient "
+            "(times grad_scale / grad_scale_divisor), in one pass per row. reduction 'none': "
+            "per-row losses; 'mean' / 'sum' (CPU): the reduced loss in a 0-d loss, the gradient "
+            "of it.");
 
 }  // namespace
 }  // namespace nnk

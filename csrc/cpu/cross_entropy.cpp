@@ -142,13 +142,19 @@ struct CrossEntropyLoops {
     double m = acc.m[0];
     for (int l = 1; l < W; ++l) m = hi(m, acc.m[l]);
     for (int64_t j = i; j < n; ++j) m = hi(m, double(x[j]));
-    // the lanes' sums rescaled to m with one vector exp (scalar exps here cost ~0.3 us a row)
-    alignas(64) T lm[W], ls[W];
-    for (int l = 0; l < W; ++l) lm[l] = T(acc.m[l]), ls[l] = T(acc.s[l]);
-    double s = double(hsum<T>(S::mul(S::load(ls), vexp<T>(S::sub(S::load(lm), S::set1(T(m)))))));
+    // The lanes' sums rescaled to m, and the last n % W values, with one vector exp each (scalar
+    // exps here cost ~0.3 us a row: short rows are all tail). The tail is padded with -inf, whose
+    // exp is 0.
+    alignas(64) T lm[W], ls[W], tail[W];
+    for (int l = 0; l < W; ++l) {
+      lm[l] = T(acc.m[l]), ls[l] = T(acc.s[l]);
+      tail[l] = i + l < n ? x[i + l] : -std::numeric_limits<T>::infinity();
+    }
+    const V Mv = S::set1(T(m));
+    double s = double(hsum<T>(S::mul(S::load(ls), vexp<T>(S::sub(S::load(lm), Mv)))));
+    if (i < n) s += double(hsum<T>(vexp<T>(S::sub(S::load(tail), Mv))));
     for (int64_t j = i; j < n; ++j) {
       const double xj = double(x[j]) - shift, wj = HW ? double(w[j]) : 1.0;
-      s += std::exp(double(x[j]) - m);
       if constexpr (WX) acc.wx += wj * xj;
       if constexpr (HT) acc.wtx += wj * double(t[j]) * xj, acc.wt += wj * double(t[j]);
     }
@@ -209,7 +215,18 @@ struct CrossEntropyLoops {
       }
     }
     for (; i + W <= n; i += W) S::store(g + i, vec(i));  // short rows: no scalar exps
-    for (; i < n; ++i) one(i);
+    if (i < n) {  // the last n % W values through the same vector code, on padded copies
+      alignas(64) T px[W] = {}, pt[W] = {}, pw[W] = {}, pg[W];
+      for (int64_t j = i; j < n; ++j) {
+        px[j - i] = x[j];
+        if (HT) pt[j - i] = t[j];
+        if (HW) pw[j - i] = w[j];
+      }
+      V b = HT ? S::fma(K1, S::load(pt), K0) : K0;
+      if (HW) b = S::mul(b, S::load(pw));
+      S::store(pg, S::sub(S::mul(vexp<T>(S::sub(S::sub(S::load(px), M), LS)), A), b));
+      for (int64_t j = i; j < n; ++j) g[j] = pg[j - i];
+    }
   }
 
   static void row_grad(const T* x, int64_t n, T m, T logs, T a, T k0, T k1, const T* w, const T* t,

@@ -77,7 +77,7 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 def _grad_buffer(x, pooled):
     n = x.numel()
     if not pooled or x.is_cuda or n * x.element_size() < _POOL_MIN_BYTES or _use_count is None:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
     with _pool_lock:
         buf = _pool.get(x.dtype)
         # held by buf and by the temporary storage object only: free
@@ -97,18 +97,27 @@ def _rows_out(x, target, soft, weight, ignore_index, reduction, smoothing, want_
 
 
 def _rows(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad, pooled):
-    """[loss, d loss / d x (empty unless want_grad)] for logits x (rows, C), unit class stride;
-    class targets are checked here before any kernel reads memory."""
-    c = x.shape[1]
-    denom = float(x.shape[0]) if target is None else denominator(target, c, ignore_index, weight)
-    loss_rows = x.new_empty(x.shape[0])
+    """(loss, d loss / d x (empty unless want_grad)) for logits x (rows, C), unit class stride.
+    On the CPU one kernel call checks the targets, computes the rows and reduces them; on CUDA
+    the targets are checked and the rows reduced here, without a host sync for 'mean'."""
     grad = _grad_buffer(x, pooled) if want_grad else None
-    scale, divisor = _grad_scale(reduction, denom)
-    if x.shape[0]:
+    if not x.is_cuda:
+        loss = x.new_empty(x.shape[0]) if reduction == "none" else x.new_empty(())
         N.cross_entropy_forward(
-            x, target, soft, weight, loss_rows, grad, ignore_index, smoothing, scale, divisor
+            x, target, soft, weight, loss, grad, ignore_index, smoothing, reduction
         )
-    return _reduce(loss_rows, reduction, denom), x.new_empty(0) if grad is None else grad
+    else:
+        c = x.shape[1]
+        denom = float(x.shape[0]) if target is None else denominator(target, c, ignore_index, weight)
+        loss_rows = x.new_empty(x.shape[0])
+        scale, divisor = _grad_scale(reduction, denom)
+        if x.shape[0]:
+            N.cross_entropy_forward(
+                x, target, soft, weight, loss_rows, grad, ignore_index, smoothing, "none", scale,
+                divisor,
+            )
+        loss = _reduce(loss_rows, reduction, denom)
+    return loss, x.new_empty(0) if grad is None else grad
 
 
 @primitive(
@@ -184,8 +193,8 @@ def lce_kernel(
             logits if want_grad else None,
             ignore_index,
             smoothing,
-            scale,
-            divisor,
+            grad_scale=scale,
+            grad_scale_divisor=divisor,
         )
         if not want_grad:
             continue
@@ -331,16 +340,18 @@ def options(reduction, label_smoothing, ignore_index):
 
 
 def _class_target(target, shape):
-    """target holds class indices: int64 of the input's shape without the class dim."""
+    """target holds class indices: int64 of `shape` (the input's shape without the class dim)."""
     if target.dtype != torch.int64:
         raise TypeError(
             f"target must hold class indices as torch.int64 (or probabilities of the input's "
             f"float dtype), got dtype {target.dtype}"
         )
-    if tuple(target.shape) != shape:
+    ts = target.shape
+    if ts != shape:
+        shape = tuple(shape)
         raise ValueError(
             f"target must have shape {shape} (the input's shape without the class dim), got "
-            f"{tuple(target.shape)}"
+            f"{tuple(ts)}"
         )
 
 
@@ -359,20 +370,20 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing):
     options()). input: (C,), (N, C) or (N, C, d1, ...) logits; target: class indices (int64) of
     the input's shape without the class dim, or class probabilities of input's shape and dtype;
     weight (C,) or None. 'mean' divides by the summed weights of the targets that count (the batch
-    size for probability targets), as torch does."""
-    if input.dim() == 0:
+    size for probability targets), as torch does. Devices, strides and the class indices
+    themselves are checked by the binding."""
+    nd = input.dim()
+    if nd == 0:
         raise ValueError("input must have at least 1 dim (C,), got a 0-d tensor")
     if not input.dtype.is_floating_point:
         raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    unbatched = input.dim() == 1
+    unbatched = nd == 1
     if unbatched:
-        input, target = input.unsqueeze(0), target.unsqueeze(0)
+        input, target, nd = input.unsqueeze(0), target.unsqueeze(0), 2
     c = input.shape[1]
     soft = target.dtype.is_floating_point
     if soft:
-        if tuple(target.shape) != tuple(input.shape):
+        if target.shape != input.shape:
             raise ValueError(
                 f"target of probabilities must have the input's shape {tuple(input.shape)}, got "
                 f"{tuple(target.shape)}"
@@ -383,7 +394,8 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing):
                 "target (probabilities) requires grad: nnkernels computes the gradient of input only"
             )
     else:
-        _class_target(target, (input.shape[0], *input.shape[2:]))
+        xs = input.shape
+        _class_target(target, xs[:1] + xs[2:])
         if c == 0 and input.shape[0] > 0:
             raise ValueError("input has 0 classes")
     if weight is not None:
@@ -398,14 +410,17 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing):
         weight = weight.contiguous()
 
     # rows (N * d1 * ..., C) with unit class stride; the gradient comes back in input's shape
-    x = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, c)
-    if c > 1 and x.stride(-1) != 1:
+    x = input if nd == 2 else input.movedim(1, -1).reshape(-1, c)
+    if c > 1 and x.stride(1) != 1:
         x = x.contiguous()
-    t2 = target.movedim(1, -1).reshape(-1, c) if soft and target.dim() > 2 else target
     if soft:
-        probs, hard = t2 if c <= 1 or t2.stride(-1) == 1 else t2.contiguous(), None
+        t2 = target if nd == 2 else target.movedim(1, -1).reshape(-1, c)
+        probs, hard = t2 if c <= 1 or t2.stride(1) == 1 else t2.contiguous(), None
     else:
-        probs, hard = None, t2.reshape(-1).contiguous()
+        hard = target if nd == 2 else target.reshape(-1)
+        probs = None
+        if not hard.is_contiguous():
+            hard = hard.contiguous()
     args = (hard, probs, weight, ignore_index, reduction, smoothing)
     if recording(input):
         loss = apply(CrossEntropyFunction, x, *args)[0]
@@ -441,7 +456,7 @@ def linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, s
             "linear_cross_entropy takes class-index targets (int64); probability targets: use "
             "cross_entropy(linear(...))"
         )
-    _class_target(target, tuple(input.shape[:-1]))
+    _class_target(target, input.shape[:-1])
     x = input.reshape(-1, h)
     t = target.reshape(-1).contiguous()
     args = (ignore_index, reduction, smoothing)
