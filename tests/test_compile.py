@@ -5,6 +5,7 @@ torch.library.opcheck passes for every op."""
 import copy
 
 import nnkernels
+import nnkernels.functional as NF
 import pytest
 import torch
 from nnkernels.ops import batch_norm as bn
@@ -90,13 +91,31 @@ def _opcheck_cases():
         ),
         "linear_cross_entropy": (
             ce.lce_kernel,
-            (_t(6, 4), _t(5, 4), _t(5), torch.randint(0, 5, (6,)), -100, "mean", 0.0,
-             [True, True, True], None),
+            (
+                _t(6, 4),
+                _t(5, 4),
+                _t(5),
+                torch.randint(0, 5, (6,)),
+                -100,
+                "mean",
+                0.0,
+                [True, True, True],
+                None,
+            ),
         ),
         "linear_cross_entropy none": (
             ce.lce_kernel,
-            (_t(6, 4), _t(5, 4), None, torch.randint(0, 5, (6,)), -100, "none", 0.1,
-             [True, True, False], _t(6)),
+            (
+                _t(6, 4),
+                _t(5, 4),
+                None,
+                torch.randint(0, 5, (6,)),
+                -100,
+                "none",
+                0.1,
+                [True, True, False],
+                _t(6),
+            ),
         ),
         "lstm_layer": (lstm.layer_kernel, (x_seq, h0, c0, lstm_w, 1, True)),
         "lstm_layer bidirectional": (
@@ -167,3 +186,71 @@ def test_compiled_swapped_model_matches_eager(backend):
         eager.eval()
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, y), eager(x, y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_linear_cross_entropy_matches_eager(backend, reduction):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(7, 5), torch.randn(11, 5), torch.randn(11)
+    t = torch.randint(0, 11, (7,))
+    t[3] = -100
+
+    def loss(x, w, b):
+        out = NF.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=0.1)
+        return out.sum() if reduction == "none" else out
+
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    args = [a.clone().requires_grad_() for a in (x, w, b)]
+    ref_args = [a.clone().requires_grad_() for a in (x, w, b)]
+    got, want = compiled(*args), loss(*ref_args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, ref_args)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def _double_backward(fn, *args):
+    y = fn(*args)
+    (g,) = torch.autograd.grad(y, args[0], create_graph=True)
+    g.sum().backward()
+    return args[0].grad
+
+
+DOUBLE_BACKWARD = {  # our op, torch's op (scalar results of an input that requires grad)
+    "linear": (
+        lambda x, w: NF.linear(x, w).pow(2).sum(),
+        lambda x, w: torch.nn.functional.linear(x, w).pow(2).sum(),
+        ((3, 4), (5, 4)),
+    ),
+    "conv2d": (
+        lambda x, w: NF.conv2d(x, w).pow(2).sum(),
+        lambda x, w: torch.nn.functional.conv2d(x, w).pow(2).sum(),
+        ((2, 3, 5, 5), (4, 3, 3, 3)),
+    ),
+    "batch_norm": (
+        lambda x, w: NF.batch_norm(x, None, None, w, None, training=True).pow(3).sum(),
+        lambda x, w: (
+            torch.nn.functional.batch_norm(x, None, None, w, None, training=True).pow(3).sum()
+        ),
+        ((4, 3, 2, 2), (3,)),
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(DOUBLE_BACKWARD))
+def test_double_backward_behaves_as_torch_eager_and_compiled(op):
+    """Eagerly double backward matches torch's; compiled, it fails as torch's own op does
+    (AOTAutograd has no double backward), not differently."""
+    ours, theirs, shapes = DOUBLE_BACKWARD[op]
+    torch.manual_seed(0)
+    base = [torch.randn(*s, dtype=torch.float64) for s in shapes]
+    want = _double_backward(theirs, *[b.clone().requires_grad_() for b in base])
+    got = _double_backward(ours, *[b.clone().requires_grad_() for b in base])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    errors = []
+    for fn in (ours, theirs):
+        compiled = torch.compile(fn, backend="aot_eager")
+        with pytest.raises(RuntimeError) as e:
+            _double_backward(compiled, *[b.clone().requires_grad_() for b in base])
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "double backward" in errors[0]

@@ -150,7 +150,9 @@ def test_kernels_bad_out():
 
 
 def test_native_layer_rejects_non_capsules():
-    _raises(TypeError, r"a must be a torch.Tensor \(or a DLPack capsule\), got int", _C.gemm, 1, 2, 3)
+    _raises(
+        TypeError, r"a must be a torch.Tensor \(or a DLPack capsule\), got int", _C.gemm, 1, 2, 3
+    )
     _raises(ValueError, "num_threads must be >= 1", _C.set_num_threads, 0)
     _raises(ValueError, "unknown ISA", _C.set_isa, "sse9")
 

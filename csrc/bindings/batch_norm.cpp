@@ -7,15 +7,80 @@
 #include <utility>
 
 #include "bindings/binding.h"
-#include "cpu/batch_norm.h"
+#include "common/tensor.h"
+#include "cuda/cuda_api.h"
 
 namespace nnk {
+
+// The kernels (cpu/batch_norm.cpp; T = float or double).
+namespace cpu {
+
+// Per channel: count = N*S, mean, and m2 = sum (x - mean)^2.
+template <class T>
+void batch_norm_stats(View3<const T> x, T* mean, T* m2);
+
+// y = (x - center[c]) * scale[c] + shift[c] (center null: 0).
+template <class T>
+void batch_norm_apply(View3<const T> x, View3<T> y, const T* center, const T* scale,
+                      const T* shift);
+
+// Training forward, fused: statistics then normalisation per channel. Writes save_mean,
+// save_invstd (1 / sqrt(var + eps), biased var) and, when running_mean / running_var are given,
+// running = (1 - momentum) * running + momentum * batch (unbiased variance).
+template <class T>
+void batch_norm_forward_train(View3<const T> x, View3<T> y, const T* w, const T* b, double eps,
+                              double momentum, T* save_mean, T* save_invstd, T* running_mean,
+                              T* running_var);
+
+// Per channel: sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd.
+template <class T>
+void batch_norm_backward_reduce(View3<const T> dy, View3<const T> x, const T* mean, const T* invstd,
+                                T* sum_dy, T* sum_dy_xhat);
+
+// dx = (dy - mean_dy[c] - xhat * mean_dy_xhat[c]) * invstd[c] * w[c] (w null: 1).
+template <class T>
+void batch_norm_backward_apply(View3<const T> dy, View3<const T> x, const T* mean, const T* invstd,
+                               const T* w, const T* mean_dy, const T* mean_dy_xhat, View3<T> dx);
+
+// Training backward, fused: the reduction then dx per channel. dx may be null (no input
+// gradient); dw, db receive sum dy * xhat and sum dy (either may be null).
+template <class T>
+void batch_norm_backward_train(View3<const T> dy, View3<const T> x, const T* mean, const T* invstd,
+                               const T* w, View3<T> dx, T* dw, T* db);
+
+}  // namespace cpu
+
+// The CUDA backend (cuda/batch_norm.cu), float32, the same operations. Every view of a call has
+// unit-stride rows (ss == 1) or channels innermost (sc == 1), the same for all of them. ws: a
+// workspace of C * kBatchNormParts * 2 doubles for the partial sums of the reductions.
+namespace cuda {
+void batch_norm_forward_train(View3<const float> x, View3<float> y, const float* w, const float* b,
+                              double eps, double momentum, float* save_mean, float* save_invstd,
+                              float* running_mean, float* running_var, double* ws, int device,
+                              void* stream);
+void batch_norm_stats(View3<const float> x, float* mean, float* m2, double* ws, int device,
+                      void* stream);
+void batch_norm_apply(View3<const float> x, View3<float> y, const float* center, const float* scale,
+                      const float* shift, int device, void* stream);
+void batch_norm_backward_reduce(View3<const float> dy, View3<const float> x, const float* mean,
+                                const float* invstd, float* sum_dy, float* sum_dy_xhat, double* ws,
+                                int device, void* stream);
+void batch_norm_backward_apply(View3<const float> dy, View3<const float> x, const float* mean,
+                               const float* invstd, const float* w, const float* mean_dy,
+                               const float* mean_dy_xhat, View3<float> dx, int device,
+                               void* stream);
+// dx.p null: dw and db only.
+void batch_norm_backward_train(View3<const float> dy, View3<const float> x, const float* mean,
+                               const float* invstd, const float* w, View3<float> dx, float* dw,
+                               float* db, double* ws, int device, void* stream);
+}  // namespace cuda
+
 namespace {
 
 // An (N, C, *) activation as the (N, C, S) view of the kernels (S = the flattened spatial dims).
 template <class T>
-cpu::View3<T> view3(const TensorView& v) {
-  cpu::View3<T> r;
+View3<T> view3(const TensorView& v) {
+  View3<T> r;
   r.p = v.ptr<T>();
   r.N = v.shape[0];
   r.C = v.shape[1];
@@ -75,7 +140,7 @@ void check_cuda_layout(std::initializer_list<std::pair<const TensorView*, const 
   std::string names;
   for (const auto& [v, name] : views) {
     if (v->ndim == 0) continue;  // an absent optional output
-    const cpu::View3<const float> w = cpu::normalised(view3<const float>(*v));
+    const View3<const float> w = normalised(view3<const float>(*v));
     rows = rows && (w.ss == 1 || w.S == 1);
     pixels = pixels && w.sc == 1;
     names += std::string(names.empty() ? "" : ", ") + name;
@@ -100,6 +165,7 @@ double* workspace(const Call& c, int i, const TensorView& x) {
   check_output(ws, "workspace");
   return ws.ptr<double>();
 }
+NNK_CONSTANT(BATCH_NORM_CUDA_WORKSPACE_PER_CHANNEL, cuda::kBatchNormParts * 2);
 
 py::object batch_norm_forward_train(Call& c) {
   const TensorView x = activation(c, 0, nullptr), y = output_activation(c, 1, x);
@@ -189,14 +255,13 @@ py::object batch_norm_backward_reduce(Call& c) {
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_backward_reduce<T>(view3<const T>(dy), view3<const T>(x),
-                                           mean.ptr<const T>(), invstd.ptr<const T>(),
-                                           sdy.ptr<T>(), sdyx.ptr<T>());
+                                           mean.ptr<const T>(), invstd.ptr<const T>(), sdy.ptr<T>(),
+                                           sdyx.ptr<T>());
       },
       [&](auto s) {
-        cuda::batch_norm_backward_reduce(view3<const float>(dy), view3<const float>(x),
-                                         mean.ptr<const float>(), invstd.ptr<const float>(),
-                                         sdy.ptr<float>(), sdyx.ptr<float>(), ws, s.device,
-                                         s.stream);
+        cuda::batch_norm_backward_reduce(
+            view3<const float>(dy), view3<const float>(x), mean.ptr<const float>(),
+            invstd.ptr<const float>(), sdy.ptr<float>(), sdyx.ptr<float>(), ws, s.device, s.stream);
       });
   return py::none();
 }
@@ -216,17 +281,15 @@ py::object batch_norm_backward_apply(Call& c) {
       x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
-        cpu::batch_norm_backward_apply<T>(view3<const T>(dy), view3<const T>(x),
-                                          mean.ptr<const T>(), invstd.ptr<const T>(),
-                                          w.ptr<const T>(), mdy.ptr<const T>(),
-                                          mdyx.ptr<const T>(), view3<T>(dx));
+        cpu::batch_norm_backward_apply<T>(
+            view3<const T>(dy), view3<const T>(x), mean.ptr<const T>(), invstd.ptr<const T>(),
+            w.ptr<const T>(), mdy.ptr<const T>(), mdyx.ptr<const T>(), view3<T>(dx));
       },
       [&](auto s) {
-        cuda::batch_norm_backward_apply(view3<const float>(dy), view3<const float>(x),
-                                        mean.ptr<const float>(), invstd.ptr<const float>(),
-                                        w.ptr<const float>(), mdy.ptr<const float>(),
-                                        mdyx.ptr<const float>(), view3<float>(dx), s.device,
-                                        s.stream);
+        cuda::batch_norm_backward_apply(
+            view3<const float>(dy), view3<const float>(x), mean.ptr<const float>(),
+            invstd.ptr<const float>(), w.ptr<const float>(), mdy.ptr<const float>(),
+            mdyx.ptr<const float>(), view3<float>(dx), s.device, s.stream);
       });
   return py::none();
 }
@@ -250,19 +313,19 @@ py::object batch_norm_backward_train(Call& c) {
       x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
-        cpu::View3<T> dxv;
+        View3<T> dxv;
         if (dx.ndim) dxv = view3<T>(dx);
         cpu::batch_norm_backward_train<T>(view3<const T>(dy), view3<const T>(x),
                                           mean.ptr<const T>(), invstd.ptr<const T>(),
                                           w.ptr<const T>(), dxv, dw.ptr<T>(), db.ptr<T>());
       },
       [&](auto s) {
-        cpu::View3<float> dxv;
+        View3<float> dxv;
         if (dx.ndim) dxv = view3<float>(dx);
         cuda::batch_norm_backward_train(view3<const float>(dy), view3<const float>(x),
                                         mean.ptr<const float>(), invstd.ptr<const float>(),
-                                        w.ptr<const float>(), dxv, dw.ptr<float>(),
-                                        db.ptr<float>(), ws, s.device, s.stream);
+                                        w.ptr<const float>(), dxv, dw.ptr<float>(), db.ptr<float>(),
+                                        ws, s.device, s.stream);
       });
   return py::none();
 }

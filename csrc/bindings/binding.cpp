@@ -8,6 +8,7 @@
 #include <deque>
 #include <new>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace nnk {
@@ -16,6 +17,11 @@ namespace {
 
 std::vector<Binding>& registry() {
   static std::vector<Binding> r;
+  return r;
+}
+
+std::vector<std::pair<const char*, int64_t>>& constants() {
+  static std::vector<std::pair<const char*, int64_t>> r;
   return r;
 }
 
@@ -33,7 +39,8 @@ Params parse(const char* op, const char* signature) {
     if (!item.empty()) {
       if (p.n == kMaxParams) throw std::logic_error("nnkernels: too many parameters");
       const size_t eq = item.find('=');
-      p.names[p.n] = eq == std::string::npos ? item : item.substr(0, item.find_last_not_of(' ', eq - 1) + 1);
+      p.names[p.n] =
+          eq == std::string::npos ? item : item.substr(0, item.find_last_not_of(' ', eq - 1) + 1);
       p.required[p.n] = eq == std::string::npos;
       ++p.n;
     }
@@ -139,20 +146,36 @@ bool add_binding(const Binding& b) {
   return true;
 }
 
+bool add_constant(const char* name, int64_t value) {
+  constants().emplace_back(name, value);
+  return true;
+}
+
 void define_bindings(py::module_& m) {
   static std::deque<Entry> entries;  // the PyMethodDefs must outlive the module
+  py::list names;
   for (const Binding& b : registry()) {
     Entry& e = entries.emplace_back();
     e.params = parse(b.name, b.signature);
     e.fn = b.fn;
     e.doc = std::string(b.name) + "(" + b.signature + ")\n\n" + b.doc;
-    e.def = PyMethodDef{b.name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&trampoline)),
+    e.def = PyMethodDef{b.name,
+                        reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&trampoline)),
                         METH_FASTCALL | METH_KEYWORDS, e.doc.c_str()};
     py::object self = py::reinterpret_steal<py::object>(PyCapsule_New(&e, nullptr, nullptr));
-    py::object fn = py::reinterpret_steal<py::object>(PyCFunction_NewEx(&e.def, self.ptr(), m.ptr()));
+    py::object fn =
+        py::reinterpret_steal<py::object>(PyCFunction_NewEx(&e.def, self.ptr(), m.ptr()));
     if (!fn) throw py::error_already_set();
     m.add_object(b.name, fn);
+    names.append(b.name);
   }
+  m.attr("entry_points") = py::tuple(names);  // nnkernels/_native.py exports these
+  py::list constant_names;
+  for (const auto& [name, value] : constants()) {
+    m.attr(name) = value;
+    constant_names.append(name);
+  }
+  m.attr("constants") = py::tuple(constant_names);
 }
 
 }  // namespace nnk

@@ -77,6 +77,12 @@ void define_bindings(py::module_& m);
 #define NNK_BINDING(fn, signature, doc) \
   static const bool nnk_binding_##fn = ::nnk::add_binding({#fn, signature, doc, &fn})
 
+// An integer constant the Python side needs (a workspace size): NNK_CONSTANT(NAME, value) makes
+// nnkernels._C.NAME, exported like the entry points.
+bool add_constant(const char* name, int64_t value);
+#define NNK_CONSTANT(name, value) \
+  static const bool nnk_constant_##name = ::nnk::add_constant(#name, value)
+
 // ------------------------------------------------------------------------------------ dispatch
 
 // For the duration of a CPU kernel call on this thread: torch's thread count, unless the user set

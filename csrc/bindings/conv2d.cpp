@@ -1,11 +1,43 @@
 // Bindings of conv2d: the three passes and sum_channels (the bias gradient without a weight
 // gradient). padding is (top, bottom, left, right), zeros.
 #include "bindings/binding.h"
-#include "cpu/conv2d.h"
+#include "common/conv2d_args.h"
 #include "cpu/reduce.h"
 #include "cuda/cuda_api.h"
 
 namespace nnk {
+
+// The kernels (cpu/conv2d.cpp; T = float or double).
+namespace cpu {
+
+// a: the geometry and the strides of the pass's tensors (x or dx in xs, w or dw in ws, y or dy
+// in ys).
+template <class T>
+void conv2d_forward(const Conv2dArgs& a, const T* x, const T* w, const T* bias, T* y);
+
+// dx = the adjoint of the forward in x (every element of dx is written).
+template <class T>
+void conv2d_backward_data(const Conv2dArgs& a, const T* dy, const T* w, T* dx);
+
+// dw = the adjoint of the forward in w (written, not accumulated); dbias (K,) = sum of dy over
+// n, p, q when not null.
+template <class T>
+void conv2d_backward_weight(const Conv2dArgs& a, const T* x, const T* dy, T* dw, T* dbias);
+
+}  // namespace cpu
+
+// The CUDA backend (cuda/conv2d.cu): implicit-GEMM passes with the same arguments, float32, on
+// `stream` of `device`. The weight's (C/groups, R, S) dims, and the pixels of y / dx / dy, must
+// flatten.
+namespace cuda {
+void conv2d_forward(const Conv2dArgs& a, const float* x, const float* w, const float* bias,
+                    float* y, int device, void* stream);
+void conv2d_backward_data(const Conv2dArgs& a, const float* dy, const float* w, float* dx,
+                          int device, void* stream);
+void conv2d_backward_weight(const Conv2dArgs& a, const float* x, const float* dy, float* dw,
+                            float* dbias, int device, void* stream);
+}  // namespace cuda
+
 namespace {
 
 // The pass over input `xv` (N, C, H, W) (or its gradient), weight `wv` (K, C/groups, R, S) (or
@@ -55,7 +87,8 @@ Conv2dArgs conv_args(const Call& c, int first, const TensorView& xv, const char*
   for (const auto& [v, name] : {std::pair{&xv, xname}, std::pair{&yv, yname}})
     NNK_CHECK_VALUE(flattens(*v, 2, 3), name,
                     " must have its (H, W) dims flattenable (contiguous or channels_last)");
-  for (int d = 0; d < 4; ++d) a.xs[d] = xv.strides[d], a.ws[d] = wv.strides[d], a.ys[d] = yv.strides[d];
+  for (int d = 0; d < 4; ++d)
+    a.xs[d] = xv.strides[d], a.ws[d] = wv.strides[d], a.ys[d] = yv.strides[d];
   return a;
 }
 
@@ -161,8 +194,9 @@ py::object sum_channels(Call& c) {
   check_like(out, "out", x, "x");
   check_ndim(x, "x", {4});
   check_vector(out, "out", x.shape[1], x, "x");
-  NNK_CHECK_VALUE(flattens(x, 2, 3), "x must have its (H, W) dims flattenable "
-                                     "(contiguous or channels_last)");
+  NNK_CHECK_VALUE(flattens(x, 2, 3),
+                  "x must have its (H, W) dims flattenable "
+                  "(contiguous or channels_last)");
   check_output(out, "out");
   check_no_overlap(out, "out", x, "x");
   const int64_t N = x.shape[0], C = x.shape[1], HW = x.shape[2] * x.shape[3];
@@ -171,8 +205,7 @@ py::object sum_channels(Call& c) {
       x, double(x.numel()),
       [&](auto t) {
         using T = decltype(t);
-        cpu::sum_channels(N, C, HW, x.ptr<const T>(), x.strides[0], x.strides[1], si,
-                          out.ptr<T>());
+        cpu::sum_channels(N, C, HW, x.ptr<const T>(), x.strides[0], x.strides[1], si, out.ptr<T>());
       },
       [&](auto s) {
         cuda::sum_channels(N, C, HW, x.ptr<const float>(), x.strides[0], x.strides[1], si,

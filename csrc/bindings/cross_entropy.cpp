@@ -4,9 +4,30 @@
 #include <vector>
 
 #include "bindings/binding.h"
-#include "cpu/cross_entropy.h"
+#include "common/cross_entropy_args.h"
 
 namespace nnk {
+
+// The kernels (cpu/cross_entropy.cpp).
+namespace cpu {
+
+// The index of the first target outside [0, C) that is not ignore_index, or -1; *total gets
+// sum over the other rows of weight[target] (1 without weights): the 'mean' denominator.
+template <class T>
+int64_t cross_entropy_check_targets(const int64_t* target, int64_t rows, int64_t C,
+                                    int64_t ignore_index, const T* weight, double* total);
+
+// T is a.dtype's type.
+template <class T>
+void cross_entropy_forward(const CrossEntropyArgs& a);
+
+}  // namespace cpu
+
+// The CUDA backend (cuda/cross_entropy.cu): the same pass, on `stream` of `device`.
+namespace cuda {
+void cross_entropy_forward(const CrossEntropyArgs& a, int device, void* stream);
+}  // namespace cuda
+
 namespace {
 
 // (rows, C) with unit stride along C (rows at any stride).
@@ -19,8 +40,8 @@ void check_rows(const TensorView& v, const char* name, int64_t rows, int64_t C) 
 
 // Class targets: (rows,) int64, contiguous, on ref's device.
 TensorView class_target(const TensorView& t, int64_t rows, const TensorView& ref) {
-  NNK_CHECK_TYPE(t.dtype == DType::i64, "target must hold class indices as int64 (torch.long), got ",
-                 dtype_str(t));
+  NNK_CHECK_TYPE(t.dtype == DType::i64,
+                 "target must hold class indices as int64 (torch.long), got ", dtype_str(t));
   NNK_CHECK_VALUE(t.device == ref.device && t.device_id == ref.device_id, "target is on ",
                   device_str(t), " but input is on ", device_str(ref));
   check_shape(t, "target", {rows});

@@ -1,6 +1,7 @@
 // Bindings of the GEMM-based entry points: gemm (matmul), linear and sum_rows (a bias gradient).
-#include "bindings/binding.h"
 #include "cpu/gemm.h"
+
+#include "bindings/binding.h"
 #include "cpu/reduce.h"
 #include "cuda/cuda_api.h"
 
@@ -21,9 +22,9 @@ Gemm<T> gemm_of(const TensorView& a, const TensorView& b, const TensorView& out,
 }
 
 // `batch` products: item i at a + i*sa, b + i*sb, out + i*sc (sa or sb 0: shared operand).
-void run_gemm(const TensorView& a, const TensorView& b, const TensorView& out, int64_t M,
-              int64_t N, int64_t K, double alpha, double beta, const TensorView& bias,
-              int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
+void run_gemm(const TensorView& a, const TensorView& b, const TensorView& out, int64_t M, int64_t N,
+              int64_t K, double alpha, double beta, const TensorView& bias, int64_t batch,
+              int64_t sa, int64_t sb, int64_t sc) {
   run(
       a, double(batch) * double(M) * double(N) * double(K),
       [&](auto t) {
@@ -110,10 +111,12 @@ py::object linear(Call& c) {
   const TensorView bias = c.tensor_or_none(2), out = c.output(3);
   check_float(x, "input");
   check_like(w, "weight", x, "input");
-  NNK_CHECK_VALUE(x.ndim >= 1, "linear: input must be at least 1-D (*, in_features), got a 0-D "
-                               "tensor");
-  NNK_CHECK_IMPLEMENTED(w.ndim != 1, "linear: a 1-D weight (torch's vector form) is not "
-                                     "supported; pass it as (1, in_features)");
+  NNK_CHECK_VALUE(x.ndim >= 1,
+                  "linear: input must be at least 1-D (*, in_features), got a 0-D "
+                  "tensor");
+  NNK_CHECK_IMPLEMENTED(w.ndim != 1,
+                        "linear: a 1-D weight (torch's vector form) is not "
+                        "supported; pass it as (1, in_features)");
   NNK_CHECK_VALUE(w.ndim == 2, "linear: weight must be 2-D (out_features, in_features), got shape ",
                   shape_str(w));
   const int64_t N = w.shape[0], K = w.shape[1];
@@ -139,8 +142,9 @@ py::object linear(Call& c) {
   check_no_overlap(out, "out", w, "weight");
   if (bias.data) check_no_overlap(out, "out", bias, "bias");
   int64_t M, ldx, ldo;
-  NNK_CHECK_VALUE(fold_rows(x, &M, &ldx), "input's leading dims must fold into one (e.g. "
-                                          ".contiguous())");
+  NNK_CHECK_VALUE(fold_rows(x, &M, &ldx),
+                  "input's leading dims must fold into one (e.g. "
+                  ".contiguous())");
   NNK_CHECK_VALUE(fold_rows(out, &M, &ldo), "out's leading dims must fold into one");
   // The (M, K) and (M, N) matrices of input and out; weight read transposed.
   TensorView a = x, o = out;
@@ -155,7 +159,8 @@ NNK_BINDING(linear, "input, weight, bias, out",
             "out = input @ weight^T + bias for input (*, in) and out (*, out); the bias (or None) "
             "is added in the GEMM's store.");
 
-// The (rows, n) matrix of a (*, n) view whose leading dims fold (see fold_rows), named for messages.
+// The (rows, n) matrix of a (*, n) view whose leading dims fold (see fold_rows), named for
+// messages.
 TensorView rows_of(const TensorView& v, const char* name) {
   int64_t rows, ld;
   NNK_CHECK_VALUE(v.ndim >= 1 && fold_rows(v, &rows, &ld), name,
@@ -221,8 +226,7 @@ py::object linear_backward(Call& c) {
   }
   for (int o = 0; o < nwritten; ++o)
     for (int p = 0; p < o; ++p)
-      check_no_overlap(*written[o].first, written[o].second, *written[p].first,
-                       written[p].second);
+      check_no_overlap(*written[o].first, written[o].second, *written[p].first, written[p].second);
   if (dx.ndim) {
     const TensorView gx = rows_of(dx, "grad_input");
     run_gemm(g, w, gx, M, gx.shape[1], N, 1.0, 0.0, none, 1, 0, 0, 0);
@@ -240,8 +244,8 @@ py::object linear_backward(Call& c) {
                         db.strides[0]);
         },
         [&](auto s) {
-          cuda::sum_rows(M, N, dy.ptr<const float>(), g.strides[0], g.strides[1],
-                         db.ptr<float>(), db.strides[0], s.device, s.stream);
+          cuda::sum_rows(M, N, dy.ptr<const float>(), g.strides[0], g.strides[1], db.ptr<float>(),
+                         db.strides[0], s.device, s.stream);
         });
   return py::none();
 }

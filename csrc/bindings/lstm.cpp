@@ -3,9 +3,29 @@
 #include <vector>
 
 #include "bindings/binding.h"
-#include "cpu/lstm.h"
+#include "common/lstm_args.h"
 
 namespace nnk {
+
+// The kernels (cpu/lstm.cpp; T = float or double): the project's GEMM (the recurrent weight packed
+// once per call) and one fused pointwise kernel per ISA over each step's batch rows.
+namespace cpu {
+
+// Throws std::bad_alloc when the packing scratch cannot grow (call outside parallel regions).
+template <class T>
+void lstm_layer_forward(const LstmLayer<T>& a);
+template <class T>
+void lstm_layer_backward(const LstmLayer<T>& a);
+
+}  // namespace cpu
+
+// The CUDA backend (cuda/lstm.cu), float32: the same time loop, the project's CUDA GEMM and one
+// fused step kernel per step.
+namespace cuda {
+void lstm_layer_forward(const LstmLayer<float>& a, int device, void* stream);
+void lstm_layer_backward(const LstmLayer<float>& a, int device, void* stream);
+}  // namespace cuda
+
 namespace {
 
 // A (T, B, n) sequence view whose rows (t, b) are evenly spaced (row t*B + b at t*B*ld + b*ld) and
@@ -55,8 +75,8 @@ struct LstmViews {
     check_float(x, "input");
     check_ndim(x, "input", {3});
     if (x.device == Device::cuda)
-      NNK_CHECK_IMPLEMENTED(x.dtype == DType::f32, "lstm on CUDA computes in float32, got input of ",
-                            dtype_str(x));
+      NNK_CHECK_IMPLEMENTED(x.dtype == DType::f32,
+                            "lstm on CUDA computes in float32, got input of ", dtype_str(x));
     w_ih = call.tensor(at[1]);
     w_hh = call.tensor(at[2]);
     check_like(w_ih, "w_ih", x, "input");
@@ -128,13 +148,12 @@ void check_disjoint(const std::vector<Named>& outs, const std::vector<Named>& in
 py::object lstm_forward(Call& call) {
   const LstmViews v(call, {0, 1, 2, 3, 4, 5, 6, 7, 8});
   const bool reverse = call.flag(9, false);
-  check_disjoint({{&v.y, "output"}, {&v.gates, "gates"}, {&v.c, "cell_states"}},
-                 {{&v.x, "input"},
-                  {&v.w_ih, "w_ih"},
-                  {&v.w_hh, "w_hh"},
-                  {&v.bias, "bias"},
-                  {&v.h0, "h0"},
-                  {&v.c0, "c0"}});
+  check_disjoint({{&v.y, "output"}, {&v.gates, "gates"}, {&v.c, "cell_states"}}, {{&v.x, "input"},
+                                                                                  {&v.w_ih, "w_ih"},
+                                                                                  {&v.w_hh, "w_hh"},
+                                                                                  {&v.bias, "bias"},
+                                                                                  {&v.h0, "h0"},
+                                                                                  {&v.c0, "c0"}});
   run(
       v.x, lstm_work(v), [&](auto t) { cpu::lstm_layer_forward(v.layer<decltype(t)>(reverse)); },
       [&](auto s) { cuda::lstm_layer_forward(v.layer<float>(reverse), s.device, s.stream); });

@@ -10,7 +10,6 @@
 #include "bindings/binding.h"
 #include "common/isa.h"
 #include "common/threading.h"
-#include "cpu/batch_norm.h"
 #include "cpu/gemm.h"
 #include "cpu/peak.h"
 #include "cuda/cuda_api.h"
@@ -58,7 +57,8 @@ PYBIND11_MODULE(_C, m) {
         NNK_CHECK_VALUE(set_isa(isa), "ISA '", name,
                         "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
       },
-      "name"_a, "Force a CPU path no higher than best_isa() ('scalar' names the baseline path too).");
+      "name"_a,
+      "Force a CPU path no higher than best_isa() ('scalar' names the baseline path too).");
 
   m.def(
       "_emulate_avx512_tiles",
@@ -138,7 +138,6 @@ PYBIND11_MODULE(_C, m) {
       },
       "device"_a, "logits"_a = false,
       "The dtypes the kernels compute on 'cpu' or 'cuda' (logits: cross-entropy's inputs).");
-  m.attr("batch_norm_cuda_workspace_per_channel") = cuda::kBatchNormParts * 2;
 
   // Kernels: one entry point per bindings/<op>.cpp registration
   define_bindings(m);

@@ -22,8 +22,8 @@ namespace {
 struct Torch {
   PyTypeObject* tensor = nullptr;
   PyObject* get_num_threads = nullptr;
-  PyObject* current_stream = nullptr;  // torch._C._cuda_getCurrentRawStream, or None
-  PyObject* to_dlpack = nullptr;       // torch._C._to_dlpack
+  PyObject* current_stream = nullptr;      // torch._C._cuda_getCurrentRawStream, or None
+  PyObject* to_dlpack = nullptr;           // torch._C._to_dlpack
   const DLPackExchangeAPI* api = nullptr;  // DLPack's C exchange table (torch >= 2.9), or null
   // Interned attribute and method names.
   PyObject *s_dtype, *s_shape, *s_is_neg, *s_device;
@@ -121,7 +121,8 @@ TensorView view_of_capsule(PyObject* obj, const char* name) {
     auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj, "dltensor"));
     if (m) t = &m->dl_tensor;
   } else if (cap_name && std::strcmp(cap_name, "dltensor_versioned") == 0) {
-    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(obj, "dltensor_versioned"));
+    auto* m =
+        static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(obj, "dltensor_versioned"));
     if (m) {
       NNK_CHECK_VALUE(m->version.major == 1, name, ": DLPack major version ", m->version.major,
                       " is not supported (expected 1)");
@@ -165,8 +166,8 @@ TensorView view_of_tensor(PyObject* obj, const char* name, bool output) {
   const bool negative = neg == Py_True;
   Py_DECREF(neg);
   // A lazily negated view (the imaginary part of a conjugated tensor) holds -x in memory.
-  NNK_CHECK_IMPLEMENTED(!negative, name, " is a lazily negated view (is_neg() is True); pass ", name,
-                        ".resolve_neg()");
+  NNK_CHECK_IMPLEMENTED(!negative, name, " is a lazily negated view (is_neg() is True); pass ",
+                        name, ".resolve_neg()");
   return v;
 }
 
@@ -208,7 +209,8 @@ int torch_num_threads() {
 uintptr_t torch_cuda_stream(int device) {
   if (g_torch.api) {
     void* stream = nullptr;
-    if (g_torch.api->current_work_stream(kDLCUDA, device, &stream) != 0) throw py::error_already_set();
+    if (g_torch.api->current_work_stream(kDLCUDA, device, &stream) != 0)
+      throw py::error_already_set();
     return reinterpret_cast<uintptr_t>(stream);
   }
   if (!g_torch.current_stream) return 0;
@@ -380,9 +382,8 @@ void check_like(const TensorView& v, const char* name, const TensorView& ref,
   NNK_CHECK_VALUE(v.device == ref.device && v.device_id == ref.device_id, name, " is on ",
                   device_str(v), " but ", ref_name, " is on ", device_str(ref),
                   "; they must be on one device");
-  NNK_CHECK_TYPE(v.dtype == ref.dtype, name,
-                 " has dtype ", dtype_str(v), " but ", ref_name, " has dtype ", dtype_str(ref),
-                 "; they must match");
+  NNK_CHECK_TYPE(v.dtype == ref.dtype, name, " has dtype ", dtype_str(v), " but ", ref_name,
+                 " has dtype ", dtype_str(ref), "; they must match");
 }
 
 bool is_non_overlapping(const TensorView& v) {

@@ -21,12 +21,12 @@
 namespace nnk {
 
 struct Conv2dArgs {
-  int64_t N, C, H, W;  // input
-  int64_t K, R, S;     // weight (K, C / groups, R, S)
-  int64_t P, Q;        // output
-  int64_t sh, sw;      // stride
-  int64_t ph, pw;      // padding before (top, left); after follows from P, Q
-  int64_t dh, dw;      // dilation
+  int64_t N, C, H, W;           // input
+  int64_t K, R, S;              // weight (K, C / groups, R, S)
+  int64_t P, Q;                 // output
+  int64_t sh, sw;               // stride
+  int64_t ph, pw;               // padding before (top, left); after follows from P, Q
+  int64_t dh, dw;               // dilation
   int64_t groups, Cg, Kg;       // Cg = C / groups, Kg = K / groups
   int64_t xs[4], ws[4], ys[4];  // strides of x (or dx), w (or dw), y (or dy), NCHW order
 

@@ -26,16 +26,24 @@ bool set_isa(Isa isa);
 // NNK_PER_ISA(declaration): the declaration in the namespace of every compiled path.
 // NNK_ISA_CALL(call): `call` evaluated in the namespace of the active path.
 #if defined(NNK_X86)
-#define NNK_PER_ISA(...)                      \
-  namespace baseline { __VA_ARGS__; }         \
-  namespace avx2 { __VA_ARGS__; }             \
-  namespace avx512 { __VA_ARGS__; }
-#define NNK_ISA_CALL(...)                                                                   \
-  (::nnk::active_isa() == ::nnk::Isa::avx512 ? ::nnk::avx512::__VA_ARGS__                  \
-   : ::nnk::active_isa() == ::nnk::Isa::avx2 ? ::nnk::avx2::__VA_ARGS__                    \
+#define NNK_PER_ISA(...) \
+  namespace baseline {   \
+  __VA_ARGS__;           \
+  }                      \
+  namespace avx2 {       \
+  __VA_ARGS__;           \
+  }                      \
+  namespace avx512 {     \
+  __VA_ARGS__;           \
+  }
+#define NNK_ISA_CALL(...)                                                 \
+  (::nnk::active_isa() == ::nnk::Isa::avx512 ? ::nnk::avx512::__VA_ARGS__ \
+   : ::nnk::active_isa() == ::nnk::Isa::avx2 ? ::nnk::avx2::__VA_ARGS__   \
                                              : ::nnk::baseline::__VA_ARGS__)
 #else
 #define NNK_PER_ISA(...) \
-  namespace baseline { __VA_ARGS__; }
+  namespace baseline {   \
+  __VA_ARGS__;           \
+  }
 #define NNK_ISA_CALL(...) (::nnk::baseline::__VA_ARGS__)
 #endif

@@ -100,4 +100,27 @@ inline bool may_overlap(const TensorView& a, const TensorView& b) {
 // True when no two distinct indices of the view address the same element (writes cannot race).
 bool is_non_overlapping(const TensorView& v);
 
+// An (N, C, S) strided view of one of batch normalization's activations (S = the flattened spatial
+// dims: 1 for (N, C), L, or H*W), the form both backends' batch_norm kernels take.
+template <class T>
+struct View3 {
+  T* p = nullptr;
+  int64_t N = 0, C = 0, S = 0;
+  int64_t sn = 0, sc = 0, ss = 0;  // element strides of n, c, s
+};
+
+// With S == 1 ((N, C) inputs) the batch dim is taken as the spatial one: (1, C, N), ss = sn.
+// Applied to every operand of a call (it depends on the shape only), it gives the kernels one row
+// of N values per channel, or N pixels of C channels.
+template <class T>
+inline View3<T> normalised(View3<T> v) {
+  if (v.S == 1 && v.N != 1) {
+    v.S = v.N;
+    v.ss = v.sn;
+    v.N = 1;
+    v.sn = 0;
+  }
+  return v;
+}
+
 }  // namespace nnk

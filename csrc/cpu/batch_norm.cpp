@@ -1,6 +1,26 @@
-// Batch normalization on the CPU (see batch_norm.h for the math). Two parts: the SIMD inner loops
-// (the BatchNormKernels table), compiled once per ISA, and the driver (threading, statistics and
-// the choice of loop order), compiled once.
+// Batch normalization: per-channel statistics, normalisation and their gradients over an (N, C, S)
+// view of the input (common/tensor.h, View3; S = the flattened spatial dims: 1 for (N, C), L, or
+// H*W). The CUDA backend (cuda/batch_norm.cu) computes the same passes.
+//
+//   training forward   mean, var = stats of x[:, c, :];  y = (x - mean) * invstd * w + b
+//   eval forward       y = (x - running_mean) * invstd * w + b
+// Every normalisation is applied as (x - mean[c]) * scale[c] + shift[c]: x - mean is exact for
+// values near the mean, whereas the fused form x * scale + (shift - mean * scale) cancels two
+// large terms (mean 1e4, std 0.01: outputs quantised to 1/16 in float32).
+//   backward           dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w   (training)
+//                      dx = dy * invstd * w                                         (eval)
+//                      dw = sum dy * xhat,  db = sum dy
+//
+// Statistics are single-pass shifted sums: each channel subtracts its first element before
+// summing x and x^2 (in float64 across rows), so a channel with mean 1e4 and std 0.01 loses no
+// precision, and per-thread partials add exactly. The fused training passes process one channel
+// at a time where the layout allows (NCHW: the channel's values are reused from cache between the
+// statistics and the normalisation); channels_last and (N, C) inputs vectorise across channels.
+// The pieces are also exported one by one for SyncBatchNorm, which combines statistics across
+// processes between them.
+//
+// On the CPU, two parts: the SIMD inner loops (the BatchNormKernels table), compiled once per ISA,
+// and the driver (threading, statistics and the choice of loop order), compiled once.
 //
 // Views are first normalised: with S == 1 ((N, C) inputs) the batch dim becomes the spatial one
 // (N' = 1, S' = N, ss' = sn). Then one of three layouts, for all operands of a call together:
@@ -21,11 +41,11 @@
 // (channels_last and (N, C) inputs); per-channel coefficients are arrays of C.
 // Sums accumulate in T vector lanes and are returned in float64; the pixel loops flush their lanes
 // to float64 at least every 256 pixels, so no lane sums more than a few hundred values.
-#include "common/simd.h"
-#include "cpu/batch_norm.h"
-
 #include <cstdint>
 #include <type_traits>
+
+#include "common/simd.h"
+#include "common/tensor.h"
 
 namespace nnk {
 namespace cpu {
@@ -420,7 +440,6 @@ NNK_PER_ISA(template <class T> const cpu::BatchNormKernels<T>& batch_norm_kernel
 
 namespace nnk {
 namespace cpu {
-
 
 namespace {
 

@@ -1,5 +1,15 @@
-// 2-D convolution on the CPU, forward + backward-data + backward-weight, all on the project's GEMM
-// (cpu/gemm.h). Per image n and group g, with Cg = C/groups, Kg = K/groups, CRS = Cg*R*S:
+// 2-D convolution on the CPU: forward, backward-data and backward-weight (+ bias), on the
+// project's GEMM. Zero padding only (other padding modes are an explicit pad before the conv).
+//
+//   x  (N, C, H, W)        w  (K, C/groups, R, S)        y  (N, K, P, Q)
+//   y[n, k, p, q] = bias[k] + sum_{c in group(k), r, s} w[k, c, r, s] * x[n, c, p*sh - ph + r*dh,
+//                                                                       q*sw - pw + s*dw]
+// Tensors are 4-D strided views (element strides, NCHW dim order, any memory format). The weight
+// (and its gradient) must have (C/groups, R, S) flattenable: w.s[1] == R*S*w.s[3] and w.s[2] ==
+// S*w.s[3]; the bindings check it.
+//
+// On the CPU, all three passes run on the project's GEMM (cpu/gemm.h). Per image n and group g,
+// with Cg = C/groups, Kg = K/groups, CRS = Cg*R*S:
 //
 //   forward          Y[n]_g (Kg x PQ)  = W_g (Kg x CRS) . col (CRS x PQ), bias in the store
 //   backward-data    stride 1: the forward of dY with the flipped, channel-transposed weight;
@@ -16,8 +26,6 @@
 // itself, read in place. Work runs across images in parallel when there are enough of them
 // (single-threaded GEMMs, one scratch area per thread), otherwise image by image with
 // multi-threaded GEMMs.
-#include "cpu/conv2d.h"
-
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -25,6 +33,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/conv2d_args.h"
 #include "common/threading.h"
 #include "common/workspace.h"
 #include "cpu/gemm.h"
@@ -641,7 +650,7 @@ void backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, Vi
 
 template <class T>
 void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, View4<T> dw,
-                            T* dbias) {
+                     T* dbias) {
   const Geometry<T> gm(s);
   if (s.K == 0) return;
   if (is_depthwise(s)) return depthwise_backward_weight(s, x, dy, dw, dbias);
@@ -778,8 +787,7 @@ void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, 
 
 Conv2dShape shape_of(const Conv2dArgs& a) {
   Conv2dShape s;
-  s.N = a.N, s.C = a.C, s.H = a.H, s.W = a.W, s.K = a.K, s.R = a.R, s.S = a.S, s.P = a.P,
-  s.Q = a.Q;
+  s.N = a.N, s.C = a.C, s.H = a.H, s.W = a.W, s.K = a.K, s.R = a.R, s.S = a.S, s.P = a.P, s.Q = a.Q;
   s.sh = a.sh, s.sw = a.sw, s.ph = a.ph, s.pw = a.pw, s.dh = a.dh, s.dw = a.dw;
   s.groups = a.groups;
   return s;
@@ -807,7 +815,7 @@ void conv2d_backward_weight(const Conv2dArgs& a, const T* x, const T* dy, T* dw,
   backward_weight<T>(shape_of(a), view4(x, a.xs), view4(dy, a.ys), view4(dw, a.ws), dbias);
 }
 
-#define NNK_INSTANTIATE_CONV(T)                                                          \
+#define NNK_INSTANTIATE_CONV(T)                                                         \
   template void conv2d_forward<T>(const Conv2dArgs&, const T*, const T*, const T*, T*); \
   template void conv2d_backward_data<T>(const Conv2dArgs&, const T*, const T*, T*);     \
   template void conv2d_backward_weight<T>(const Conv2dArgs&, const T*, const T*, T*, T*);

@@ -1,6 +1,11 @@
-// Fused softmax-cross-entropy, CPU (cross_entropy.h). Rows run in parallel; each row is read by
-// row_stats (max, sum-exp and the linear sums the options need, one pass) and, for the gradient,
-// once more by row_grad while it is still in L2, which writes d loss / d x with streaming stores.
+// Fused softmax-cross-entropy (both backends; arguments: common/cross_entropy_args.h): one kernel
+// reads each row of logits once for the loss (online max and sum-exp) and, when asked, writes the
+// row's gradient right after, so the backward only scales it. torch.nn.functional.cross_entropy's
+// options: class-index or probability targets, class weights, ignore_index, label smoothing.
+//
+// On the CPU, rows run in parallel; each row is read by row_stats (max, sum-exp and the linear sums
+// the options need, one pass) and, for the gradient, once more by row_grad while it is still in
+// L2, which writes d loss / d x with streaming stores.
 //
 // Per row, with lse = m + log s, p = exp((x - m) - log s), eps = label smoothing, w = weights (1 if
 // none), W = sum_c w_c:
@@ -11,15 +16,14 @@
 // (torch's formulas: cross_entropy_loss_label_smoothing and the probability-target path).
 //
 // Two parts: the row loops (the CrossEntropyKernels table), compiled once per ISA, and the driver
-// (rows, threads and the loss), compiled once. A row is n = C unit-stride logits x; w (nullable) the C class weights, t (nullable) the row's C
-// target probabilities.
-#include "common/simd.h"
-#include "cpu/cross_entropy.h"
-
+// (rows, threads and the loss), compiled once. A row is n = C unit-stride logits x; w (nullable)
+// the C class weights, t (nullable) the row's C target probabilities.
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
+#include "common/cross_entropy_args.h"
+#include "common/simd.h"
 #include "common/simd_math.h"
 
 namespace nnk {
@@ -302,11 +306,20 @@ struct TypedArgs {
 
 template <class T>
 TypedArgs<T> typed(const CrossEntropyArgs& a) {
-  return {static_cast<const T*>(a.x),      a.rows,      a.C,
-          a.ldx,                           a.target,    a.ignore_index,
-          static_cast<const T*>(a.soft),   a.ldt,       static_cast<const T*>(a.weight),
-          a.smoothing,                     static_cast<T*>(a.loss), static_cast<T*>(a.grad),
-          a.ldg,                           a.grad_scale};
+  return {static_cast<const T*>(a.x),
+          a.rows,
+          a.C,
+          a.ldx,
+          a.target,
+          a.ignore_index,
+          static_cast<const T*>(a.soft),
+          a.ldt,
+          static_cast<const T*>(a.weight),
+          a.smoothing,
+          static_cast<T*>(a.loss),
+          static_cast<T*>(a.grad),
+          a.ldg,
+          a.grad_scale};
 }
 
 // Gradients larger than this go out with non-temporal stores: they will not be read back from
@@ -314,8 +327,8 @@ TypedArgs<T> typed(const CrossEntropyArgs& a) {
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 template <class T>
-void forward_rows(const TypedArgs<T>& a, const CrossEntropyKernels<T>& k, double wsum,
-                  bool stream, int64_t r0, int64_t r1) {
+void forward_rows(const TypedArgs<T>& a, const CrossEntropyKernels<T>& k, double wsum, bool stream,
+                  int64_t r0, int64_t r1) {
   const double eps = a.smoothing, C = double(a.C), gs = a.grad_scale;
   const bool smooth = eps > 0;
   for (int64_t i = r0; i < r1; ++i) {

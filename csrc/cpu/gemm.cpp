@@ -24,8 +24,9 @@
 //   - M small and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is computed instead,
 //     so the large weight is streamed in place once and only the small A^T is packed.
 // Partial tiles of an operand read in place are packed into a small per-thread buffer.
-#include "common/simd.h"
 #include "cpu/gemm.h"
+
+#include "common/simd.h"
 
 // ======================================================= micro-kernels (compiled once per ISA)
 //
@@ -286,15 +287,15 @@ const cpu::GemmUKernel<T>& gemm_ukernel_of() {
       f32 ? cpu::Avx512Tiles::s_kc : cpu::Avx512Tiles::d_kc,
       f32 ? cpu::Avx512Tiles::s_nc : cpu::Avx512Tiles::d_nc);
 #elif NNK_ISA_LEVEL == 1
-  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, NV>(
-      kNarrow ? (f32 ? "sgemm_avx2_6x8" : "dgemm_avx2_6x4")
-              : (f32 ? "sgemm_avx2_6x16" : "dgemm_avx2_6x8"),
-      f32 ? 144 : 72, 384, f32 ? 4080 : 2040);
+  static constexpr cpu::GemmUKernel<T> k =
+      make_gemm_ukernel<T, 6, NV>(kNarrow ? (f32 ? "sgemm_avx2_6x8" : "dgemm_avx2_6x4")
+                                          : (f32 ? "sgemm_avx2_6x16" : "dgemm_avx2_6x8"),
+                                  f32 ? 144 : 72, 384, f32 ? 4080 : 2040);
 #else
-  static constexpr cpu::GemmUKernel<T> k = make_gemm_ukernel<T, 6, NV>(
-      kNarrow ? (f32 ? "sgemm_baseline_6x4" : "dgemm_baseline_6x2")
-              : (f32 ? "sgemm_baseline_6x8" : "dgemm_baseline_6x4"),
-      120, 256, 2048);
+  static constexpr cpu::GemmUKernel<T> k =
+      make_gemm_ukernel<T, 6, NV>(kNarrow ? (f32 ? "sgemm_baseline_6x4" : "dgemm_baseline_6x2")
+                                          : (f32 ? "sgemm_baseline_6x8" : "dgemm_baseline_6x4"),
+                                  120, 256, 2048);
 #endif
   return k;
 }
@@ -318,7 +319,8 @@ template <class T>
 const cpu::GemmUKernel<T>& gemm_ukernel_avx512_tiles() {
   constexpr bool f32 = sizeof(T) == 4;
   static constexpr cpu::GemmUKernel<T> k =
-      make_gemm_ukernel<T, cpu::Avx512Tiles::mr, (f32 ? cpu::Avx512Tiles::s_nr : cpu::Avx512Tiles::d_nr) / (32 / sizeof(T))>(
+      make_gemm_ukernel<T, cpu::Avx512Tiles::mr,
+                        (f32 ? cpu::Avx512Tiles::s_nr : cpu::Avx512Tiles::d_nr) / (32 / sizeof(T))>(
           f32 ? "sgemm_avx2_14x32_test" : "dgemm_avx2_14x16_test",
           f32 ? cpu::Avx512Tiles::s_mc : cpu::Avx512Tiles::d_mc,
           f32 ? cpu::Avx512Tiles::s_kc : cpu::Avx512Tiles::d_kc,
@@ -363,7 +365,8 @@ bool emulated_avx512_tiles() { return g_avx512_tiles.load(std::memory_order_rela
 template <class T>
 const GemmUKernel<T>& active_gemm_ukernel() {
 #if defined(NNK_X86)
-  if (active_isa() == Isa::avx2 && emulated_avx512_tiles()) return avx2::gemm_ukernel_avx512_tiles<T>();
+  if (active_isa() == Isa::avx2 && emulated_avx512_tiles())
+    return avx2::gemm_ukernel_avx512_tiles<T>();
 #endif
   return NNK_ISA_CALL(gemm_ukernel<T>());
 }
@@ -374,7 +377,8 @@ const GemmUKernel<T>& active_gemm_ukernel() {
 template <class T>
 const GemmUKernel<T>& gemm_ukernel_for(int64_t N) {
 #if defined(NNK_X86)
-  if (active_isa() == Isa::avx2 && emulated_avx512_tiles()) return avx2::gemm_ukernel_avx512_tiles<T>();
+  if (active_isa() == Isa::avx2 && emulated_avx512_tiles())
+    return avx2::gemm_ukernel_avx512_tiles<T>();
 #endif
   const GemmUKernel<T>& narrow = NNK_ISA_CALL(gemm_ukernel_narrow<T>());
   return N <= narrow.nr ? narrow : NNK_ISA_CALL(gemm_ukernel<T>());
@@ -497,8 +501,8 @@ Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
 // stride along j. Walks C along its smaller stride (a transposed C is written column by column).
 // r = alpha * tmp, then + beta * c, + bias_n[j], + bias_m[i] where present (the kernel's order).
 template <bool kBeta, bool kBiasN, bool kBiasM, class T>
-void store_edge_rows(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc,
-                     T alpha, T beta, const T* bias_m, const T* bias_n) {
+void store_edge_rows(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t rsc, T alpha,
+                     T beta, const T* bias_m, const T* bias_n) {
   for (int64_t i = 0; i < mr; ++i) {
     T* ci = c + i * rsc;
     const T* ti = tmp + i * ldt;
@@ -518,10 +522,10 @@ void store_edge(const T* tmp, int64_t ldt, int64_t mr, int64_t nr, T* c, int64_t
   if (csc == 1) {
     const int flags = (beta != T(0)) * 4 + (bias_n != nullptr) * 2 + (bias_m != nullptr);
     switch (flags) {
-#define NNK_STORE_CASE(f)                                                                     \
-  case f:                                                                                     \
-    return store_edge_rows<bool(f & 4), bool(f & 2), bool(f & 1)>(tmp, ldt, mr, nr, c, rsc, \
-                                                                   alpha, beta, bias_m, bias_n);
+#define NNK_STORE_CASE(f)                                                                          \
+  case f:                                                                                          \
+    return store_edge_rows<bool(f & 4), bool(f & 2), bool(f & 1)>(tmp, ldt, mr, nr, c, rsc, alpha, \
+                                                                  beta, bias_m, bias_n);
       NNK_STORE_CASE(0)
       NNK_STORE_CASE(1)
       NNK_STORE_CASE(2)

@@ -2,12 +2,10 @@
 // active ISA, rows of a step split across threads. Two parts: the fused pointwise kernels of one
 // time step (common/lstm_args.h: LstmStep), compiled once per ISA into the LstmKernels table, and
 // the sequence driver, compiled once.
-#include "common/simd.h"
-#include "cpu/lstm.h"
-
 #include <cstdint>
 
 #include "common/lstm_args.h"
+#include "common/simd.h"
 #include "common/simd_math.h"
 
 namespace nnk {

@@ -1,5 +1,5 @@
 // Batch normalization on CUDA: fp32 data, float64 partial sums, the math of the CPU kernels
-// (cpu/batch_norm.h): shifted single-pass statistics (shift = the channel's first element),
+// (cpu/batch_norm.cpp): shifted single-pass statistics (shift = the channel's first element),
 // y = (x - mean) * scale + shift, and the backward as one reduction plus one elementwise pass.
 //
 // Two kernels per training pass. The reduction kernel leaves per-(channel, block) partial sums in a
@@ -9,7 +9,7 @@
 // per-channel outputs), then normalises. No separate finish launch; the second read of the input
 // mostly hits L2 for activations up to L2's size.
 //
-// Views are (N, C, S) (cpu::View3, normalised as on the CPU) in one of two layouts, the same for
+// Views are (N, C, S) (View3, normalised as on the CPU) in one of two layouts, the same for
 // every operand of a call (the bindings check it; Python makes other inputs contiguous):
 //   rows    ss == 1 (NCHW, (N, C, L)): grid (C, P). A channel's N rows are cut into pieces of at
 //           most kPiece values; block p takes a range of pieces, its threads walk each piece
@@ -20,16 +20,16 @@
 //           through shared memory.
 #include <cstdint>
 
+#include "common/tensor.h"
 #include "cuda/common.cuh"
-#include "cpu/batch_norm.h"
 #include "cuda/cuda_api.h"
 
 namespace nnk {
 namespace cuda {
 namespace {
 
-using View = cpu::View3<const float>;
-using OutView = cpu::View3<float>;
+using View = View3<const float>;
+using OutView = View3<float>;
 
 constexpr int kRowThreads = 256;
 constexpr int64_t kPiece = int64_t(kRowThreads) * 32;  // 32 values per thread per row piece
@@ -436,8 +436,8 @@ void batch_norm_forward_train(View x, OutView y, const float* w, const float* b,
                               double momentum, float* save_mean, float* save_invstd,
                               float* running_mean, float* running_var, double* ws, int device,
                               void* stream) {
-  x = cpu::normalised(x);
-  y = cpu::normalised(y);
+  x = normalised(x);
+  y = normalised(y);
   if (x.C == 0) return;
   DeviceGuard guard(device);
   const Launch L(device, stream);
@@ -448,7 +448,7 @@ void batch_norm_forward_train(View x, OutView y, const float* w, const float* b,
 }
 
 void batch_norm_stats(View x, float* mean, float* m2, double* ws, int device, void* stream) {
-  x = cpu::normalised(x);
+  x = normalised(x);
   if (x.C == 0) return;
   DeviceGuard guard(device);
   const Launch L(device, stream);
@@ -458,8 +458,8 @@ void batch_norm_stats(View x, float* mean, float* m2, double* ws, int device, vo
 
 void batch_norm_apply(View x, OutView y, const float* center, const float* scale,
                       const float* shift, int device, void* stream) {
-  x = cpu::normalised(x);
-  y = cpu::normalised(y);
+  x = normalised(x);
+  y = normalised(y);
   if (x.C == 0 || x.N * x.S == 0) return;
   DeviceGuard guard(device);
   apply<false>(Launch(device, stream), x, View{}, y, AffineCoefs{center, scale, shift}, 0, nullptr);
@@ -468,8 +468,8 @@ void batch_norm_apply(View x, OutView y, const float* center, const float* scale
 void batch_norm_backward_reduce(View dy, View x, const float* mean, const float* invstd,
                                 float* sum_dy, float* sum_dy_xhat, double* ws, int device,
                                 void* stream) {
-  dy = cpu::normalised(dy);
-  x = cpu::normalised(x);
+  dy = normalised(dy);
+  x = normalised(x);
   if (x.C == 0) return;
   DeviceGuard guard(device);
   const Launch L(device, stream);
@@ -480,9 +480,9 @@ void batch_norm_backward_reduce(View dy, View x, const float* mean, const float*
 void batch_norm_backward_apply(View dy, View x, const float* mean, const float* invstd,
                                const float* w, const float* mean_dy, const float* mean_dy_xhat,
                                OutView dx, int device, void* stream) {
-  dy = cpu::normalised(dy);
-  x = cpu::normalised(x);
-  dx = cpu::normalised(dx);
+  dy = normalised(dy);
+  x = normalised(x);
+  dx = normalised(dx);
   if (x.C == 0 || x.N * x.S == 0) return;
   DeviceGuard guard(device);
   apply<true>(Launch(device, stream), x, dy, dx,
@@ -492,9 +492,9 @@ void batch_norm_backward_apply(View dy, View x, const float* mean, const float* 
 void batch_norm_backward_train(View dy, View x, const float* mean, const float* invstd,
                                const float* w, OutView dx, float* dw, float* db, double* ws,
                                int device, void* stream) {
-  dy = cpu::normalised(dy);
-  x = cpu::normalised(x);
-  dx = cpu::normalised(dx);
+  dy = normalised(dy);
+  x = normalised(x);
+  dx = normalised(dx);
   if (x.C == 0) return;
   DeviceGuard guard(device);
   const Launch L(device, stream);

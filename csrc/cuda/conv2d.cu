@@ -9,7 +9,6 @@
 #include <cstdint>
 
 #include "common/conv2d_args.h"
-#include "cpu/conv2d.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_api.h"
 #include "cuda/gemm_epilogue.cuh"

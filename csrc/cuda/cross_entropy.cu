@@ -10,7 +10,7 @@
 
 #include <cfloat>
 
-#include "cpu/cross_entropy.h"
+#include "common/cross_entropy_args.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_api.h"
 

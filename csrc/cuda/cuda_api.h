@@ -28,5 +28,10 @@ void sum_channels(int64_t N, int64_t C, int64_t HW, const float* x, int64_t sn, 
 void sum_rows(int64_t R, int64_t N, const float* x, int64_t rsx, int64_t csx, float* out,
               int64_t so, int device, void* stream);
 
+// batch_norm.cu: the reductions split each channel into at most this many parts; their float64
+// partial sums (2 per part) live in a workspace of C * kBatchNormParts * 2 values that Python
+// allocates (nnkernels._C.BATCH_NORM_CUDA_WORKSPACE_PER_CHANNEL per channel).
+constexpr int kBatchNormParts = 64;
+
 }  // namespace cuda
 }  // namespace nnk

@@ -8,7 +8,6 @@
 #include <cstdint>
 
 #include "common/lstm_driver.h"
-#include "cpu/lstm.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_api.h"
 

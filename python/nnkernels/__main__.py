@@ -21,7 +21,10 @@ def info() -> int:
             "GEMM micro-kernels",
             f"{_native.gemm_kernel_name('float32')}, {_native.gemm_kernel_name('float64')}",
         ),
-        ("threads", f"{nnkernels.get_num_threads()} (OpenMP: {'yes' if _native.openmp() else 'no'})"),
+        (
+            "threads",
+            f"{nnkernels.get_num_threads()} (OpenMP: {'yes' if _native.openmp() else 'no'})",
+        ),
         (
             "CUDA kernels",
             f"compiled for sm_{_native.cuda_archs().replace(',', ', sm_')}"

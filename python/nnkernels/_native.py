@@ -22,25 +22,10 @@ _C.register_torch(
 )
 
 # ------------------------------------------------------------------------- kernel entry points
-gemm = _C.gemm
-linear = _C.linear
-linear_backward = _C.linear_backward
-sum_rows = _C.sum_rows
-conv2d_forward = _C.conv2d_forward
-conv2d_backward_data = _C.conv2d_backward_data
-conv2d_backward_weight = _C.conv2d_backward_weight
-sum_channels = _C.sum_channels
-batch_norm_forward_train = _C.batch_norm_forward_train
-batch_norm_stats = _C.batch_norm_stats
-batch_norm_apply = _C.batch_norm_apply
-batch_norm_backward_reduce = _C.batch_norm_backward_reduce
-batch_norm_backward_apply = _C.batch_norm_backward_apply
-batch_norm_backward_train = _C.batch_norm_backward_train
-BATCH_NORM_CUDA_WORKSPACE_PER_CHANNEL = _C.batch_norm_cuda_workspace_per_channel
-cross_entropy_check_targets = _C.cross_entropy_check_targets
-cross_entropy_forward = _C.cross_entropy_forward
-lstm_forward = _C.lstm_forward
-lstm_backward = _C.lstm_backward
+# Every function a csrc/bindings/<op>.cpp registers (gemm, linear, linear_backward, sum_rows,
+# conv2d_forward, ..., lstm_backward; their signatures and docs are in help(nnkernels._C)) and
+# every constant (BATCH_NORM_CUDA_WORKSPACE_PER_CHANNEL).
+globals().update({name: getattr(_C, name) for name in _C.entry_points + _C.constants})
 
 # ---------------------------------------------------------------------------- machine and build
 isa = _C.isa

@@ -14,9 +14,8 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
-from . import functional as NF
+from .bench.harness import seeded
 
 
 def reference_error(ours, theirs, ref, *, k=1, scale=None, mult=8.0):
@@ -45,157 +44,28 @@ def reference_error(ours, theirs, ref, *, k=1, scale=None, mult=8.0):
 
 @dataclasses.dataclass
 class Case:
-    """One op: build(dtype, device, small) -> (inputs, ours(*inputs), theirs(*inputs), k)."""
+    """One op: build(dtype, device, small) -> (inputs, ours(*inputs), theirs(*inputs), k); the
+    builders live beside the op's benchmark cases (nnkernels/bench/<op>.py, PARITY)."""
 
     op: str
     build: object
 
 
-def _g(seed=0):
-    return torch.Generator().manual_seed(seed)
+def _suite_cases():
+    """Every op's parity case, from its module in nnkernels.bench (PARITY: op name -> builder)."""
+    from . import bench
+
+    return [Case(op, build) for module in bench.MODULES for op, build in module.PARITY.items()]
 
 
-def _sampler(seed, dtype, device):
-    """r(*shape, scale=1.0): seeded normal samples drawn in float64, then cast (every dtype sees
-    the same values); r.gen is the generator (for targets)."""
-    gen = _g(seed)
-
-    def r(*shape, scale=1.0):
-        return (
-            (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
-        )
-
-    r.gen = gen
-    return r
-
-
-def _matmul(dtype, device, small):
-    r = _sampler(1, dtype, device)
-    m, k, n = (3, 4, 5) if small else (129, 65, 77)
-    a, b = r(m, k), r(k, n)
-    return [a, b], NF.matmul, torch.matmul, k
-
-
-def _linear(dtype, device, small):
-    r = _sampler(2, dtype, device)
-    m, i, o = (3, 4, 5) if small else (64, 100, 30)
-    x, w = r(m, i), r(o, i)
-    b = r(o)
-    return [x, w, b], NF.linear, F.linear, i
-
-
-def _conv2d(dtype, device, small):
-    r = _sampler(3, dtype, device)
-    n, c, h, k = (1, 2, 5, 3) if small else (4, 3, 17, 8)
-    x = r(n, c, h, h)
-    w = r(k, c, 3, 3)
-    b = r(k)
-    kw = dict(stride=2, padding=1)
-    return (
-        [x, w, b],
-        lambda x, w, b: NF.conv2d(x, w, b, **kw),
-        lambda x, w, b: F.conv2d(x, w, b, **kw),
-        c * 9 * n * h * h,
-    )
-
-
-def _batch_norm(dtype, device, small):
-    r = _sampler(4, dtype, device)
-    n, c, h = (3, 2, 2) if small else (8, 6, 9)
-    x = r(n, c, h, h, scale=2.0) + 3
-    w, b = r(c), r(c)
-
-    def run(fn):
-        def f(x, w, b):
-            rm, rv = x.new_zeros(c), x.new_ones(c)
-            y = fn(x, rm, rv, w, b, training=True)
-            return y, rm, rv
-
-        return f
-
-    return [x, w, b], run(NF.batch_norm), run(F.batch_norm), n * h * h
-
-
-def _cross_entropy(dtype, device, small):
-    r = _sampler(5, dtype, device)
-    n, c = (4, 5) if small else (64, 100)
-    x = r(n, c, scale=3.0)
-    t = torch.randint(0, c, (n,), generator=r.gen).to(device)
-    kw = dict(label_smoothing=0.1)
-    return [x], lambda x: NF.cross_entropy(x, t, **kw), lambda x: F.cross_entropy(x, t, **kw), c
-
-
-def _linear_cross_entropy(dtype, device, small):
-    r = _sampler(6, dtype, device)
-    n, h, v = (4, 3, 5) if small else (64, 32, 100)
-    x, w = r(n, h), r(v, h)
-    t = torch.randint(0, v, (n,), generator=r.gen).to(device)
-    return (
-        [x, w],
-        lambda x, w: NF.linear_cross_entropy(x, w, t),
-        lambda x, w: F.cross_entropy(F.linear(x, w), t),
-        h * v,
-    )
-
-
-def _lstm_cell(dtype, device, small):
-    r = _sampler(7, dtype, device)
-    b, i, h = (2, 3, 4) if small else (5, 7, 9)
-    args = [r(b, i)]
-    args += [r(b, h) for _ in range(2)]
-    args += [r(4 * h, i, scale=0.3)]
-    args += [r(4 * h, h, scale=0.3)]
-    args += [r(4 * h) for _ in range(2)]
-
-    def ours(x, h, c, *w):
-        return NF.lstm_cell(x, (h, c), *w)
-
-    def theirs(x, h, c, *w):
-        return torch.lstm_cell(x, (h, c), *w)
-
-    return args, ours, theirs, i + h
-
-
-def _lstm(dtype, device, small):
-    r = _sampler(8, dtype, device)
-    t, b, i, h = (3, 2, 2, 3) if small else (6, 3, 5, 7)
-    sizes = []
-    for layer in range(2):
-        for _ in range(2):
-            inp = i if layer == 0 else 2 * h
-            sizes += [(4 * h, inp), (4 * h, h), (4 * h,), (4 * h,)]
-    params = [r(*s, scale=0.3) for s in sizes]
-    x = r(t, b, i)
-    h0 = r(4, b, h)
-    c0 = r(4, b, h)
-
-    def ours(x, h0, c0, *p):
-        out, (hn, cn) = NF.lstm(x, (h0, c0), list(p), True, 2, 0.0, True, True, False)
-        return out, hn, cn
-
-    def theirs(x, h0, c0, *p):  # torch.lstm returns (out, h_n, c_n)
-        return torch.lstm(x, (h0, c0), list(p), True, 2, 0.0, True, True, False)
-
-    return [x, h0, c0, *params], ours, theirs, t * b + i + 4 * h
-
-
-CASES = [
-    Case("matmul", _matmul),
-    Case("linear", _linear),
-    Case("conv2d", _conv2d),
-    Case("batch_norm", _batch_norm),
-    Case("cross_entropy", _cross_entropy),
-    Case("linear_cross_entropy", _linear_cross_entropy),
-    Case("lstm_cell", _lstm_cell),
-    Case("lstm", _lstm),
-]
+CASES = _suite_cases()
 
 
 def _outputs_and_grads(fn, inputs, seed):
     leaves = [x.detach().requires_grad_() for x in inputs]
     out = fn(*leaves)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    g = _g(seed)
+    g = seeded(seed)
     diff = [o for o in outs if o.requires_grad]
     cot = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in diff]
     grads = torch.autograd.grad(diff, leaves, cot, allow_unused=True)

@@ -115,7 +115,11 @@ def batch_norm(
         )
     except AttributeError:
         _require_tensors(
-            input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+            input=input,
+            running_mean=running_mean,
+            running_var=running_var,
+            weight=weight,
+            bias=bias,
         )
         raise
 
@@ -212,7 +216,15 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
         )
     try:
         return _lstm.lstm(
-            input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional,
+            input,
+            h0,
+            c0,
+            params,
+            has_biases,
+            num_layers,
+            dropout,
+            train,
+            bidirectional,
             batch_first,
         )
     except AttributeError:

@@ -112,8 +112,13 @@ def linear(input, weight, bias=None, out=None):
                     "linear: out must be contiguous when input has several leading dims"
                 )
             o2 = out.reshape(rows, n)
-    N.gemm(_arg(x2, "input"), _arg(weight, "weight"), _arg(o2, "out"), bias=_arg(bias, "bias"),
-           trans_b=True)
+    N.gemm(
+        _arg(x2, "input"),
+        _arg(weight, "weight"),
+        _arg(o2, "out"),
+        bias=_arg(bias, "bias"),
+        trans_b=True,
+    )
     return o2.reshape(*lead, n) if out is None else out
 
 

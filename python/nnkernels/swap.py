@@ -22,19 +22,13 @@ import torch
 from . import _native
 from . import nn as _nnk
 
-# torch class -> nnkernels twin. Exact classes only: a user subclass may override forward.
+# torch class -> nnkernels twin: every class nnkernels.nn exports subclasses its torch.nn twin.
+# Exact classes only: a user subclass may override forward.
 TWINS = {
-    torch.nn.Linear: _nnk.Linear,
-    torch.nn.Conv2d: _nnk.Conv2d,
-    torch.nn.BatchNorm1d: _nnk.BatchNorm1d,
-    torch.nn.BatchNorm2d: _nnk.BatchNorm2d,
-    torch.nn.SyncBatchNorm: _nnk.SyncBatchNorm,
-    torch.nn.CrossEntropyLoss: _nnk.CrossEntropyLoss,
-    torch.nn.LSTMCell: _nnk.LSTMCell,
-    torch.nn.LSTM: _nnk.LSTM,
+    next(b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn")): cls
+    for cls in (getattr(_nnk, name) for name in _nnk.__all__)
 }
 _ORIGIN = "_nnkernels_swapped_from"  # instance attribute: the torch class before the swap
-
 
 
 def _unsupported(module) -> str | None:

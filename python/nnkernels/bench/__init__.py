@@ -1,26 +1,32 @@
 """`python -m nnkernels bench`: ours vs torch, side by side, per op.
 
-Each op has a module here with `cases(device, quick) -> list[Case]`; benchmarks/bench_<op>.py
-runs one op through the same entry point.
+Each op has a module here (found by name, no list to edit) with `cases(device, quick) ->
+list[Case]` and, for `python -m nnkernels check`, PARITY: {op name: builder of its parity case};
+benchmarks/bench_<op>.py runs one suite through the same entry point.
 """
 
 import argparse
+import importlib
+import pkgutil
 
 import torch
 
 import nnkernels
 
-from . import batch_norm, call_cost, conv2d, cross_entropy, harness, linear, lstm, matmul
+from . import harness
 
-SUITES = {
-    "matmul": matmul.cases,
-    "linear": linear.cases,
-    "conv2d": conv2d.cases,
-    "batch_norm": batch_norm.cases,
-    "cross_entropy": cross_entropy.cases,
-    "lstm": lstm.cases,
-    "call_cost": call_cost.cases,
-}
+# The suites, in the order they run: the GEMM first, the per-call cost last.
+_FIRST, _LAST = ("matmul", "linear"), ("call_cost",)
+_names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "harness")
+_names = (
+    [n for n in _FIRST if n in _names]
+    + [n for n in _names if n not in _FIRST + _LAST]
+    + [n for n in _LAST if n in _names]
+)
+MODULES = [importlib.import_module(f"{__name__}.{n}") for n in _names]
+SUITES = {n: m.cases for n, m in zip(_names, MODULES)}
+for _m in MODULES:
+    _m.PARITY = getattr(_m, "PARITY", {})
 
 
 def _ops_arg(values):

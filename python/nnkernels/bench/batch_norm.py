@@ -4,10 +4,12 @@ fused kernels need at least (forward: read x, write y; backward: read dy and x, 
 the measured copy bandwidth; peak extra memory per call beside."""
 
 import torch
+import torch.nn.functional as F
 
 import nnkernels
+import nnkernels.functional as NF
 
-from .harness import Case, one_pass
+from .harness import Case, one_pass, sampler
 
 
 def _case(shape, device, mode, channels_last=False):
@@ -51,3 +53,27 @@ def cases(device: str, quick: bool):
         _case((64, 32, 24, 24), device, "fwd+bwd"),  # the course CNN's batch norm
         _case((256, 300), device, "fwd+bwd"),  # BatchNorm1d after a Linear
     ]
+
+
+# ------------------------------------------------------------------------- parity check
+# build(dtype, device, small) -> (inputs, ours, theirs, k): python -m nnkernels check (check.py).
+
+
+def _batch_norm(dtype, device, small):
+    r = sampler(4, dtype, device)
+    n, c, h = (3, 2, 2) if small else (8, 6, 9)
+    x = r(n, c, h, h, scale=2.0) + 3
+    w, b = r(c), r(c)
+
+    def run(fn):
+        def f(x, w, b):
+            rm, rv = x.new_zeros(c), x.new_ones(c)
+            y = fn(x, rm, rv, w, b, training=True)
+            return y, rm, rv
+
+        return f
+
+    return [x, w, b], run(NF.batch_norm), run(F.batch_norm), n * h * h
+
+
+PARITY = {"batch_norm": _batch_norm}

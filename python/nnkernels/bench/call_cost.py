@@ -52,19 +52,28 @@ def cases(device: str, quick: bool):
     out = []
 
     def add(name, ours, theirs, flops):
-        out.append(Case(op="call_cost", name=name, dtype="float32", ours=ours, torch=theirs,
-                        flops=flops))
+        out.append(
+            Case(op="call_cost", name=name, dtype="float32", ours=ours, torch=theirs, flops=flops)
+        )
 
     # Linear 16x32 -> 8: the reference point.
     x = torch.randn(16, 32, device=dev)
     w = torch.randn(8, 32, device=dev, requires_grad=True)
     b = torch.randn(8, device=dev, requires_grad=True)
     lin_flops = 2.0 * 16 * 32 * 8
-    add("linear 16x32->8 fwd, recording", lambda: NF.linear(x, w, b), lambda: F.linear(x, w, b),
-        lin_flops)
+    add(
+        "linear 16x32->8 fwd, recording",
+        lambda: NF.linear(x, w, b),
+        lambda: F.linear(x, w, b),
+        lin_flops,
+    )
     w0, b0 = w.detach(), b.detach()  # no input requires grad: nothing to record
-    add("linear 16x32->8 fwd, no grad", lambda: NF.linear(x, w0, b0), lambda: F.linear(x, w0, b0),
-        lin_flops)
+    add(
+        "linear 16x32->8 fwd, no grad",
+        lambda: NF.linear(x, w0, b0),
+        lambda: F.linear(x, w0, b0),
+        lin_flops,
+    )
     ours, theirs = _pair(torch.nn.Linear(32, 8).to(dev), x)
     add("nn.Linear(32, 8) fwd+bwd", ours, theirs, 3 * lin_flops)
     if quick:
@@ -75,8 +84,12 @@ def cases(device: str, quick: bool):
     conv = torch.nn.Conv2d(4, 8, 3, padding=1).to(dev)
     conv_flops = 2.0 * 2 * 8 * 8 * 8 * 4 * 9
     wc, bc = conv.weight.detach(), conv.bias.detach()
-    add("conv2d 2x4x8x8 -> 8, 3x3 fwd, no grad", _no_grad(NF.conv2d, xc, wc, bc, 1, 1),
-        _no_grad(F.conv2d, xc, wc, bc, 1, 1), conv_flops)
+    add(
+        "conv2d 2x4x8x8 -> 8, 3x3 fwd, no grad",
+        _no_grad(NF.conv2d, xc, wc, bc, 1, 1),
+        _no_grad(F.conv2d, xc, wc, bc, 1, 1),
+        conv_flops,
+    )
     ours, theirs = _pair(conv, xc)
     add("nn.Conv2d(4, 8, 3) on 2x4x8x8 fwd+bwd", ours, theirs, 3 * conv_flops)
 
@@ -86,9 +99,12 @@ def cases(device: str, quick: bool):
     ours, theirs = _pair(bn, xb)
     add("nn.BatchNorm2d(8) on 2x8x4x4 train fwd+bwd", ours, theirs, 10.0 * xb.numel())
     rm, rv = torch.zeros(8, device=dev), torch.ones(8, device=dev)
-    add("batch_norm 2x8x4x4 eval fwd, no grad",
+    add(
+        "batch_norm 2x8x4x4 eval fwd, no grad",
         _no_grad(NF.batch_norm, xb, rm, rv, bn.weight, bn.bias, False),
-        _no_grad(F.batch_norm, xb, rm, rv, bn.weight, bn.bias, False), 2.0 * xb.numel())
+        _no_grad(F.batch_norm, xb, rm, rv, bn.weight, bn.bias, False),
+        2.0 * xb.numel(),
+    )
 
     # cross-entropy 16 x 10
     logits = torch.randn(16, 10, device=dev, requires_grad=True)
@@ -101,19 +117,30 @@ def cases(device: str, quick: bool):
 
         return call
 
-    add("cross_entropy 16x10 fwd+bwd", ce_step(NF.cross_entropy), ce_step(F.cross_entropy),
-        5.0 * logits.numel())
-    add("cross_entropy 16x10 fwd, no grad", _no_grad(NF.cross_entropy, logits, t),
-        _no_grad(F.cross_entropy, logits, t), 3.0 * logits.numel())
+    add(
+        "cross_entropy 16x10 fwd+bwd",
+        ce_step(NF.cross_entropy),
+        ce_step(F.cross_entropy),
+        5.0 * logits.numel(),
+    )
+    add(
+        "cross_entropy 16x10 fwd, no grad",
+        _no_grad(NF.cross_entropy, logits, t),
+        _no_grad(F.cross_entropy, logits, t),
+        3.0 * logits.numel(),
+    )
 
     # LSTMCell(16, 32), batch 4
     xl = torch.randn(4, 16, device=dev)
     cell = torch.nn.LSTMCell(16, 32).to(dev)
     cell_flops = 2.0 * 4 * 128 * (16 + 32)
     params = [p.detach() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
-    add("lstm_cell 4x16 -> 32 fwd, no grad", _no_grad(NF.lstm_cell, xl, None, *params),
+    add(
+        "lstm_cell 4x16 -> 32 fwd, no grad",
+        _no_grad(NF.lstm_cell, xl, None, *params),
         _no_grad(torch.lstm_cell, xl, (torch.zeros(4, 32), torch.zeros(4, 32)), *params),
-        cell_flops)
+        cell_flops,
+    )
     ours, theirs = _pair(cell, xl)
     add("nn.LSTMCell(16, 32) batch 4 fwd+bwd", ours, theirs, 3 * cell_flops)
     return out

@@ -2,10 +2,11 @@
 CPU, cuDNN on CUDA), forward and forward+backward, on a ResNet/MNIST-like suite."""
 
 import torch
+import torch.nn.functional as F
 
 import nnkernels.functional as NF
 
-from .harness import Case
+from .harness import Case, sampler
 
 # name, N, C, H, W, K, kernel, stride, padding, input needs grad
 SUITE = [
@@ -47,3 +48,25 @@ def cases(device: str, quick: bool):
     if quick:
         return [_case(SUITE[1], device, True), _case(SUITE[3], device, True)]
     return [_case(s, device, bwd) for s in SUITE for bwd in (False, True)]
+
+
+# ------------------------------------------------------------------------- parity check
+# build(dtype, device, small) -> (inputs, ours, theirs, k): python -m nnkernels check (check.py).
+
+
+def _conv2d(dtype, device, small):
+    r = sampler(3, dtype, device)
+    n, c, h, k = (1, 2, 5, 3) if small else (4, 3, 17, 8)
+    x = r(n, c, h, h)
+    w = r(k, c, 3, 3)
+    b = r(k)
+    kw = dict(stride=2, padding=1)
+    return (
+        [x, w, b],
+        lambda x, w, b: NF.conv2d(x, w, b, **kw),
+        lambda x, w, b: F.conv2d(x, w, b, **kw),
+        c * 9 * n * h * h,
+    )
+
+
+PARITY = {"conv2d": _conv2d}

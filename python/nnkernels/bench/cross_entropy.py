@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import nnkernels.functional as NF
 
-from .harness import Case, one_pass
+from .harness import Case, one_pass, sampler
 
 
 def _ce_case(n, c, device, mode, **kw):
@@ -66,3 +66,32 @@ def cases(device: str, quick: bool):
         _ce_case(256, 10, device, "fwd+bwd"),  # the course MLP's loss
         _lce_case(4096, 1024, 32000, device),
     ]
+
+
+# ------------------------------------------------------------------------- parity check
+# build(dtype, device, small) -> (inputs, ours, theirs, k): python -m nnkernels check (check.py).
+
+
+def _cross_entropy(dtype, device, small):
+    r = sampler(5, dtype, device)
+    n, c = (4, 5) if small else (64, 100)
+    x = r(n, c, scale=3.0)
+    t = torch.randint(0, c, (n,), generator=r.gen).to(device)
+    kw = dict(label_smoothing=0.1)
+    return [x], lambda x: NF.cross_entropy(x, t, **kw), lambda x: F.cross_entropy(x, t, **kw), c
+
+
+def _linear_cross_entropy(dtype, device, small):
+    r = sampler(6, dtype, device)
+    n, h, v = (4, 3, 5) if small else (64, 32, 100)
+    x, w = r(n, h), r(v, h)
+    t = torch.randint(0, v, (n,), generator=r.gen).to(device)
+    return (
+        [x, w],
+        lambda x, w: NF.linear_cross_entropy(x, w, t),
+        lambda x, w: F.cross_entropy(F.linear(x, w), t),
+        h * v,
+    )
+
+
+PARITY = {"cross_entropy": _cross_entropy, "linear_cross_entropy": _linear_cross_entropy}

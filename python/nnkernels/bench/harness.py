@@ -447,3 +447,24 @@ def plot(path: str, results, info) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------- parity-check inputs
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def sampler(seed, dtype, device):
+    """r(*shape, scale=1.0): seeded normal samples drawn in float64, then cast (every dtype sees
+    the same values); r.gen is the generator (for targets)."""
+    gen = seeded(seed)
+
+    def r(*shape, scale=1.0):
+        return (
+            (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+        )
+
+    r.gen = gen
+    return r

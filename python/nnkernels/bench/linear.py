@@ -2,10 +2,11 @@
 forward+backward (gradients of input, weight and bias)."""
 
 import torch
+import torch.nn.functional as F
 
 import nnkernels.functional as NF
 
-from .harness import Case
+from .harness import Case, sampler
 
 
 def _case(batch, in_f, out_f, device, backward):
@@ -49,3 +50,18 @@ def cases(device: str, quick: bool):
     ]:
         out += [_case(batch, in_f, out_f, device, False), _case(batch, in_f, out_f, device, True)]
     return out
+
+
+# ------------------------------------------------------------------------- parity check
+# build(dtype, device, small) -> (inputs, ours, theirs, k): python -m nnkernels check (check.py).
+
+
+def _linear(dtype, device, small):
+    r = sampler(2, dtype, device)
+    m, i, o = (3, 4, 5) if small else (64, 100, 30)
+    x, w = r(m, i), r(o, i)
+    b = r(o)
+    return [x, w, b], NF.linear, F.linear, i
+
+
+PARITY = {"linear": _linear}

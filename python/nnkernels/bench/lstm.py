@@ -5,8 +5,9 @@ backward twice that, plus the input gradient when the input needs one) against t
 import torch
 
 import nnkernels
+import nnkernels.functional as NF
 
-from .harness import Case, one_pass
+from .harness import Case, one_pass, sampler
 
 
 def _lstm_flops(T, B, I, H, layers, D, backward, input_grad):
@@ -89,3 +90,51 @@ def cases(device: str, quick: bool):
             device, 28, 64, 8, 128, "fwd+bwd"
         ),  # a small sequence classifier (8 features, 28 steps)
     ]
+
+
+# ------------------------------------------------------------------------- parity check
+# build(dtype, device, small) -> (inputs, ours, theirs, k): python -m nnkernels check (check.py).
+
+
+def _lstm_cell(dtype, device, small):
+    r = sampler(7, dtype, device)
+    b, i, h = (2, 3, 4) if small else (5, 7, 9)
+    args = [r(b, i)]
+    args += [r(b, h) for _ in range(2)]
+    args += [r(4 * h, i, scale=0.3)]
+    args += [r(4 * h, h, scale=0.3)]
+    args += [r(4 * h) for _ in range(2)]
+
+    def ours(x, h, c, *w):
+        return NF.lstm_cell(x, (h, c), *w)
+
+    def theirs(x, h, c, *w):
+        return torch.lstm_cell(x, (h, c), *w)
+
+    return args, ours, theirs, i + h
+
+
+def _lstm(dtype, device, small):
+    r = sampler(8, dtype, device)
+    t, b, i, h = (3, 2, 2, 3) if small else (6, 3, 5, 7)
+    sizes = []
+    for layer in range(2):
+        for _ in range(2):
+            inp = i if layer == 0 else 2 * h
+            sizes += [(4 * h, inp), (4 * h, h), (4 * h,), (4 * h,)]
+    params = [r(*s, scale=0.3) for s in sizes]
+    x = r(t, b, i)
+    h0 = r(4, b, h)
+    c0 = r(4, b, h)
+
+    def ours(x, h0, c0, *p):
+        out, (hn, cn) = NF.lstm(x, (h0, c0), list(p), True, 2, 0.0, True, True, False)
+        return out, hn, cn
+
+    def theirs(x, h0, c0, *p):  # torch.lstm returns (out, h_n, c_n)
+        return torch.lstm(x, (h0, c0), list(p), True, 2, 0.0, True, True, False)
+
+    return [x, h0, c0, *params], ours, theirs, t * b + i + 4 * h
+
+
+PARITY = {"lstm_cell": _lstm_cell, "lstm": _lstm}

@@ -4,7 +4,7 @@ import torch
 
 import nnkernels.functional as NF
 
-from .harness import Case
+from .harness import Case, sampler
 
 
 def _case(M, N, K, device, dtype=torch.float32, ta=False, tb=False, batch=None):
@@ -50,3 +50,17 @@ def cases(device: str, quick: bool):
         _case(1024, 1024, 1024, device, dtype=torch.float64) if device == "cpu" else None,
     ]
     return [c for c in out if c is not None]
+
+
+# ------------------------------------------------------------------------- parity check
+# build(dtype, device, small) -> (inputs, ours, theirs, k): python -m nnkernels check (check.py).
+
+
+def _matmul(dtype, device, small):
+    r = sampler(1, dtype, device)
+    m, k, n = (3, 4, 5) if small else (129, 65, 77)
+    a, b = r(m, k), r(k, n)
+    return [a, b], NF.matmul, torch.matmul, k
+
+
+PARITY = {"matmul": _matmul}

@@ -3,6 +3,8 @@ import torch
 from .. import functional as NF
 from ..ops.batch_norm import sync_batch_norm
 
+__all__ = ["BatchNorm1d", "BatchNorm2d", "SyncBatchNorm"]
+
 
 class _BatchNormForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward, with nnkernels' batch_norm: the same
@@ -68,7 +70,14 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
                 self.eps,
             )
         return sync_batch_norm(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            self.eps,
+            factor,
+            group,
             world_size,
         )
 

@@ -2,6 +2,8 @@ import torch
 
 from .. import functional as NF
 
+__all__ = ["Conv2d"]
+
 
 class Conv2d(torch.nn.Conv2d):
     """torch.nn.Conv2d computed by nnkernels: same constructor (padding_mode 'zeros', 'reflect',

@@ -2,6 +2,8 @@ import torch
 
 from .. import functional as NF
 
+__all__ = ["Linear"]
+
 
 class Linear(torch.nn.Linear):
     """torch.nn.Linear computed by nnkernels (constructor, parameters, init and state_dict are

@@ -2,6 +2,8 @@ import torch
 
 from .. import functional as F
 
+__all__ = ["CrossEntropyLoss"]
+
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss on nnkernels' fused kernel: same constructor, same buffers."""

@@ -3,6 +3,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as NF
 
+__all__ = ["LSTM", "LSTMCell"]
+
 
 class LSTMCell(torch.nn.LSTMCell):
     """torch.nn.LSTMCell computed by nnkernels (constructor, parameters weight_ih / weight_hh /

@@ -1,7 +1,5 @@
-"""The op layer: one module per op (its kernel primitives, registered with torch.library; its one
-torch.autograd.Function; its argument rules), built on _dispatch (eager vs compiled calls).
-
-    matmul.py         mm, linear, sum_rows          conv2d.py   the three conv2d passes
-    batch_norm.py     batch_norm, SyncBatchNorm     lstm.py     LSTM layers and cells
-    cross_entropy.py  cross_entropy, linear_cross_entropy
+"""The op layer: one module per op, ops/<op>.py, holding its kernel primitives (registered with
+torch.library, so torch.compile traces them), its one torch.autograd.Function (the only place its
+backward formula is written) and its argument rules; all built on _dispatch.py (eager calls go
+straight to the extension, compiled ones through the registered ops). See CONTRIBUTING.md.
 """

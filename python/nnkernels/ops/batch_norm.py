@@ -84,9 +84,7 @@ def _train_out(x, w, b, running_mean, running_var, momentum, eps):
     return _like_input(x), *_channels(x, 2)
 
 
-@primitive(
-    "batch_norm_train", fake=_train_out, mutates_args=("running_mean", "running_var")
-)
+@primitive("batch_norm_train", fake=_train_out, mutates_args=("running_mean", "running_var"))
 def forward_train(
     x: Tensor,
     w: Optional[Tensor],
@@ -175,7 +173,9 @@ def backward_apply_kernel(
     xk = as_kernel_input(x)
     dx = torch.empty_like(xk)
     if x.numel():
-        N.batch_norm_backward_apply(grad_like(dy, xk), xk, mean, invstd, w, mean_dy, mean_dy_xhat, dx)
+        N.batch_norm_backward_apply(
+            grad_like(dy, xk), xk, mean, invstd, w, mean_dy, mean_dy_xhat, dx
+        )
     return _as_shape(dx, xk, x)
 
 

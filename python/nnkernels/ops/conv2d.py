@@ -60,7 +60,9 @@ def output_shape(x_shape, w_shape, stride, padding, dilation):
 
 
 def _empty(shape, like, channels_last):
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_format(channels_last))
+    return torch.empty(
+        shape, dtype=like.dtype, device=like.device, memory_format=_format(channels_last)
+    )
 
 
 # --------------------------------------------------------------------------------- primitives
@@ -129,7 +131,14 @@ def backward_weight_kernel(
     """(dw, db); db is empty unless with_bias."""
     dw, db = _backward_weight_out(x, dy, w_shape, stride, padding, dilation, groups, with_bias)
     N.conv2d_backward_weight(
-        x, _as_kernel_activation(dy), dw, db if with_bias else None, stride, padding, dilation, groups
+        x,
+        _as_kernel_activation(dy),
+        dw,
+        db if with_bias else None,
+        stride,
+        padding,
+        dilation,
+        groups,
     )
     return dw, db
 

@@ -92,7 +92,9 @@ def _grad_buffer(x, pooled):
 
 def _rows_out(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad):
     loss = x.new_empty(x.shape[0]) if reduction == "none" else x.new_empty(())
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if want_grad else x.new_empty(0)
+    grad = (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if want_grad else x.new_empty(0)
+    )
     return loss, grad
 
 
@@ -108,12 +110,23 @@ def _rows(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad
         )
     else:
         c = x.shape[1]
-        denom = float(x.shape[0]) if target is None else denominator(target, c, ignore_index, weight)
+        denom = (
+            float(x.shape[0]) if target is None else denominator(target, c, ignore_index, weight)
+        )
         loss_rows = x.new_empty(x.shape[0])
         scale, divisor = _grad_scale(reduction, denom)
         if x.shape[0]:
             N.cross_entropy_forward(
-                x, target, soft, weight, loss_rows, grad, ignore_index, smoothing, "none", scale,
+                x,
+                target,
+                soft,
+                weight,
+                loss_rows,
+                grad,
+                ignore_index,
+                smoothing,
+                "none",
+                scale,
                 divisor,
             )
         loss = _reduce(loss_rows, reduction, denom)
@@ -252,7 +265,9 @@ def _keep(ctx, grads, inputs):
 def _scaled(g, grad_output, reduction, in_place):
     if in_place:
         return _scale_(g, grad_output, reduction)
-    return g * (grad_output.reshape(-1, *([1] * (g.dim() - 1))) if reduction == "none" else grad_output)
+    return g * (
+        grad_output.reshape(-1, *([1] * (g.dim() - 1))) if reduction == "none" else grad_output
+    )
 
 
 class CrossEntropyFunction(Function):
@@ -319,7 +334,9 @@ class LinearCrossEntropyFunction(Function):
             grads, in_place = ctx.buffer.take(), True
             if grads is None:  # a second backward through a retained graph
                 _, *grads = lce_kernel(*ctx.saved_tensors, *ctx.opts, list(ctx.need), None)
-        out = [_scaled(g, grad_output, "sum", in_place) if n else None for g, n in zip(grads, ctx.need)]
+        out = [
+            _scaled(g, grad_output, "sum", in_place) if n else None for g, n in zip(grads, ctx.need)
+        ]
         return (*out, None, None, None, None, None)
 
 

@@ -126,7 +126,12 @@ def _backward(dy, dhn, dcn, x, h0, c0, y, weights, saved, D, has_bias, needs):
         )
         # d loss / d b_ih = d loss / d b_hh (both add to the same pre-activations); the second
         # is a copy: op outputs must not alias
-        out += [dw_ih, dw_hh, db if n_bih else None, (db.clone() if n_bih else db) if n_bhh else None]
+        out += [
+            dw_ih,
+            dw_hh,
+            db if n_bih else None,
+            (db.clone() if n_bih else db) if n_bhh else None,
+        ]
     return [x.new_empty(0) if g is None else g for g in out]
 
 
@@ -158,7 +163,9 @@ def layer_backward_kernel(
     (_backward) it overwrites the gate activations in saved (the Function recomputes them for a
     second backward); the op works on a copy: a functional op may not overwrite its inputs."""
     gates = [g.clone() for g in saved[:D]]
-    return _backward(dy, dhn, dcn, x, h0, c0, y, weights, gates + list(saved[D:]), D, has_bias, needs)
+    return _backward(
+        dy, dhn, dcn, x, h0, c0, y, weights, gates + list(saved[D:]), D, has_bias, needs
+    )
 
 
 # ---------------------------------------------------------------------------------- Function
