@@ -193,6 +193,35 @@ def test_batch_norm_strided_views(isa):
     _grad_layout_case(torch.randn(2, 3, 5).unsqueeze(2).transpose(2, 3), torch.randn(2, 3, 5, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_norm_eval_strided_channel_args(dtype):
+    """Eval with per-channel tensors that are strided views (stride-2 slices, a row of an expanded
+    tensor), forward with and without autograd, and the gradients of input, weight and bias."""
+    c = 5
+    x = torch.randn(3, c, 4, 6, dtype=dtype, requires_grad=True)
+    pool = torch.randn(4, 2 * c, dtype=dtype)
+    mean, var = pool[0, ::2], pool[1, ::2].abs() + 0.5
+    w = pool[2, ::2].clone().requires_grad_()
+    b = pool[3, 1::2].clone().requires_grad_()
+    w_view = w[None].expand(2, c)[1]  # stride-1 row of an expanded view: still a view
+    ours = NF.batch_norm(x, mean, var, w_view, b, training=False, eps=1e-3)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.batch_norm(xd, mean.double(), var.double(), wd, bd, training=False, eps=1e-3)
+    theirs = F.batch_norm(x, mean, var, w_view, b, training=False, eps=1e-3)
+    assert_matches_reference(ours, theirs, ref, k=1, name="out")
+    g = torch.randn_like(ref)
+    for a, t_, r, name in zip(
+        torch.autograd.grad(ours, (x, w, b), g.to(dtype)),
+        torch.autograd.grad(theirs, (x, w, b), g.to(dtype)),
+        torch.autograd.grad(ref, (xd, wd, bd), g),
+        ("grad input", "grad weight", "grad bias"),
+    ):
+        assert_matches_reference(a, t_, r, k=x.numel() // c, name=name)
+    with torch.no_grad():
+        y = NF.batch_norm(x, mean, var, w_view, b, training=False, eps=1e-3)
+    assert_matches_reference(y, theirs.detach(), ref.detach(), k=1, name="out (no grad)")
+
+
 def test_batch_norm_gradient_in_another_layout():
     """x channels_last with a contiguous gradient, x contiguous with a channels_last one, and an
     expanded (stride 0) gradient from a sum: all as torch."""

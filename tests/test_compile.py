@@ -64,6 +64,11 @@ def _opcheck_cases():
             (bn_x, None, None, None, None, 0.1, 1e-5),
         ),
         "batch_norm_apply": (bn.apply_kernel, (bn_x, _t(3), _t(3), _t(3))),
+        "batch_norm_eval": (bn.eval_kernel, (bn_x, _t(3), _t(3).abs(), _t(3), _t(3), 1e-5, True)),
+        "batch_norm_eval no affine": (
+            bn.eval_kernel,
+            (bn_x, _t(3), _t(3).abs(), None, None, 1e-5, False),
+        ),
         "batch_norm_backward_train": (
             bn.backward_train_kernel,
             (_t(4, 3, 5, 5), bn_x, _t(3), mean, invstd, [True, True, True]),

@@ -2,9 +2,11 @@
 // eval path combine (statistics, the affine pass, the gradient sums and the gradient pass).
 // Activations are (N, C, *) views whose spatial dims flatten; per-channel vectors are (C,) and
 // contiguous. CUDA reductions take a float64 workspace from torch's allocator (Python passes it).
+#include <cmath>
 #include <initializer_list>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "bindings/binding.h"
 #include "common/tensor.h"
@@ -243,6 +245,53 @@ py::object batch_norm_apply(Call& c) {
 }
 NNK_BINDING(batch_norm_apply, "input, out, center, scale, shift",
             "out = (input - center) * scale + shift per channel (center None: 0).");
+
+// Eval forward on the CPU in one call: the per-channel coefficients from the running statistics
+// (invstd = 1 / sqrt(running_var + eps), scale = weight * invstd, shift = bias, rounded in the
+// input's dtype as torch's ops would), then the affine pass. The per-channel tensors may have any
+// stride (they are read once into the coefficients). CUDA inputs take the coefficients from torch
+// ops and batch_norm_apply (nnkernels/ops/batch_norm.py).
+TensorView running_stat(const Call& c, int i, const TensorView& x) {
+  const TensorView v = c.tensor_or_none(i);
+  if (!c.given(i)) return v;
+  check_like(v, c.name(i), x, "input");
+  check_shape(v, c.name(i), {x.shape[1]});
+  return v;
+}
+
+py::object batch_norm_eval(Call& c) {
+  const TensorView x = activation(c, 0, nullptr), y = output_activation(c, 1, x);
+  NNK_CHECK_VALUE(c.given(2) && c.given(3), "running_mean and running_var must be given");
+  const TensorView mean = running_stat(c, 2, x), var = running_stat(c, 3, x);
+  const TensorView w = running_stat(c, 4, x), b = running_stat(c, 5, x);
+  const TensorView invstd = channel(c, 6, x, true, true);
+  const double eps = c.f64(7, 1e-5);
+  NNK_CHECK_VALUE(x.device == Device::cpu,
+                  "batch_norm_eval runs on CPU tensors (CUDA: batch_norm_apply)");
+  run(
+      x, double(x.numel()),
+      [&](auto t) {
+        using T = decltype(t);
+        const int64_t C = x.shape[1];
+        std::vector<T> coef(size_t(3 * C));  // center, scale, shift
+        T *center = coef.data(), *scale = center + C, *shift = scale + C;
+        auto at = [](const TensorView& v, int64_t i) { return v.ptr<const T>()[i * v.strides[0]]; };
+        for (int64_t i = 0; i < C; ++i) {
+          const T inv = T(1) / std::sqrt(at(var, i) + T(eps));
+          if (invstd.data) invstd.ptr<T>()[i] = inv;
+          center[i] = at(mean, i);
+          scale[i] = w.data ? at(w, i) * inv : inv;
+          shift[i] = b.data ? at(b, i) : T(0);
+        }
+        cpu::batch_norm_apply<T>(view3<const T>(x), view3<T>(y), center, scale, shift);
+      },
+      no_cuda);
+  return py::none();
+}
+NNK_BINDING(batch_norm_eval,
+            "input, out, running_mean, running_var, weight, bias, invstd=None, eps=1e-5",
+            "Eval forward (CPU): out = (input - running_mean) * weight / sqrt(running_var + eps) "
+            "+ bias per channel; invstd, when given, receives 1 / sqrt(running_var + eps).");
 
 py::object batch_norm_backward_reduce(Call& c) {
   const TensorView x = activation(c, 1, nullptr), dy = activation(c, 0, &x);

@@ -72,9 +72,11 @@ def _like_input(x):
 
 
 def _channels(x, n=1):
+    """n per-channel vectors (C,) like x (new_empty: the cheapest allocation from Python)."""
     c = x.shape[1]
-    out = tuple(torch.empty(c, dtype=x.dtype, device=x.device) for _ in range(n))
-    return out if n > 1 else out[0]
+    if n == 1:
+        return x.new_empty(c)
+    return tuple(x.new_empty(c) for _ in range(n))
 
 
 # --------------------------------------------------------------------------------- primitives
@@ -102,6 +104,34 @@ def forward_train(
         xk, y, w, b, eps, momentum, mean, invstd, running_mean, running_var, _ws(x)
     )
     return _as_shape(y, xk, x), mean, invstd
+
+
+def _eval_out(x, running_mean, running_var, w, b, eps, want_invstd):
+    return _like_input(x), _channels(x) if want_invstd else x.new_empty(0)
+
+
+@primitive("batch_norm_eval", fake=_eval_out)
+def eval_kernel(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    w: Optional[Tensor],
+    b: Optional[Tensor],
+    eps: float,
+    want_invstd: bool,
+) -> tuple[Tensor, Tensor]:
+    """(y, invstd (empty unless want_invstd)) of an eval-mode forward with the running statistics.
+    On the CPU one kernel call forms the coefficients and normalises (and names bad per-channel
+    arguments); on CUDA the coefficients are torch ops."""
+    if x.is_cuda:
+        scale, shift, invstd = eval_scale_shift(w, b, running_var, eps)
+        y = apply_kernel(x, running_mean.contiguous(), scale, shift)
+        return y, invstd if want_invstd else x.new_empty(0)
+    xk = as_kernel_input(x)
+    y = torch.empty_like(xk)
+    invstd = _channels(x) if want_invstd else None
+    N.batch_norm_eval(xk, y, running_mean, running_var, w, b, invstd, eps)
+    return _as_shape(y, xk, x), x.new_empty(0) if invstd is None else invstd
 
 
 @primitive("batch_norm_apply", fake=lambda x, center, scale, shift: _like_input(x))
@@ -231,14 +261,14 @@ class BatchNormFunction(Function):
     def forward(x, w, b, running_mean, running_var, training, momentum, eps):
         if training:
             return forward_train(x, w, b, running_mean, running_var, momentum, eps)
-        scale, shift, invstd = eval_scale_shift(w, b, running_var, eps)
-        return apply_kernel(x, running_mean.contiguous(), scale, shift), invstd
+        return eval_kernel(x, running_mean, running_var, w, b, eps, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, w, _, running_mean, _, training, _, eps = inputs
         ctx.training, ctx.eps = training, eps
-        mean, invstd = output[1:] if training else (running_mean, output[1])
+        # eval: the kernels of the backward take a contiguous mean (running_mean may be a view)
+        mean, invstd = output[1:] if training else (running_mean.contiguous(), output[1])
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(x, w, mean, invstd)
 
@@ -339,8 +369,8 @@ _CHANNEL_ARGS = ("running_mean", "running_var", "weight", "bias")
 
 
 def _check_channel_args(input, tensors):
-    """Shapes, dtypes and devices of the per-channel arguments, for the eval path (whose torch ops
-    run before any binding could name them)."""
+    """Shapes, dtypes and devices of the per-channel arguments, for the CUDA eval path (whose torch
+    ops run before any binding could name them)."""
     c = input.shape[1]
     for t, name in zip(tensors, _CHANNEL_ARGS):
         if t is None:
@@ -370,14 +400,14 @@ def batch_norm(input, running_mean, running_var, weight, bias, training, momentu
             raise ValueError(
                 "batch_norm: running_mean and running_var must be given when training=False"
             )
-        _check_channel_args(input, (running_mean, running_var, weight, bias))
+        if input.is_cuda:  # the coefficients are torch ops there, before any binding
+            _check_channel_args(input, (running_mean, running_var, weight, bias))
     if recording(input, weight, bias):
         args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
         return apply(BatchNormFunction, *args)[0]
     if training:
         return forward_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
-    scale, shift, _ = eval_scale_shift(weight, bias, running_var, eps)
-    return apply_kernel(input, running_mean.contiguous(), scale, shift)
+    return eval_kernel(input, running_mean, running_var, weight, bias, eps, False)[0]
 
 
 def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentum, group, world):
