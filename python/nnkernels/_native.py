@@ -1,11 +1,12 @@
 """The only module that imports the native extension nnkernels._C.
 
-The kernels take torch tensors directly (the extension exports each with torch._C._to_dlpack, one
-call, and reads dtype, device, data pointer, shape and strides from it; it never links libtorch)
-or DLPack capsules (numpy arrays), in destination-passing style: the caller allocates every
-output. The extension
-checks every argument, follows torch.get_num_threads() unless set_num_threads() fixed a count,
-launches CUDA kernels on torch's current stream and releases the GIL while kernels run.
+The kernels take torch tensors directly: the extension reads dtype, device, data pointer, shape
+and strides through DLPack's C exchange table (torch >= 2.9: a DLTensor filled on the stack, no
+Python call) or, on older torch, one torch._C._to_dlpack capsule per tensor; it never links
+libtorch. numpy arrays arrive as DLPack capsules (nnkernels.kernels). Destination-passing style:
+the caller allocates every output. The extension checks every argument, follows
+torch.get_num_threads() unless set_num_threads() fixed a count, launches CUDA kernels on torch's
+current stream and releases the GIL while large kernels run.
 
 Everything else in the package reaches the kernels through the names below.
 """
