@@ -104,6 +104,20 @@ bool fold_rows(const TensorView& v, int64_t* rows, int64_t* ld) {
   return true;
 }
 
+// The (rows, n) matrix of a (*, n) view whose leading dims fold (see fold_rows), named for
+// messages.
+TensorView rows_of(const TensorView& v, const char* name) {
+  int64_t rows, ld;
+  NNK_CHECK_VALUE(v.ndim >= 1 && fold_rows(v, &rows, &ld), name,
+                  " must be at least 1-D with leading dims that fold into one, got shape ",
+                  shape_str(v));
+  TensorView m = v;
+  m.ndim = 2;
+  m.shape[0] = rows, m.shape[1] = v.shape[v.ndim - 1];
+  m.strides[0] = ld, m.strides[1] = v.strides[v.ndim - 1];
+  return m;
+}
+
 // out = input @ weight^T + bias, as torch.nn.functional.linear: input (*, in), weight (out, in),
 // bias (out,) or None, out (*, out). The leading dims of input and out fold into the GEMM's rows.
 py::object linear(Call& c) {
@@ -141,36 +155,29 @@ py::object linear(Call& c) {
   check_no_overlap(out, "out", x, "input");
   check_no_overlap(out, "out", w, "weight");
   if (bias.data) check_no_overlap(out, "out", bias, "bias");
-  int64_t M, ldx, ldo;
-  NNK_CHECK_VALUE(fold_rows(x, &M, &ldx),
-                  "input's leading dims must fold into one (e.g. "
-                  ".contiguous())");
-  NNK_CHECK_VALUE(fold_rows(out, &M, &ldo), "out's leading dims must fold into one");
   // The (M, K) and (M, N) matrices of input and out; weight read transposed.
-  TensorView a = x, o = out;
-  a.ndim = o.ndim = 2;
-  a.shape[0] = o.shape[0] = M;
-  a.shape[1] = K, a.strides[0] = ldx, a.strides[1] = x.strides[x.ndim - 1];
-  o.shape[1] = N, o.strides[0] = ldo, o.strides[1] = out.strides[out.ndim - 1];
-  run_gemm(a, transposed(w), o, M, N, K, 1.0, 0.0, bias, 1, 0, 0, 0);
+  const TensorView a = rows_of(x, "input"), o = rows_of(out, "out");
+  run_gemm(a, transposed(w), o, a.shape[0], N, K, 1.0, 0.0, bias, 1, 0, 0, 0);
   return py::none();
 }
 NNK_BINDING(linear, "input, weight, bias, out",
             "out = input @ weight^T + bias for input (*, in) and out (*, out); the bias (or None) "
             "is added in the GEMM's store.");
 
-// The (rows, n) matrix of a (*, n) view whose leading dims fold (see fold_rows), named for
-// messages.
-TensorView rows_of(const TensorView& v, const char* name) {
-  int64_t rows, ld;
-  NNK_CHECK_VALUE(v.ndim >= 1 && fold_rows(v, &rows, &ld), name,
-                  " must be at least 1-D with leading dims that fold into one, got shape ",
-                  shape_str(v));
-  TensorView m = v;
-  m.ndim = 2;
-  m.shape[0] = rows, m.shape[1] = v.shape[v.ndim - 1];
-  m.strides[0] = ld, m.strides[1] = v.strides[v.ndim - 1];
-  return m;
+// out[j] = sum_i x[i, j] for a checked (R, N) view x and (N,) out.
+void run_sum_rows(const TensorView& x, const TensorView& out) {
+  const int64_t R = x.shape[0], N = x.shape[1];
+  run(
+      x, double(R) * double(N),
+      [&](auto t) {
+        using T = decltype(t);
+        cpu::sum_rows(R, N, x.ptr<const T>(), x.strides[0], x.strides[1], out.ptr<T>(),
+                      out.strides[0]);
+      },
+      [&](auto s) {
+        cuda::sum_rows(R, N, x.ptr<const float>(), x.strides[0], x.strides[1], out.ptr<float>(),
+                       out.strides[0], s.device, s.stream);
+      });
 }
 
 // The gradients of linear for grad_output dy (*, out): grad_input = dy @ weight (*, in) (needs
@@ -192,8 +199,8 @@ py::object linear_backward(Call& c) {
     check_no_overlap(v, name, dy, "grad_output");
     return v;
   };
-  TensorView w, x, dx, dw, db;
-  if (c.given(3)) {  // grad_input (*, K) = dy @ w
+  TensorView w, x, xa, dx, dw, db;  // xa: input as its (M, K) matrix
+  if (c.given(3)) {                 // grad_input (*, K) = dy @ w
     w = c.tensor(2);
     check_like(w, "weight", dy, "grad_output");
     check_ndim(w, "weight", {2});
@@ -211,11 +218,11 @@ py::object linear_backward(Call& c) {
   if (c.given(4)) {  // grad_weight (N, K) = dy^T @ x
     x = c.tensor(1);
     check_like(x, "input", dy, "grad_output");
-    const TensorView a = rows_of(x, "input");
-    NNK_CHECK_VALUE(a.shape[0] == M, "input ", shape_str(x), " and grad_output ", shape_str(dy),
+    xa = rows_of(x, "input");
+    NNK_CHECK_VALUE(xa.shape[0] == M, "input ", shape_str(x), " and grad_output ", shape_str(dy),
                     " must have the same leading dims");
     dw = output(4, "grad_weight");
-    check_shape(dw, "grad_weight", {N, a.shape[1]});
+    check_shape(dw, "grad_weight", {N, xa.shape[1]});
     check_no_overlap(dw, "grad_weight", x, "input");
     written[nwritten++] = {&dw, "grad_weight"};
   }
@@ -231,22 +238,8 @@ py::object linear_backward(Call& c) {
     const TensorView gx = rows_of(dx, "grad_input");
     run_gemm(g, w, gx, M, gx.shape[1], N, 1.0, 0.0, none, 1, 0, 0, 0);
   }
-  if (dw.ndim) {
-    const TensorView a = rows_of(x, "input");
-    run_gemm(transposed(g), a, dw, N, a.shape[1], M, 1.0, 0.0, none, 1, 0, 0, 0);
-  }
-  if (db.ndim)
-    run(
-        dy, double(M) * double(N),
-        [&](auto t) {
-          using T = decltype(t);
-          cpu::sum_rows(M, N, dy.ptr<const T>(), g.strides[0], g.strides[1], db.ptr<T>(),
-                        db.strides[0]);
-        },
-        [&](auto s) {
-          cuda::sum_rows(M, N, dy.ptr<const float>(), g.strides[0], g.strides[1], db.ptr<float>(),
-                         db.strides[0], s.device, s.stream);
-        });
+  if (dw.ndim) run_gemm(transposed(g), xa, dw, N, xa.shape[1], M, 1.0, 0.0, none, 1, 0, 0, 0);
+  if (db.ndim) run_sum_rows(g, db);
   return py::none();
 }
 NNK_BINDING(linear_backward, "grad_output, input, weight, grad_input, grad_weight, grad_bias",
@@ -263,18 +256,7 @@ py::object sum_rows(Call& c) {
   check_shape(out, "out", {x.shape[1]});
   check_output(out, "out");
   check_no_overlap(out, "out", x, "x");
-  const int64_t R = x.shape[0], N = x.shape[1];
-  run(
-      x, double(R) * double(N),
-      [&](auto t) {
-        using T = decltype(t);
-        cpu::sum_rows(R, N, x.ptr<const T>(), x.strides[0], x.strides[1], out.ptr<T>(),
-                      out.strides[0]);
-      },
-      [&](auto s) {
-        cuda::sum_rows(R, N, x.ptr<const float>(), x.strides[0], x.strides[1], out.ptr<float>(),
-                       out.strides[0], s.device, s.stream);
-      });
+  run_sum_rows(x, out);
   return py::none();
 }
 NNK_BINDING(sum_rows, "x, out", "out[j] = sum_i x[i, j].");
