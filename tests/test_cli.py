@@ -100,3 +100,20 @@ def test_bench_quick_json_and_plot(tmp_path):
 def test_bench_rejects_unknown_op():
     r = _run("bench", "--ops", "nope")
     assert r.returncode == 2 and "unknown op" in r.stdout
+
+
+def test_bench_models_cases_run_and_agree():
+    """Every whole-model case builds and runs once on each side; the swapped model's inference
+    matches torch's (same weights, same input) within float32 rounding of a deep network."""
+    import torch
+    from nnkernels.bench import models
+
+    cases = models.cases("cpu", quick=False)
+    assert {c.name for c in cases} >= {"resnet18 8x3x64x64 train step", "LSTM LM T35 B20 inference"}
+    for c in cases:
+        assert c.flops > 0, c.name
+        if c.name.endswith("inference"):
+            ours, theirs = c.ours(), c.torch()
+            torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3, msg=c.name)
+        else:
+            c.ours(), c.torch()

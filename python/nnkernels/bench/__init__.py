@@ -15,8 +15,8 @@ import nnkernels
 
 from . import harness
 
-# The suites, in the order they run: the GEMM first, the per-call cost last.
-_FIRST, _LAST = ("matmul", "linear"), ("call_cost",)
+# The suites, in the order they run: the GEMM first, the per-call cost and whole models last.
+_FIRST, _LAST = ("matmul", "linear"), ("call_cost", "models")
 _names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "harness")
 _names = (
     [n for n in _FIRST if n in _names]
