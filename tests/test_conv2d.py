@@ -1,7 +1,8 @@
 """nnkernels.functional.conv2d and nnkernels.nn.Conv2d against torch: outputs and the gradients of
-input, weight and bias on shapes that hit every path (im2col chunks, pointwise GEMM, groups and
-depthwise, strides, dilation, asymmetric 'same' padding, C = 1, batch of 1, kernel as large as
-the input), memory formats, threads, every ISA, gradcheck, padding modes and bad input."""
+input, weight and bias on shapes that hit every path (merged columns for small maps, one image at
+a time for larger ones, im2col chunks, pointwise GEMM, groups and depthwise, strides, dilation,
+asymmetric 'same' padding, C = 1, batch of 1, kernel as large as the input), memory formats,
+threads, every ISA, gradcheck, padding modes and bad input."""
 
 import copy
 
@@ -40,13 +41,28 @@ CASES = [
     ("wide: groups 2", 2, 32, 8, 8, 12, 3, 3, dict(groups=2, padding=1)),
     ("wide: padding larger than kernel", 2, 16, 4, 5, 4, 2, 2, dict(padding=3)),
     ("wide: 1x1", 2, 24, 6, 7, 10, 1, 1, dict()),
-    # small images: the weight gradient sums several whole images per GEMM (13 = 4 x 3 + 1)
-    ("grouped small images", 13, 4, 6, 7, 6, 3, 3, dict(groups=2, stride=2, padding=1)),
-    ("grouped 8x8, no padding", 9, 5, 8, 8, 7, 3, 3, dict()),
+    # maps of < 256 output pixels: every image's pixels are the GEMMs' columns (merged)
+    ("merged: groups, stride 2", 13, 4, 6, 7, 6, 3, 3, dict(groups=2, stride=2, padding=1)),
+    ("merged: 8x8, no padding", 9, 5, 8, 8, 7, 3, 3, dict()),
+    ("merged: 2x2 maps", 5, 20, 2, 2, 9, 3, 3, dict(padding=1)),
+    ("merged: 1x1 maps", 3, 17, 1, 1, 6, 3, 3, dict(padding=1)),
+    ("merged: 1x1 stride 2", 4, 18, 8, 8, 10, 1, 1, dict(stride=2)),
+    # 41 x 81 = 3321 columns: forward chunks of 2048 end inside an image
+    ("merged: chunks split images", 41, 3, 9, 9, 5, 3, 3, dict(padding=1)),
+    # CRS = 1440: the weight gradient's chunks of 1456 pixels (7 x 225 = 1575 columns)
+    ("merged: weight-gradient chunks", 7, 160, 15, 15, 4, 3, 3, dict(padding=1)),
+    # maps of >= 256 output pixels: one image at a time (or images side by side on the threads)
+    ("per-image: 3x3 16x16", 3, 5, 16, 16, 7, 3, 3, dict(padding=1)),
+    ("per-image: stride 2", 2, 6, 33, 34, 7, 3, 3, dict(stride=2, padding=1)),
+    ("per-image: wide, transposed data gradient", 2, 16, 17, 16, 8, 3, 3, dict(padding=1)),
+    ("per-image: 1x1", 2, 24, 16, 17, 10, 1, 1, dict()),
+    ("per-image: groups 2", 2, 32, 16, 16, 12, 3, 3, dict(groups=2, padding=1)),
 ]
 FAST = [
     "3x3 pad1",
-    "grouped small images",
+    "merged: groups, stride 2",
+    "merged: 2x2 maps",
+    "per-image: 3x3 16x16",
     "1x1 pointwise",
     "depthwise",
     "chunked im2col",
@@ -120,9 +136,11 @@ def test_conv2d_every_isa(isa, case):
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("N", [1, 2, 3, 6, 9])
-def test_conv2d_threads(threads, N):
-    """One image at a time with threaded GEMMs, or images side by side with per-thread partials."""
-    _check_conv(*_inputs(N, 6, 10, 9, 8, 3, 3, 1), dict(padding=1))
+@pytest.mark.parametrize("H", [10, 17], ids=["merged", "per-image"])
+def test_conv2d_threads(threads, N, H):
+    """Small maps: merged columns with threaded GEMMs; larger ones one image at a time with
+    threaded GEMMs, or images side by side with per-thread partials."""
+    _check_conv(*_inputs(N, 6, H, 16, 8, 3, 3, 1), dict(padding=1))
 
 
 def test_conv2d_no_bias_and_frozen_parts():
@@ -188,6 +206,11 @@ def test_conv2d_gradcheck():
         fn = lambda a, c, d, kw=kw: NF.conv2d(a, c, d, **kw)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, w, b))
         assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    # one image at a time (a 16x16 output map), both directions of the data gradient
+    xl = torch.randn(2, 2, 16, 17, dtype=torch.float64, requires_grad=True)
+    wl = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    for kw in (dict(padding=1), dict(padding=(1, 2), stride=(1, 1))):
+        assert torch.autograd.gradcheck(lambda a, c, kw=kw: NF.conv2d(a, c, **kw), (xl, wl))
     xs = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, c: NF.conv2d(a, c), (xs, ws))  # pointwise

@@ -25,7 +25,8 @@
 // 9x a large input. Pointwise convolutions (1x1, stride 1, no padding) skip im2col: col is x[n]_g
 // itself, read in place. Work runs across images in parallel when there are enough of them
 // (single-threaded GEMMs, one scratch area per thread), otherwise image by image with
-// multi-threaded GEMMs.
+// multi-threaded GEMMs. Maps of fewer than kMergeBelow output pixels instead put every image's
+// pixels side by side in the GEMMs' columns ("small feature maps" below).
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -64,10 +65,6 @@ struct View4 {
 
 // Elements of im2col buffer per thread (1 MiB of float32 keeps it in L2/L3 next to the packing).
 constexpr int64_t kColBudget = int64_t(1) << 18;
-// The weight gradient groups images of at most this many output pixels (16 x 16) into one GEMM;
-// larger ones already give it a long enough K (grouping 32 x 32 images measured slower: the
-// gather of dY costs more than it saves).
-constexpr int64_t kGroupMaxPixels = 256;
 
 #define NNK_CONV_INLINE inline __attribute__((always_inline))
 
@@ -166,6 +163,41 @@ struct Geometry {
   }
 };
 
+// d[q * panel + i] = row[q * nr + i] for q < ncols / nr, i < nr, and the last partial piece
+// zero-filled to nr: one im2col row of `ncols` columns spread over the GEMM's B panels
+// (Gemm::pack_b_fn's layout; panel = nr * k).
+template <int NR, class T>
+NNK_CONV_INLINE void copy_pieces(T* __restrict d, const T* __restrict row, int64_t full,
+                                 int64_t panel) {
+  for (int64_t q = 0; q < full; ++q) std::memcpy(d + q * panel, row + q * NR, NR * sizeof(T));
+}
+
+template <class T>
+inline void row_to_panels(T* d, const T* row, int64_t ncols, int nr, int64_t panel) {
+  const int64_t full = ncols / nr, rest = ncols % nr;
+  switch (nr) {  // fixed-size copies inline; every kernel's NR is one of these
+    case 4:
+      copy_pieces<4>(d, row, full, panel);
+      break;
+    case 8:
+      copy_pieces<8>(d, row, full, panel);
+      break;
+    case 16:
+      copy_pieces<16>(d, row, full, panel);
+      break;
+    case 32:
+      copy_pieces<32>(d, row, full, panel);
+      break;
+    default:
+      for (int64_t q = 0; q < full; ++q)
+        std::memcpy(d + q * panel, row + q * nr, size_t(nr) * sizeof(T));
+  }
+  if (rest) {
+    std::memcpy(d + full * panel, row + full * nr, size_t(rest) * sizeof(T));
+    std::memset(d + full * panel + rest, 0, size_t(nr - rest) * sizeof(T));
+  }
+}
+
 // The forward GEMM's B (col of image n, group g) written straight into the GEMM's panels
 // (Gemm::pack_b_fn): one im2col row at a time into an L1 buffer, then NR-wide pieces to each panel.
 template <class T>
@@ -176,43 +208,15 @@ struct ColPacker {
   const int64_t* xs;
   int64_t n, g;
 
-  // d[q * panel + i] = row[q * NR + i] for q < full, i < NR.
-  template <int NR>
-  static void copy_pieces(T* __restrict d, const T* __restrict row, int64_t full, int64_t panel) {
-    for (int64_t q = 0; q < full; ++q) std::memcpy(d + q * panel, row + q * NR, NR * sizeof(T));
-  }
-
   static void pack(const void* ctx, int64_t p0, int64_t k, int64_t j0, int64_t ncols, int nr,
                    T* dst) {
     const ColPacker& cp = *static_cast<const ColPacker*>(ctx);
     const Conv2dShape& s = cp.gm->s;
     alignas(64) T row[kMaxCols];
-    const int64_t full = ncols / nr, rest = ncols % nr, panel = int64_t(nr) * k;
     int64_t c = p0 / (s.R * s.S), r = p0 / s.S % s.R, t = p0 % s.S;
     for (int64_t kk = 0; kk < k; ++kk) {
       cp.gm->template im2col_row<false>(cp.x, cp.xs, cp.n, cp.g, c, r, t, j0, ncols, row);
-      T* d = dst + kk * nr;
-      switch (nr) {  // fixed-size copies inline; every kernel's NR is one of these
-        case 4:
-          copy_pieces<4>(d, row, full, panel);
-          break;
-        case 8:
-          copy_pieces<8>(d, row, full, panel);
-          break;
-        case 16:
-          copy_pieces<16>(d, row, full, panel);
-          break;
-        case 32:
-          copy_pieces<32>(d, row, full, panel);
-          break;
-        default:
-          for (int64_t q = 0; q < full; ++q)
-            std::memcpy(d + q * panel, row + q * nr, size_t(nr) * sizeof(T));
-      }
-      if (rest) {
-        std::memcpy(d + full * panel, row + full * nr, size_t(rest) * sizeof(T));
-        std::memset(d + full * panel + rest, 0, size_t(nr - rest) * sizeof(T));
-      }
+      row_to_panels(dst + kk * nr, row, ncols, nr, int64_t(nr) * k);
       if (++t == s.S) {
         t = 0;
         if (++r == s.R) r = 0, ++c;
@@ -224,13 +228,17 @@ struct ColPacker {
 // Stride-1 convolutions: x[n]_g is copied once into a zero-bordered buffer xp (Cg x Hp x Wp) that
 // covers every window, so im2col row (c, r, t) is simply xp + c*Hp*Wp + r*dh*Wp + t*dw read at
 // p*Wp + q for output pixel (p, q): contiguous along each output row, no bounds checks. Packing
-// is then copies of whole NR-wide pieces (split only where an output row ends).
+// is then copies of whole NR-wide pieces (split only where an output row ends). Small maps
+// (merged columns, below) stack several images' copies `img` elements apart, and the GEMM's
+// column 0 is merged column J0 of the first stacked image: column J is pixel J % PQ of image
+// J / PQ.
 template <class T>
 struct PaddedPacker {
   static constexpr int64_t kMaxK = 1024;  // the GEMM packs at most kc <= this many rows at once
   const Geometry<T>* gm;
   const T* xp;
   int64_t Hp, Wp;
+  int64_t img = 0, J0 = 0;
 
   static int64_t rows(const Conv2dShape& s) { return s.P + (s.R - 1) * s.dh; }
   static int64_t cols(const Conv2dShape& s) { return s.Q + (s.S - 1) * s.dw; }
@@ -241,6 +249,19 @@ struct PaddedPacker {
     parallel_for(
         gm.Cg, 1, [&](int64_t c0, int64_t c1) { fill_channels(gm, x, n, g, xp, c0, c1); },
         nthreads);
+  }
+
+  // Images [n0, n1) stacked, Cg * Hp * Wp elements apart.
+  static void fill_images(const Geometry<T>& gm, const View4<const T>& x, int64_t n0, int64_t n1,
+                          int64_t g, T* xp, int nthreads) {
+    const int64_t img = gm.Cg * rows(gm.s) * cols(gm.s);
+    parallel_for((n1 - n0) * gm.Cg, 1,
+                 [&](int64_t b, int64_t e) {
+                   for (int64_t i = b; i < e; ++i)
+                     fill_channels(gm, x, n0 + i / gm.Cg, g, xp + i / gm.Cg * img, i % gm.Cg,
+                                   i % gm.Cg + 1);
+                 },
+                 nthreads);
   }
 
   static void fill_channels(const Geometry<T>& gm, const View4<const T>& x, int64_t n, int64_t g,
@@ -292,13 +313,14 @@ struct PaddedPacker {
         if (++r == s.R) r = 0, ++c;
       }
     }
-    // Walk the columns as pieces that stay inside one output row and one panel.
-    int64_t p = j0 / s.Q, q = j0 % s.Q;
+    // Walk the columns as pieces that stay inside one output row and one panel; p counts output
+    // rows across the stacked images.
+    int64_t p = (pp.J0 + j0) / s.Q, q = (pp.J0 + j0) % s.Q;
     for (int64_t j = 0; j < ncols;) {
       const int64_t jj = j % nr, len = min64(min64(nr - jj, s.Q - q), ncols - j);
       T* d = dst + (j / nr) * nr * k + jj;
       static constexpr auto table = copy_table(std::make_integer_sequence<int, kMaxPiece>());
-      table[len](d, nr, pp.xp, off, k, p * pp.Wp + q);
+      table[len](d, nr, pp.xp, off, k, p / s.P * pp.img + p % s.P * pp.Wp + q);
       j += len;
       q += len;
       if (q == s.Q) q = 0, ++p;
@@ -511,6 +533,223 @@ void depthwise_backward_weight(const Conv2dShape& s, View4<const T> x, View4<con
   });
 }
 
+// -------------------------------------------------------------------------- small feature maps
+// A map of fewer than kMergeBelow output pixels gives the per-image GEMMs too few columns (ResNet's
+// 512-channel 2x2 maps: N = 4, and the weight gradient's K = 4), so the GEMM spends its time on
+// packing and C traffic. All images' pixels become the GEMM's columns instead: column J = n*PQ + pq
+// of [0, N*PQ), in chunks of at most kMergedCols. A TapTable maps each (tap, column) of a chunk to
+// the input element under it (-1: padding) and each column to its output pixel, so im2col, col2im
+// and the gathers of y / dy are plain indexed loops for any stride, padding and dilation.
+//
+//   forward          Yc (Kg x len) = W_g . col           (col packed from the table), scattered to
+//   y backward-data    dcol (CRS x len) = W_g^T . dYc,      col2im through the table (+=)
+//   backward-weight  dW_g (Kg x CRS) (+)= dYc . col^T     (K = len pixels of every image at once)
+constexpr int64_t kMergeBelow = 256;
+constexpr int64_t kMergedCols = 2048;
+// The weight gradient's im2col chunk (elements): large, as its pixels are the GEMM's K.
+constexpr int64_t kMergedColBudget = int64_t(1) << 21;
+
+inline bool merged(int64_t PQ) { return PQ < kMergeBelow; }
+
+struct TapTable {
+  int64_t J0 = 0, len = 0;   // merged columns [J0, J0 + len)
+  std::vector<int64_t> tap;  // (R*S) x len: offset of x[n, 0, ih, iw] under tap (r, t), or -1
+  std::vector<int64_t> pix;  // len: offset of y[n, 0, p, q] (in the strides of y / dy)
+
+  TapTable(const Conv2dShape& s, const int64_t* xs, const int64_t* ys, int64_t j0, int64_t n)
+      : J0(j0), len(n), tap(size_t(s.R * s.S * n)), pix(size_t(n)) {
+    const int64_t PQ = s.P * s.Q;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t J = J0 + j, img = J / PQ, p = J % PQ / s.Q, q = J % s.Q;
+      pix[size_t(j)] = img * ys[0] + p * ys[2] + q * ys[3];
+      for (int64_t r = 0; r < s.R; ++r) {
+        const int64_t ih = p * s.sh - s.ph + r * s.dh;
+        for (int64_t t = 0; t < s.S; ++t) {
+          const int64_t iw = q * s.sw - s.pw + t * s.dw;
+          const bool in = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+          tap[size_t((r * s.S + t) * n + j)] = in ? img * xs[0] + ih * xs[2] + iw * xs[3] : -1;
+        }
+      }
+    }
+  }
+};
+
+// out[j] = x[o[j]] (0 where o[j] < 0), j < n: one im2col row of a chunk.
+template <class T>
+NNK_CONV_INLINE void gather_taps(T* __restrict out, const T* __restrict x,
+                                 const int64_t* __restrict o, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = o[j] >= 0 ? x[o[j]] : T(0);
+}
+
+// col (CRS x tt.len, row stride tt.len) of group g; kCol2Im: the adjoint, x[n]_g += col2im(col).
+// Threads split the channels (disjoint in x, so col2im needs no atomics).
+template <bool kCol2Im, class T>
+void table_im2col(const Conv2dShape& s, const TapTable& tt,
+                  std::conditional_t<kCol2Im, T*, const T*> x, int64_t xs1, int64_t g, int64_t Cg,
+                  std::conditional_t<kCol2Im, const T*, T*> col, int nt) {
+  const int64_t RS = s.R * s.S, ld = tt.len;
+  parallel_for(
+      Cg, 1,
+      [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          auto* xc = x + (g * Cg + c) * xs1;
+          for (int64_t rt = 0; rt < RS; ++rt) {
+            const int64_t* o = tt.tap.data() + rt * ld;
+            auto* row = col + (c * RS + rt) * ld;
+            if constexpr (kCol2Im) {
+              for (int64_t j = 0; j < ld; ++j)
+                if (o[j] >= 0) xc[o[j]] += row[j];
+            } else {
+              gather_taps(row, xc, o, ld);
+            }
+          }
+        }
+      },
+      nt);
+}
+
+// buf (rows x len, row stride len) <-> a[pix[j] + (k0 + k) * rs] for k < rows: y / dy of a chunk.
+template <bool kScatter, class T>
+void table_rows(const TapTable& tt, std::conditional_t<kScatter, T*, const T*> a, int64_t rs,
+                int64_t k0, int64_t rows, std::conditional_t<kScatter, const T*, T*> buf, int nt) {
+  parallel_for(
+      rows, 8,
+      [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) {
+          auto* ak = a + (k0 + k) * rs;
+          auto* bk = buf + k * tt.len;
+          const int64_t* pix = tt.pix.data();
+          if constexpr (kScatter) {
+            for (int64_t j = 0; j < tt.len; ++j) ak[pix[j]] = bk[j];
+          } else {
+            for (int64_t j = 0; j < tt.len; ++j) bk[j] = ak[pix[j]];
+          }
+        }
+      },
+      nt);
+}
+
+// The forward GEMM's B for a chunk, packed straight from the table (Gemm::pack_b_fn).
+template <class T>
+struct TablePacker {
+  const Conv2dShape* s;
+  const TapTable* tt;
+  const T* xg;  // x at channel 0 of the group
+  int64_t xs1;
+
+  static void pack(const void* ctx, int64_t p0, int64_t k, int64_t j0, int64_t ncols, int nr,
+                   T* dst) {
+    const TablePacker& tp = *static_cast<const TablePacker*>(ctx);
+    const int64_t RS = tp.s->R * tp.s->S;
+    alignas(64) T row[ColPacker<T>::kMaxCols];
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const int64_t c = (p0 + kk) / RS, rt = (p0 + kk) % RS;
+      gather_taps(row, tp.xg + c * tp.xs1, tp.tt->tap.data() + rt * tp.tt->len + j0, ncols);
+      row_to_panels(dst + kk * nr, row, ncols, nr, int64_t(nr) * k);
+    }
+  }
+};
+
+template <class T>
+void forward_merged(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> x, View4<const T> w,
+                    const T* bias, View4<T> y) {
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  const int64_t cols = s.N * gm.PQ, L = min64(cols, kMergedCols);
+  // Stride 1 packs from zero-bordered copies of the chunk's images (PaddedPacker: copies of whole
+  // runs), other strides gather through the table (TablePacker).
+  const bool padded = s.sh == 1 && s.sw == 1;
+  const int64_t Hp = PaddedPacker<T>::rows(s), Wp = PaddedPacker<T>::cols(s), img = gm.Cg * Hp * Wp;
+  const int64_t imgs = min64(s.N, (L + gm.PQ - 2) / gm.PQ + 1);  // a chunk touches at most these
+  T* yc = thread_scratch<T>(Scratch::conv, size_t(gm.Kg * L + (padded ? imgs * img : 0)));
+  T* xp = yc + gm.Kg * L;
+  for (int64_t J0 = 0; J0 < cols; J0 += L) {
+    const TapTable tt(s, x.s, y.s, J0, min64(L, cols - J0));
+    const int64_t n0 = J0 / gm.PQ, n1 = (J0 + tt.len - 1) / gm.PQ + 1;
+    for (int64_t g = 0; g < s.groups; ++g) {
+      const TablePacker<T> packer{&s, &tt, x.p + g * gm.Cg * x.s[1], x.s[1]};
+      const PaddedPacker<T> ppacker{&gm, xp, Hp, Wp, img, J0 - n0 * gm.PQ};
+      if (padded) PaddedPacker<T>::fill_images(gm, x, n0, n1, g, xp, nt);
+      Gemm<T> gg;
+      gg.M = gm.Kg, gg.N = tt.len, gg.K = gm.CRS;
+      gg.A = w.p + g * gm.Kg * w.s[0], gg.rsa = w.s[0], gg.csa = w.s[3];
+      if (padded) {
+        gg.pack_b_fn = &PaddedPacker<T>::pack, gg.pack_b_ctx = &ppacker;
+      } else {
+        gg.pack_b_fn = &TablePacker<T>::pack, gg.pack_b_ctx = &packer;
+      }
+      gg.C = yc, gg.rsc = tt.len, gg.csc = 1;
+      gg.bias_m = bias ? bias + g * gm.Kg : nullptr;
+      gemm(gg, nt);
+      table_rows<true, T>(tt, y.p, y.s[1], g * gm.Kg, gm.Kg, yc, nt);
+    }
+  }
+}
+
+// fn(tt, g, dyc, col) for each chunk of L merged columns and each group: dyc = the chunk's dY_g
+// gathered as (Kg x len), col = room for its (CRS x len) im2col. xs: strides of x (or dx).
+template <class T, class F>
+void for_each_dy_chunk(const Conv2dShape& s, const Geometry<T>& gm, const int64_t* xs,
+                       View4<const T> dy, int64_t L, int nt, F&& fn) {
+  T* dyc = thread_scratch<T>(Scratch::conv, size_t((gm.Kg + gm.CRS) * L));
+  T* col = dyc + gm.Kg * L;
+  for (int64_t J0 = 0, cols = s.N * gm.PQ; J0 < cols; J0 += L) {
+    const TapTable tt(s, xs, dy.s, J0, min64(L, cols - J0));
+    for (int64_t g = 0; g < s.groups; ++g) {
+      table_rows<false, T>(tt, dy.p, dy.s[1], g * gm.Kg, gm.Kg, dyc, nt);
+      fn(tt, g, static_cast<const T*>(dyc), col);
+    }
+  }
+}
+
+template <class T>
+void backward_data_merged(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> dy,
+                          View4<const T> w, View4<T> dx) {
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  const int64_t cols = s.N * gm.PQ, L = min64(cols, kMergedCols);
+  parallel_for(
+      s.N * s.C, 1,
+      [&](int64_t b, int64_t e) {  // col2im accumulates: pixels no window touches stay zero
+        for (int64_t i = b; i < e; ++i)
+          for (int64_t h = 0; h < s.H; ++h)
+            for (int64_t q = 0; q < s.W; ++q)
+              dx.p[i / s.C * dx.s[0] + i % s.C * dx.s[1] + h * dx.s[2] + q * dx.s[3]] = T(0);
+      },
+      nt);
+  for_each_dy_chunk(s, gm, dx.s, dy, L, nt,
+                    [&](const TapTable& tt, int64_t g, const T* dyc, T* dcol) {
+                      Gemm<T> gg;
+                      gg.M = gm.CRS, gg.N = tt.len, gg.K = gm.Kg;
+                      gg.A = w.p + g * gm.Kg * w.s[0], gg.rsa = w.s[3], gg.csa = w.s[0];
+                      gg.B = dyc, gg.rsb = tt.len, gg.csb = 1;
+                      gg.C = dcol, gg.rsc = tt.len, gg.csc = 1;
+                      gemm(gg, nt);
+                      table_im2col<true, T>(s, tt, dx.p, dx.s[1], g, gm.Cg, dcol, nt);
+                    });
+}
+
+template <class T>
+void backward_weight_merged(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> x,
+                            View4<const T> dy, View4<T> dw, T* dbias) {
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  if (dbias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
+  if (gm.CRS == 0) return;
+  const int64_t cols = s.N * gm.PQ;
+  const int64_t L = min64(cols, max64(64, kMergedColBudget / gm.CRS));
+  for_each_dy_chunk(s, gm, x.s, dy, L, nt,
+                    [&](const TapTable& tt, int64_t g, const T* dyc, T* col) {
+                      table_im2col<false, T>(s, tt, x.p, x.s[1], g, gm.Cg, col, nt);
+                      // dW_g (Kg x CRS) = dYc (Kg x len) . col^T (len x CRS), accumulated over the
+                      // chunks.
+                      Gemm<T> gg;
+                      gg.M = gm.Kg, gg.N = gm.CRS, gg.K = tt.len;
+                      gg.A = dyc, gg.rsa = tt.len, gg.csa = 1;
+                      gg.B = col, gg.rsb = 1, gg.csb = tt.len;
+                      gg.C = dw.p + g * gm.Kg * dw.s[0], gg.rsc = dw.s[0], gg.csc = dw.s[3];
+                      gg.beta = tt.J0 == 0 ? T(0) : T(1);
+                      gemm(gg, nt);
+                    });
+}
+
 // ------------------------------------------------------------------------------------ forward
 
 template <class T>
@@ -518,6 +757,7 @@ void forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, const T* 
   const Geometry<T> gm(s);
   if (s.N == 0 || s.K == 0 || gm.PQ == 0) return;
   if (is_depthwise(s)) return depthwise_forward(s, x, w, bias, y);
+  if (merged(gm.PQ)) return forward_merged(s, gm, x, w, bias, y);
   const bool pw = gm.pointwise_ok(x);
   const Split sp = split_for(s.N);
 
@@ -549,7 +789,7 @@ void forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, const T* 
     T* gemm_ws = scratch + xp_elems;
     for (int64_t g = 0; g < s.groups; ++g) {
       const ColPacker<T> packer{&gm, x.p, x.s, n, g};
-      const PaddedPacker<T> ppacker{&gm, xp, Hp, Wp};
+      const PaddedPacker<T> ppacker{&gm, xp, Hp, Wp, 0, 0};
       Gemm<T> gg = shape;
       gg.A = w.p + g * gm.Kg * w.s[0];
       if (pw) {
@@ -574,6 +814,7 @@ void backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, Vi
   const Geometry<T> gm(s);
   if (s.N == 0 || s.C == 0) return;
   if (is_depthwise(s)) return depthwise_backward_data(s, dy, w, dx);
+  if (merged(gm.PQ)) return backward_data_merged(s, gm, dy, w, dx);
   // The transposed forward's GEMM has Cg rows: with fewer than ~16 it only packs, col2im is
   // faster (C = 1 first layers, depthwise).
   if (s.sh == 1 && s.sw == 1 && gm.Cg >= 16) {
@@ -654,6 +895,7 @@ void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, 
   const Geometry<T> gm(s);
   if (s.K == 0) return;
   if (is_depthwise(s)) return depthwise_backward_weight(s, x, dy, dw, dbias);
+  if (merged(gm.PQ)) return backward_weight_merged(s, gm, x, dy, dw, dbias);
   const bool pw = gm.pointwise_ok(x);
   // The bias gradient rides along as one more column of B, a row of ones under col: the GEMM
   // then also writes sum_pixels dY[k] (no second pass over dY). Pointwise reads x in place, so
@@ -662,24 +904,13 @@ void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, 
   if (dbias && !fused_bias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
   if (gm.CRS == 0 && !fused_bias) return;
   // Work items are (image, chunk of output pixels): im2col and the GEMMs of any batch size,
-  // a single large image included, spread over the threads with per-thread partial sums. Small
-  // images (kGroupMaxPixels) are grouped instead: `group` whole images per item, side by side in
-  // one im2col buffer, so one GEMM sums over group * PQ pixels (8x8 images alone give K = 64, too
-  // short for the GEMM to pay for its packing and C traffic).
+  // a single large image included, spread over the threads with per-thread partial sums. (Small
+  // images ran with merged columns above.)
   const int64_t ld = gm.CRS + (fused_bias ? 1 : 0);  // rows of the (ld x K) partial sums
-  const int64_t L0 = pw ? gm.PQ : max64(gm.L, 1);
-  const int64_t chunks = gm.PQ ? (gm.PQ + L0 - 1) / L0 : 0;
-  int64_t group = 1;
-  if (!pw && chunks == 1 && s.N > 1 && gm.PQ <= kGroupMaxPixels) {
-    const int nt = in_parallel_region() ? 1 : num_threads();
-    group = min64(kColBudget / max64(ld * gm.PQ, 1), max64(1, s.N / (2 * nt)));  // 2 per thread
-    group = max64(group, 1);
-  }
-  const int64_t L = group > 1 ? group * gm.PQ : L0;  // pixels per item (the col row stride)
-  const int64_t last = group > 1 ? (s.N - (s.N - 1) / group * group) * gm.PQ
-                       : pw      ? gm.PQ
-                                 : gm.PQ - (gm.PQ - 1) / L0 * L0;
-  const int64_t items = group > 1 ? (s.N + group - 1) / group : s.N * chunks;
+  const int64_t L = pw ? gm.PQ : max64(gm.L, 1);     // pixels per item (the col row stride)
+  const int64_t chunks = gm.PQ ? (gm.PQ + L - 1) / L : 0;
+  const int64_t last = pw ? gm.PQ : gm.PQ - (gm.PQ - 1) / L * L;
+  const int64_t items = s.N * chunks;
   const Split sp = split_for(items);
 
   // Per item and group, with col = [im2col; 1] (ld x len) or X[n]_g (pointwise) and dY[n]_g
@@ -693,7 +924,6 @@ void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, 
   // GEMM's threads when images run one at a time), added in thread order at the end.
   const bool wide = ld >= 4 * gm.Kg;
   const size_t col = pw ? 0 : size_t(ld * L);
-  const size_t dyg = group > 1 ? size_t(gm.Kg * L) : 0;  // grouped: dY gathered as (Kg x L)
   const size_t part = size_t(s.K * ld);
   // The product for `len` pixels of col (element (j, p) at c + j*cs + p*cp) and dY (element (k, p)
   // at d + k*ds + p*dp), accumulated into the partial of group g.
@@ -719,38 +949,23 @@ void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, 
   size_t gws = 0;
   if (gm.PQ) {  // the largest workspace any item's GEMM asks for (strides as in the loop)
     const int64_t cs = pw ? x.s[1] : L, cp = pw ? x.s[3] : 1;
-    const int64_t ds = group > 1 ? L : dy.s[1], dp = group > 1 ? 1 : dy.s[3];
     for (int64_t len : {L, last})
-      gws = std::max(
-          gws, gemm_workspace(product(len, x.p, cs, cp, dy.p, ds, dp, nullptr, 0), sp.gemm_nt));
+      gws = std::max(gws,
+                     gemm_workspace(product(len, x.p, cs, cp, dy.p, dy.s[1], dy.s[3], nullptr, 0),
+                                    sp.gemm_nt));
   }
-  const size_t per = col + dyg + part + gws;
+  const size_t per = col + part + gws;
   const int nparts = sp.images ? sp.nt : 1;
   std::vector<char> used(size_t(nparts), 0);  // partials that hold a sum
 
   T* ws = image_scratch<T>(sp, per);
   for_each_image(items, sp, ws, per, [&](int64_t item, int tid, T* scratch) {
     T* colbuf = scratch;
-    T* dybuf = scratch + col;
-    T* mine = scratch + col + dyg;
-    T* gemm_ws = scratch + col + dyg + part;
+    T* mine = scratch + col;
+    T* gemm_ws = scratch + col + part;
     if (!used[size_t(tid)]) {
       std::fill(mine, mine + part, T(0));
       used[size_t(tid)] = 1;
-    }
-    if (group > 1) {  // whole images n0 .. n0 + cnt side by side
-      const int64_t n0 = item * group, cnt = min64(group, s.N - n0), len = cnt * gm.PQ;
-      for (int64_t g = 0; g < s.groups; ++g) {
-        for (int64_t i = 0; i < cnt; ++i) {
-          gm.template im2col<false>(x.p, x.s, n0 + i, g, 0, gm.PQ, colbuf + i * gm.PQ, L);
-          const T* src = dy.p + (n0 + i) * dy.s[0] + g * gm.Kg * dy.s[1];
-          for (int64_t k = 0; k < gm.Kg; ++k)
-            copy_run(dybuf + k * L + i * gm.PQ, src + k * dy.s[1], gm.PQ, dy.s[3]);
-        }
-        if (fused_bias) std::fill(colbuf + gm.CRS * L, colbuf + gm.CRS * L + len, T(1));
-        gemm(product(len, colbuf, L, 1, dybuf, L, 1, mine, g), sp.gemm_nt, gemm_ws);
-      }
-      return;
     }
     const int64_t n = item / chunks, j0 = item % chunks * L, len = min64(L, gm.PQ - j0);
     for (int64_t g = 0; g < s.groups; ++g) {
@@ -770,7 +985,7 @@ void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, 
   parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t j = 0; j < ld; ++j) {
-        const size_t at = col + dyg + size_t(wide ? j * s.K + k : k * ld + j);
+        const size_t at = col + size_t(wide ? j * s.K + k : k * ld + j);
         T acc = T(0);
         for (int t = 0; t < nparts; ++t)
           if (used[size_t(t)]) acc += ws[per * t + at];
