@@ -27,6 +27,136 @@
 // (single-threaded GEMMs, one scratch area per thread), otherwise image by image with
 // multi-threaded GEMMs. Maps of fewer than kMergeBelow output pixels instead put every image's
 // pixels side by side in the GEMMs' columns ("small feature maps" below).
+#include "common/simd.h"
+
+// ================================================== depthwise plane loops (compiled once per ISA)
+// One (image, channel) plane at a time, the input already copied into a zero-bordered plane that
+// covers every window (the driver's DwPlane): every tap of every output row is one unchecked loop
+// over the output width, vectorised by the compiler for this pass's ISA.
+namespace nnk {
+namespace cpu {
+// The geometry the plane loops need (plain data: the same definition in every pass).
+struct DwGeom {
+  int64_t P, Q, R, S, sh, sw, dh, dw;
+  int64_t Wp;  // row pitch of the plane
+};
+// dy rows and outputs are contiguous P x Q; w(r, t) = wk[r * ws2 + t * ws3].
+template <class T>
+struct ConvDepthwiseKernels {
+  // y (P x Q) = bias + sum_{r,t} w(r,t) plane[(p sh + r dh) Wp + q sw + t dw]; acc: scratch of
+  // P * Wp.
+  void (*forward)(const DwGeom& g, const T* plane, const T* wk, int64_t ws2, int64_t ws3, T bias,
+                  T* acc, T* y);
+  // plane[(p sh + r dh) Wp + q sw + t dw] += w(r,t) dy[p, q]
+  void (*backward_data)(const DwGeom& g, const T* dy, const T* wk, int64_t ws2, int64_t ws3,
+                        T* plane);
+  // acc[r S + t] += sum_{p,q} dy[p, q] plane[...] (each row's sum in T, the rows in float64);
+  // acc[R S] += sum dy when `bias`.
+  void (*backward_weight)(const DwGeom& g, const T* dy, const T* plane, bool bias, double* acc);
+};
+}  // namespace cpu
+
+namespace NNK_ISA_NS {
+
+template <class T>
+struct DepthwiseLoops {
+  // acc[i] += a * x[i * step], i < n
+  static NNK_INLINE void axpy(T* __restrict acc, T a, const T* __restrict x, int64_t step,
+                              int64_t n) {
+    if (step == 1) {
+      for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i];
+    } else {
+      for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i * step];
+    }
+  }
+
+  // sum_i a[i] * b[i * sb], i < n; in 8 independent lanes for unit strides, so it vectorises
+  // without reassociation flags.
+  static NNK_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t sb, int64_t n) {
+    T sum = T(0);
+    int64_t i = 0;
+    if (sb == 1) {
+      T lane[8] = {};
+      for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) lane[l] += a[i + l] * b[i + l];
+      for (int l = 0; l < 8; ++l) sum += lane[l];
+    }
+    for (; i < n; ++i) sum += a[i] * b[i * sb];
+    return sum;
+  }
+
+  static void forward(const cpu::DwGeom& g, const T* plane, const T* wk, int64_t ws2, int64_t ws3,
+                      T bias, T* acc, T* y) {
+    if (g.sh == 1 && g.sw == 1) {
+      // Outputs at the plane's pitch: acc[p Wp + q], so each tap is one run of (P-1) Wp + Q
+      // values instead of P runs of Q (the columns q >= Q in between are computed and dropped).
+      const int64_t n = (g.P - 1) * g.Wp + g.Q;
+      for (int64_t i = 0; i < n; ++i) acc[i] = bias;
+      for (int64_t r = 0; r < g.R; ++r)
+        for (int64_t t = 0; t < g.S; ++t)
+          axpy(acc, wk[r * ws2 + t * ws3], plane + r * g.dh * g.Wp + t * g.dw, 1, n);
+      for (int64_t p = 0; p < g.P; ++p)
+        for (int64_t q = 0; q < g.Q; ++q) y[p * g.Q + q] = acc[p * g.Wp + q];
+      return;
+    }
+    for (int64_t p = 0; p < g.P; ++p) {
+      T* yr = y + p * g.Q;
+      for (int64_t q = 0; q < g.Q; ++q) yr[q] = bias;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const T* xr = plane + (p * g.sh + r * g.dh) * g.Wp;
+        for (int64_t t = 0; t < g.S; ++t) axpy(yr, wk[r * ws2 + t * ws3], xr + t * g.dw, g.sw, g.Q);
+      }
+    }
+  }
+
+  static void backward_data(const cpu::DwGeom& g, const T* dy, const T* wk, int64_t ws2,
+                            int64_t ws3, T* plane) {
+    for (int64_t p = 0; p < g.P; ++p) {
+      const T* dyr = dy + p * g.Q;
+      for (int64_t r = 0; r < g.R; ++r) {
+        T* dr = plane + (p * g.sh + r * g.dh) * g.Wp;
+        for (int64_t t = 0; t < g.S; ++t) {
+          const T wv = wk[r * ws2 + t * ws3];
+          T* __restrict d = dr + t * g.dw;
+          if (g.sw == 1) {
+            for (int64_t q = 0; q < g.Q; ++q) d[q] += wv * dyr[q];
+          } else {
+            for (int64_t q = 0; q < g.Q; ++q) d[q * g.sw] += wv * dyr[q];
+          }
+        }
+      }
+    }
+  }
+
+  static void backward_weight(const cpu::DwGeom& g, const T* dy, const T* plane, bool bias,
+                              double* acc) {
+    for (int64_t p = 0; p < g.P; ++p) {
+      const T* dyr = dy + p * g.Q;
+      if (bias) {
+        T sum = T(0);
+        for (int64_t q = 0; q < g.Q; ++q) sum += dyr[q];
+        acc[g.R * g.S] += double(sum);
+      }
+      for (int64_t r = 0; r < g.R; ++r) {
+        const T* xr = plane + (p * g.sh + r * g.dh) * g.Wp;
+        for (int64_t t = 0; t < g.S; ++t)
+          acc[r * g.S + t] += double(dot(dyr, xr + t * g.dw, g.sw, g.Q));
+      }
+    }
+  }
+
+  static constexpr cpu::ConvDepthwiseKernels<T> table() {
+    return {forward, backward_data, backward_weight};
+  }
+};
+
+NNK_ISA_TABLE(conv_depthwise_kernels, cpu::ConvDepthwiseKernels, DepthwiseLoops)
+
+}  // namespace NNK_ISA_NS
+}  // namespace nnk
+
+// ======================================================================== driver (compiled once)
+#if NNK_BASELINE_PASS
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -35,12 +165,15 @@
 #include <vector>
 
 #include "common/conv2d_args.h"
+#include "common/isa.h"
 #include "common/threading.h"
 #include "common/workspace.h"
 #include "cpu/gemm.h"
 #include "cpu/reduce.h"
 
 namespace nnk {
+NNK_PER_ISA(template <class T> const cpu::ConvDepthwiseKernels<T>& conv_depthwise_kernels())
+
 namespace cpu {
 
 namespace {
@@ -381,79 +514,103 @@ size_t gemm_scratch(Gemm<T> g, int nt, int64_t full, int64_t last) {
 
 // ---------------------------------------------------------------------------------- depthwise
 // groups == C (one input channel per group, K = C * mult): a GEMM with one row per group only
-// packs, so direct loops instead, per (image, channel) plane, each row of taps vectorised along the
-// output width. Rows accumulate in a per-thread buffer of Q elements (or W for the data gradient).
+// packs, so direct loops instead (the plane loops above), per (image, channel) plane: the input
+// plane is copied into a zero-bordered buffer that covers every window, so no tap of any row needs
+// bounds work (on the 2x2 - 8x8 maps of MobileNetV2's deep layers that work cost more than the
+// arithmetic); dy planes are gathered contiguous.
 
 inline bool is_depthwise(const Conv2dShape& s) { return s.C > 1 && s.groups == s.C; }
 
-// acc[i] += a * x[i * step], i < n (vectorised when step == 1).
+// Elements of per-thread scratch for `n` elements, rounded to whole cache lines: threads write
+// their own areas, which must not share a line (on a 2x2 map a plane is 64 bytes).
 template <class T>
-NNK_CONV_INLINE void axpy(T* __restrict acc, T a, const T* __restrict x, int64_t step, int64_t n) {
-  if (step == 1) {
-    for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i * step];
-  }
+size_t per_thread_lines(int64_t n) {
+  constexpr size_t line = 64 / sizeof(T);
+  return (size_t(n) + line - 1) / line * line;
 }
 
-// sum_i a[i * sa] * b[i * sb], i < n; with unit strides in 8 independent lanes so it vectorises
-// without reassociation flags.
-template <class T>
-NNK_CONV_INLINE T dot(const T* __restrict a, int64_t sa, const T* __restrict b, int64_t sb,
-                      int64_t n) {
-  T sum = T(0);
-  int64_t i = 0;
-  if (sa == 1 && sb == 1) {
-    T lane[8] = {};
-    for (; i + 8 <= n; i += 8)
-      for (int l = 0; l < 8; ++l) lane[l] += a[i + l] * b[i + l];
-    for (int l = 0; l < 8; ++l) sum += lane[l];
-  }
-  for (; i < n; ++i) sum += a[i * sa] * b[i * sb];
-  return sum;
-}
+struct DwPlane {
+  int64_t Hp, Wp;  // rows / columns that every window of the output touches
+  explicit DwPlane(const Conv2dShape& s)
+      : Hp(max64(0, (s.P - 1) * s.sh + (s.R - 1) * s.dh + 1)),
+        Wp(max64(0, (s.Q - 1) * s.sw + (s.S - 1) * s.dw + 1)) {}
 
-// fn(r, t, ih, lo, hi, woff) for every tap whose row ih of output row p lies inside the input;
-// output columns [lo, hi) then read input column q * sw + woff.
-template <class F>
-NNK_CONV_INLINE void for_each_tap(const Conv2dShape& s, int64_t p, F&& fn) {
-  for (int64_t r = 0; r < s.R; ++r) {
-    const int64_t ih = p * s.sh - s.ph + r * s.dh;
-    if (ih < 0 || ih >= s.H) continue;
-    for (int64_t t = 0; t < s.S; ++t) {
-      const int64_t woff = t * s.dw - s.pw;
-      int64_t lo, hi;
-      valid_cols(woff, s.sw, s.W, 0, s.Q, &lo, &hi);
-      fn(r, t, ih, lo, hi, woff);
+  DwGeom geom(const Conv2dShape& s) const {
+    return DwGeom{s.P, s.Q, s.R, s.S, s.sh, s.sw, s.dh, s.dw, Wp};
+  }
+
+  // Plane row i holds input row i - ph; its columns [lo, hi) hold input columns lo - pw ...
+  void inside(const Conv2dShape& s, int64_t i, int64_t* lo, int64_t* hi) const {
+    const int64_t ih = i - s.ph;
+    *lo = *hi = 0;
+    if (ih >= 0 && ih < s.H) {
+      *lo = min64(Wp, max64(0, s.pw));
+      *hi = max64(*lo, min64(Wp, s.W + s.pw));
     }
   }
+
+  // plane[i * Wp + j] = x[i - ph, j - pw], zero outside the input.
+  template <class T>
+  void fill(const Conv2dShape& s, const T* xc, int64_t xs2, int64_t xs3, T* plane) const {
+    for (int64_t i = 0; i < Hp; ++i) {
+      T* d = plane + i * Wp;
+      int64_t lo, hi;
+      inside(s, i, &lo, &hi);
+      for (int64_t j = 0; j < lo; ++j) d[j] = T(0);
+      if (hi > lo) copy_run(d + lo, xc + (i - s.ph) * xs2 + (lo - s.pw) * xs3, hi - lo, xs3);
+      for (int64_t j = hi; j < Wp; ++j) d[j] = T(0);
+    }
+  }
+
+  // dx[h, w] = plane[h + ph, w + pw]; input pixels outside the plane (under no window) get 0.
+  template <class T>
+  void crop(const Conv2dShape& s, const T* plane, T* dxc, int64_t xs2, int64_t xs3) const {
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t w = 0; w < s.W; ++w) dxc[h * xs2 + w * xs3] = T(0);
+    for (int64_t i = 0; i < Hp; ++i) {
+      int64_t lo, hi;
+      inside(s, i, &lo, &hi);
+      for (int64_t j = lo; j < hi; ++j)
+        dxc[(i - s.ph) * xs2 + (j - s.pw) * xs3] = plane[i * Wp + j];
+    }
+  }
+};
+
+// dst (P x Q, contiguous) = the plane of a (N|K, C, P, Q) view at `src`.
+template <class T>
+void gather_plane(const Conv2dShape& s, const T* src, int64_t s2, int64_t s3, T* dst) {
+  for (int64_t p = 0; p < s.P; ++p) copy_run(dst + p * s.Q, src + p * s2, s.Q, s3);
 }
 
 template <class T>
 void depthwise_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w, const T* bias,
                        View4<T> y) {
+  const ConvDepthwiseKernels<T>& k = NNK_ISA_CALL(conv_depthwise_kernels<T>());
   const int64_t mult = s.K / s.C;
+  const DwPlane dp(s);
+  const DwGeom geom = dp.geom(s);
+  const bool direct = y.s[3] == 1 && y.s[2] == s.Q;  // output planes contiguous: write in place
+  // The plane, the accumulator (P * Wp) and, unless direct, one output plane.
+  const int64_t plane = dp.Hp * dp.Wp, accn = s.P * dp.Wp;
+  const size_t per = per_thread_lines<T>(plane + accn + (direct ? 0 : s.P * s.Q));
   const int nt = in_parallel_region() ? 1 : num_threads();
-  T* rows = thread_scratch<T>(Scratch::conv, size_t(s.Q) * nt + 1);
+  T* scratch = thread_scratch<T>(Scratch::conv, per * nt + 1);
   parallel_for(
-      s.N * s.K, 1,
+      s.N * s.C, 1,
       [&](int64_t b, int64_t e) {
-        T* acc = rows + size_t(s.Q) * thread_id();
+        T* xp = scratch + per * size_t(thread_id());
+        T* acc = xp + plane;
+        T* out = acc + accn;
         for (int64_t i = b; i < e; ++i) {
-          const int64_t n = i / s.K, k = i % s.K;
-          const T* xc = x.p + n * x.s[0] + (k / mult) * x.s[1];
-          const T* wk = w.p + k * w.s[0];
-          for (int64_t p = 0; p < s.P; ++p) {
-            const T b0 = bias ? bias[k] : T(0);
-            for (int64_t q = 0; q < s.Q; ++q) acc[q] = b0;
-            for_each_tap(
-                s, p, [&](int64_t r, int64_t t, int64_t ih, int64_t lo, int64_t hi, int64_t woff) {
-                  const int64_t step = s.sw * x.s[3];
-                  axpy(acc + lo, wk[r * w.s[2] + t * w.s[3]],
-                       xc + ih * x.s[2] + woff * x.s[3] + lo * step, step, hi - lo);
-                });
-            T* yr = y.p + n * y.s[0] + k * y.s[1] + p * y.s[2];
-            for (int64_t q = 0; q < s.Q; ++q) yr[q * y.s[3]] = acc[q];
+          const int64_t n = i / s.C, c = i % s.C;
+          dp.fill(s, x.p + n * x.s[0] + c * x.s[1], x.s[2], x.s[3], xp);
+          for (int64_t kk = c * mult; kk < (c + 1) * mult; ++kk) {
+            T* yk = y.p + n * y.s[0] + kk * y.s[1];
+            k.forward(geom, xp, w.p + kk * w.s[0], w.s[2], w.s[3], bias ? bias[kk] : T(0), acc,
+                      direct ? yk : out);
+            if (!direct)
+              for (int64_t p = 0; p < s.P; ++p)
+                for (int64_t q = 0; q < s.Q; ++q) yk[p * y.s[2] + q * y.s[3]] = out[p * s.Q + q];
           }
         }
       },
@@ -463,36 +620,27 @@ void depthwise_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w,
 template <class T>
 void depthwise_backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w,
                              View4<T> dx) {
+  const ConvDepthwiseKernels<T>& k = NNK_ISA_CALL(conv_depthwise_kernels<T>());
   const int64_t mult = s.K / s.C;
+  const DwPlane dp(s);
+  const DwGeom geom = dp.geom(s);
+  const int64_t plane = dp.Hp * dp.Wp;
+  const size_t per = per_thread_lines<T>(plane + s.P * s.Q);  // dx plane, one dy plane
   const int nt = in_parallel_region() ? 1 : num_threads();
-  T* rows = thread_scratch<T>(Scratch::conv, size_t(s.W) * s.H * nt + 1);
+  T* scratch = thread_scratch<T>(Scratch::conv, per * nt + 1);
   parallel_for(
       s.N * s.C, 1,
       [&](int64_t b, int64_t e) {
-        T* plane = rows + size_t(s.W) * s.H * thread_id();  // dx[n, c] accumulated contiguously
+        T* dxp = scratch + per * size_t(thread_id());  // dx[n, c] over the padded plane
+        T* dyp = dxp + plane;
         for (int64_t i = b; i < e; ++i) {
           const int64_t n = i / s.C, c = i % s.C;
-          std::fill(plane, plane + s.H * s.W, T(0));
-          for (int64_t j = 0; j < mult; ++j) {
-            const int64_t k = c * mult + j;
-            const T* wk = w.p + k * w.s[0];
-            for (int64_t p = 0; p < s.P; ++p) {
-              const T* dyr = dy.p + n * dy.s[0] + k * dy.s[1] + p * dy.s[2];
-              for_each_tap(
-                  s, p,
-                  [&](int64_t r, int64_t t, int64_t ih, int64_t lo, int64_t hi, int64_t woff) {
-                    const T wv = wk[r * w.s[2] + t * w.s[3]];
-                    T* dxr = plane + ih * s.W + woff;
-                    if (s.sw == 1)
-                      axpy(dxr + lo, wv, dyr + lo * dy.s[3], dy.s[3], hi - lo);
-                    else
-                      for (int64_t q = lo; q < hi; ++q) dxr[q * s.sw] += wv * dyr[q * dy.s[3]];
-                  });
-            }
+          std::fill(dxp, dxp + plane, T(0));
+          for (int64_t kk = c * mult; kk < (c + 1) * mult; ++kk) {
+            gather_plane(s, dy.p + n * dy.s[0] + kk * dy.s[1], dy.s[2], dy.s[3], dyp);
+            k.backward_data(geom, dyp, w.p + kk * w.s[0], w.s[2], w.s[3], dxp);
           }
-          T* out = dx.p + n * dx.s[0] + c * dx.s[1];
-          for (int64_t h = 0; h < s.H; ++h)
-            for (int64_t q = 0; q < s.W; ++q) out[h * dx.s[2] + q * dx.s[3]] = plane[h * s.W + q];
+          dp.crop(s, dxp, dx.p + n * dx.s[0] + c * dx.s[1], dx.s[2], dx.s[3]);
         }
       },
       nt);
@@ -501,36 +649,36 @@ void depthwise_backward_data(const Conv2dShape& s, View4<const T> dy, View4<cons
 template <class T>
 void depthwise_backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy,
                                View4<T> dw, T* dbias) {
+  const ConvDepthwiseKernels<T>& k = NNK_ISA_CALL(conv_depthwise_kernels<T>());
   const int64_t mult = s.K / s.C, RS = s.R * s.S;
+  const DwPlane dp(s);
+  const DwGeom geom = dp.geom(s);
+  const int64_t plane = dp.Hp * dp.Wp;
+  const size_t per = per_thread_lines<T>(plane + s.P * s.Q);  // x plane, dy plane
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  T* scratch = thread_scratch<T>(Scratch::conv, per * nt + 1);
   // One output channel per work item: its R*S taps (and bias) summed over images and rows,
-  // each row's dot product in T, the rows in float64.
-  parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<double> acc(size_t(RS) + 1);
-    for (int64_t k = k0; k < k1; ++k) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t n = 0; n < s.N; ++n) {
-        const T* xc = x.p + n * x.s[0] + (k / mult) * x.s[1];
-        for (int64_t p = 0; p < s.P; ++p) {
-          const T* dyr = dy.p + n * dy.s[0] + k * dy.s[1] + p * dy.s[2];
-          if (dbias) {
-            const T one = T(1);
-            acc[size_t(RS)] += double(dot(dyr, dy.s[3], &one, 0, s.Q));
+  // each row's sum in T, the rows in float64.
+  parallel_for(
+      s.K, 1,
+      [&](int64_t k0, int64_t k1) {
+        T* xp = scratch + per * size_t(thread_id());
+        T* dyp = xp + plane;
+        std::vector<double> acc(size_t(RS) + 1);
+        for (int64_t kk = k0; kk < k1; ++kk) {
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t n = 0; n < s.N; ++n) {
+            dp.fill(s, x.p + n * x.s[0] + (kk / mult) * x.s[1], x.s[2], x.s[3], xp);
+            gather_plane(s, dy.p + n * dy.s[0] + kk * dy.s[1], dy.s[2], dy.s[3], dyp);
+            k.backward_weight(geom, dyp, xp, dbias != nullptr, acc.data());
           }
-          for_each_tap(
-              s, p, [&](int64_t r, int64_t t, int64_t ih, int64_t lo, int64_t hi, int64_t woff) {
-                const int64_t step = s.sw * x.s[3];
-                acc[size_t(r * s.S + t)] +=
-                    double(dot(dyr + lo * dy.s[3], dy.s[3],
-                               xc + ih * x.s[2] + woff * x.s[3] + lo * step, step, hi - lo));
-              });
+          for (int64_t r = 0; r < s.R; ++r)
+            for (int64_t t = 0; t < s.S; ++t)
+              dw.p[kk * dw.s[0] + r * dw.s[2] + t * dw.s[3]] = T(acc[size_t(r * s.S + t)]);
+          if (dbias) dbias[kk] = T(acc[size_t(RS)]);
         }
-      }
-      for (int64_t r = 0; r < s.R; ++r)
-        for (int64_t t = 0; t < s.S; ++t)
-          dw.p[k * dw.s[0] + r * dw.s[2] + t * dw.s[3]] = T(acc[size_t(r * s.S + t)]);
-      if (dbias) dbias[k] = T(acc[size_t(RS)]);
-    }
-  });
+      },
+      nt);
 }
 
 // -------------------------------------------------------------------------- small feature maps
@@ -1039,3 +1187,4 @@ NNK_INSTANTIATE_CONV(double)
 
 }  // namespace cpu
 }  // namespace nnk
+#endif  // NNK_BASELINE_PASS
