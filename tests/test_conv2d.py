@@ -46,6 +46,8 @@ CASES = [
     ("merged: 8x8, no padding", 9, 5, 8, 8, 7, 3, 3, dict()),
     ("merged: 2x2 maps", 5, 20, 2, 2, 9, 3, 3, dict(padding=1)),
     ("merged: 1x1 maps", 3, 17, 1, 1, 6, 3, 3, dict(padding=1)),
+    # 16+ channels, stride 1 and K <= N*PQ: the data gradient is the transposed forward, merged
+    ("merged: wide, transposed data gradient", 6, 16, 7, 7, 8, 3, 3, dict(padding=1)),
     ("merged: 1x1 stride 2", 4, 18, 8, 8, 10, 1, 1, dict(stride=2)),
     # 41 x 81 = 3321 columns: forward chunks of 2048 end inside an image
     ("merged: chunks split images", 41, 3, 9, 9, 5, 3, 3, dict(padding=1)),

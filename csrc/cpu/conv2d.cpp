@@ -962,10 +962,13 @@ void backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, Vi
   const Geometry<T> gm(s);
   if (s.N == 0 || s.C == 0) return;
   if (is_depthwise(s)) return depthwise_backward_data(s, dy, w, dx);
-  if (merged(gm.PQ)) return backward_data_merged(s, gm, dy, w, dx);
   // The transposed forward's GEMM has Cg rows: with fewer than ~16 it only packs, col2im is
-  // faster (C = 1 first layers, depthwise).
-  if (s.sh == 1 && s.sw == 1 && gm.Cg >= 16) {
+  // faster (C = 1 first layers, depthwise). On small maps it also transposes the weight
+  // (C x Kg x R x S) where merged col2im scatters C x R x S x N*PQ: the smaller of the two.
+  const bool transposed = s.sh == 1 && s.sw == 1 && gm.Cg >= 16;
+  if (merged(gm.PQ) && !(transposed && gm.Kg <= s.N * gm.PQ))
+    return backward_data_merged(s, gm, dy, w, dx);
+  if (transposed) {
     // dx[c, h, w] = sum_{k, r, t} w[k, c, r, t] dy[k, h + ph - r dh, w + pw - t dw]: a stride-1
     // forward convolution of dy (K channels, P x Q) with w~[c, k, r', t'] = w[k, c, R-1-r',
     // S-1-t'] per group, padded by dh - ph on top and (S-1) dw - pw on the left (negative

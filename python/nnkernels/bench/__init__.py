@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing, profile each case of suites that support it (models) and show "
+        "the time per layer kind, ours vs torch",
+    )
+    p.add_argument(
         "--plot",
         metavar="FILE.png",
         help="also draw the speedups as a bar chart (needs matplotlib: pip install nnkernels[plot])",
@@ -86,6 +92,8 @@ def run(args) -> int:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
         torch.backends.cudnn.allow_tf32 = False
+    if args.profile:
+        return _profile(ops, args)
     budget = args.budget or (0.6 if args.quick else 2.0)
     torch.manual_seed(0)
     info = harness.machine_info(args.device)
@@ -106,6 +114,21 @@ def run(args) -> int:
     if args.plot:
         harness.plot(args.plot, results, info)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _profile(ops, args) -> int:
+    profiled = [op for op in ops if hasattr(MODULES[_names.index(op)], "profile")]
+    if not profiled:
+        print(
+            f"nnkernels bench: --profile supports {[n for n, m in zip(_names, MODULES) if hasattr(m, 'profile')]}"
+        )
+        return 2
+    for op in profiled:
+        mod = MODULES[_names.index(op)]
+        for case in SUITES[op](args.device, args.quick):
+            harness.progress(f"[{op}] profiling {case.name} ...")
+            print(mod.format_profile(case.name, mod.profile(case)), flush=True)
     return 0
 
 
