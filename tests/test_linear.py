@@ -42,7 +42,11 @@ def _check_linear(x, w, b):
     "lead,in_f,out_f",
     [
         ((256,), 784, 300),  # the course MLP's first layer
-        ((1,), 784, 300),  # small batches: computed as C^T = W . x^T
+        ((1,), 784, 300),  # small batches: computed as C^T = W . x^T, as dot products
+        ((2,), 67, 13),  # dot products: rows in blocks of 4 and a tail, k tail past the lanes
+        ((3,), 129, 6),
+        ((4,), 64, 2),
+        ((5,), 64, 7),  # 5 columns: the tile path again
         ((8,), 512, 2048),
         ((64,), 129, 1000),
         ((64,), 300, 100),

@@ -92,6 +92,10 @@ SKINNY = [
     (64, 1000, 70),
     (65, 1000, 70),
     (7, 4100, 20),
+    # N <= 4 with A's rows and B's columns contiguous ("tb"): dot products; other layouts tiles
+    (9, 1, 64),
+    (13, 3, 100),
+    (6, 4, 257),
 ]
 
 

@@ -19,8 +19,8 @@
 //
 // Skinny shapes (BLIS's "sup" idea): packing pays only when the packed panel is reused.
 //   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed.
-//   - M of at most kSmallMTiles tiles and B row-major: B rows are read in place, no packing and
-//     no barriers.
+//   - M of at most kSmallMTiles tiles and B row-major and small (kInPlaceMaxB): B rows are read
+//     in place, no packing and no barriers.
 //   - M small and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is computed instead,
 //     so the large weight is streamed in place once and only the small A^T is packed.
 // Partial tiles of an operand read in place are packed into a small per-thread buffer.
@@ -45,6 +45,7 @@ struct GemmTile {
   static constexpr int W = S::W;
   static constexpr int NR = NV * W;
   static_assert(MR * NR <= cpu::kMaxTileElems, "tile larger than the driver's edge buffer");
+  static constexpr int kPrefetchA = 8;
 
   // One MR x NR tile of C over kc steps of k:
   //   C[i*rsc + j] = alpha * sum_k A(i, k) * b[k*rsb + j] + beta * C[i*rsc + j] (+ biases)
@@ -74,6 +75,8 @@ struct GemmTile {
 
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
+      // The packed A panel streams from L2: fetch it kPrefetchA steps ahead.
+      if (kPackedA) __builtin_prefetch(a + kPrefetchA * MR, 0, 3);
       V bv[NV];
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) bv[j] = S::load(b + j * W);
@@ -138,6 +141,67 @@ struct GemmTile {
       for (int j = 0; j < NV; ++j) s = S::add(s, acc[i][j]);
     S::store(sink, s);
     return iters * MR * NV * W * 2;
+  }
+
+  // dot_rows (gemm.h) for NX columns: four rows at a time, W lanes of k per step, so A streams
+  // through once in long runs. Each dot is W partial sums then their total.
+  template <int NX>
+  static void dot_rows_n(int64_t m, int64_t k, const T* a, int64_t rsa, const T* b, int64_t csb,
+                         T* c, int64_t rsc, int64_t csc, T alpha, T beta, const T* bias_m,
+                         const T* bias_n) {
+    constexpr int RB = 4;
+    for (int64_t i0 = 0; i0 < m; i0 += RB) {
+      const int rows = m - i0 < RB ? int(m - i0) : RB;
+      V acc[RB][NX];
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < NX; ++j) acc[r][j] = S::zero();
+      const T* ar[RB];
+      for (int r = 0; r < RB; ++r) ar[r] = a + (i0 + (r < rows ? r : 0)) * rsa;
+      int64_t p = 0;
+      for (; p + W <= k; p += W) {
+        V bv[NX];
+#pragma GCC unroll 4
+        for (int j = 0; j < NX; ++j) bv[j] = S::load(b + j * csb + p);
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) {
+          const V av = S::load(ar[r] + p);
+#pragma GCC unroll 4
+          for (int j = 0; j < NX; ++j) acc[r][j] = S::fma(av, bv[j], acc[r][j]);
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < NX; ++j) {
+          alignas(64) T lanes[W];
+          S::store(lanes, acc[r][j]);
+          T sum = T(0);
+          for (int l = 0; l < W; ++l) sum += lanes[l];
+          for (int64_t q = p; q < k; ++q) sum += ar[r][q] * b[j * csb + q];
+          T& out = c[(i0 + r) * rsc + j * csc];
+          T v = alpha * sum;
+          if (beta != T(0)) v += beta * out;
+          if (bias_n) v += bias_n[j];
+          if (bias_m) v += bias_m[i0 + r];
+          out = v;
+        }
+    }
+  }
+
+  static void dot_rows(int64_t m, int64_t k, int64_t n, const T* a, int64_t rsa, const T* b,
+                       int64_t csb, T* c, int64_t rsc, int64_t csc, T alpha, T beta,
+                       const T* bias_m, const T* bias_n) {
+    static_assert(cpu::kDotCols == 4, "one instance per column count");
+    switch (n) {
+      case 1:
+        return dot_rows_n<1>(m, k, a, rsa, b, csb, c, rsc, csc, alpha, beta, bias_m, bias_n);
+      case 2:
+        return dot_rows_n<2>(m, k, a, rsa, b, csb, c, rsc, csc, alpha, beta, bias_m, bias_n);
+      case 3:
+        return dot_rows_n<3>(m, k, a, rsa, b, csb, c, rsc, csc, alpha, beta, bias_m, bias_n);
+      default:
+        return dot_rows_n<4>(m, k, a, rsa, b, csb, c, rsc, csc, alpha, beta, bias_m, bias_n);
+    }
   }
 
 #if defined(NNK_HAVE_BLOCK_TRANSPOSE)
@@ -258,9 +322,9 @@ struct GemmTile {
 template <class T, int MR, int NV>
 constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc, int nc) {
   using K = GemmTile<T, MR, NV>;
-  return cpu::GemmUKernel<T>{name,       MR,         K::NR,       mc,
-                             kc,         nc,         &K::tile,    &K::tile_strided_a,
-                             &K::pack_a, &K::pack_b, &K::fma_loop};
+  return cpu::GemmUKernel<T>{name,       MR,         K::NR,        mc,
+                             kc,         nc,         &K::tile,     &K::tile_strided_a,
+                             &K::pack_a, &K::pack_b, &K::fma_loop, &K::dot_rows};
 }
 
 // The kernels of this pass. AVX-512 (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4): 32 zmm
@@ -397,6 +461,10 @@ constexpr int64_t kWholeKBytes = 4 << 20;
 // Skinny thresholds (see the header comment).
 constexpr int64_t kSkinnyPanels = 4;
 constexpr int64_t kSmallMTiles = 2;
+constexpr int64_t kInPlaceMaxB = 1 << 18;  // elements
+// dot_rows below this K: the tile path's overheads are no longer the cost (and tests keep its
+// narrow-N edge paths).
+constexpr int64_t kDotMinK = 64;
 
 // K and N blocks: no larger than the kernel's, and balanced (K = 300 runs as 150 + 150, not
 // 256 + 44). They depend on K, N and the kernel only, so a B packed ahead (gemm_pack_b) matches
@@ -453,7 +521,11 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   const int64_t mb = ceil_div(rows, uk.mc);
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
   p.pack_a = !(ntiles <= kSkinnyPanels && (g.csa == 1 || g.rsa == 1));
-  p.pack_b = g.packed_b || g.pack_b_fn || !(mtiles <= kSmallMTiles && g.csb == 1);
+  // B rows in place only while B is small: a tile reads kc rows rsb apart, as many concurrent
+  // streams, which the prefetchers cannot follow through a large B (dX = dY . W of VGG's
+  // 4096 x 25088 layer at batch 8 read W at 4 GB/s in place; packing reads it in long runs).
+  p.pack_b = g.packed_b || g.pack_b_fn ||
+             !(mtiles <= kSmallMTiles && g.csb == 1 && g.K * g.N <= kInPlaceMaxB);
   p.whole_k = p.pack_b && !g.packed_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
   p.bsize = p.pack_b && !g.packed_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
   p.per_thread = size_t((p.pack_a ? p.mc : uk.mr) * p.kc + p.kc * uk.nr);
@@ -693,11 +765,35 @@ inline int resolve_threads(int nthreads) {
 
 }  // namespace
 
+// A few columns, with A's rows and B's columns contiguous in k: GemmUKernel::dot_rows.
+template <class T>
+bool dot_shaped(const Gemm<T>& g) {
+  return g.N <= kDotCols && g.csa == 1 && g.rsb == 1 && !g.pack_b_fn && !g.packed_b &&
+         g.K >= kDotMinK;
+}
+
+template <class T>
+void run_dots(const Gemm<T>& g, const GemmUKernel<T>& uk, int nt) {
+  const double flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
+  const int64_t by_work = int64_t(flops / kMinFlopsPerThread);
+  if (by_work < nt) nt = by_work < 1 ? 1 : int(by_work);
+  const int64_t blocks = ceil_div(g.M, 4);  // dot_rows takes rows four at a time
+  parallel_for(
+      blocks, 1,
+      [&](int64_t b0, int64_t b1) {
+        const int64_t i0 = b0 * 4, i1 = min64(g.M, b1 * 4);
+        uk.dot_rows(i1 - i0, g.K, g.N, g.A + i0 * g.rsa, g.rsa, g.B, g.csb, g.C + i0 * g.rsc, g.rsc,
+                    g.csc, g.alpha, g.beta, g.bias_m ? g.bias_m + i0 : nullptr, g.bias_n);
+      },
+      nt);
+}
+
 template <class T>
 size_t gemm_workspace(const Gemm<T>& g, int nthreads) {
   if (g.M <= 0 || g.N <= 0 || g.K <= 0 || g.alpha == T(0)) return 0;
   const GemmUKernel<T>& uk = gemm_ukernel_for<T>(g.N);
-  return make_plan(oriented(g, uk), uk, resolve_threads(nthreads)).workspace;
+  const Gemm<T> h = oriented(g, uk);
+  return dot_shaped(h) ? 0 : make_plan(h, uk, resolve_threads(nthreads)).workspace;
 }
 
 template <class T>
@@ -709,6 +805,7 @@ void gemm(const Gemm<T>& g, int nthreads, T* workspace) {
   }
   const GemmUKernel<T>& uk = gemm_ukernel_for<T>(g.N);
   const Gemm<T> h = oriented(g, uk);
+  if (dot_shaped(h)) return run_dots(h, uk, resolve_threads(nthreads));
   run(h, uk, make_plan(h, uk, resolve_threads(nthreads)), workspace);
 }
 

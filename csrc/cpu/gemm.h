@@ -71,6 +71,13 @@ struct GemmUKernel {
   void (*pack_b)(int64_t k, int64_t n, const T* b, int64_t rsb, int64_t csb, T* dst);
   // FMA-throughput probe with the kernel's register budget; returns flops executed (see peak.cpp).
   int64_t (*fma_loop)(int64_t iters, T* sink);
+  // Products with at most kDotCols columns whose A rows and B columns are both contiguous in k
+  // (Linear at batch <= 4, computed as W . X^T): dot products instead of tiles, which would
+  // compute NR columns for n. Rows [0, m) of
+  //   C[i*rsc + j*csc] = alpha * sum_p a[i*rsa + p] * b[j*csb + p] + beta * C (+ biases), j < n.
+  void (*dot_rows)(int64_t m, int64_t k, int64_t n, const T* a, int64_t rsa, const T* b,
+                   int64_t csb, T* c, int64_t rsc, int64_t csc, T alpha, T beta, const T* bias_m,
+                   const T* bias_n);
 };
 
 // The table of the active ISA (common/isa.h); peak.cpp runs its fma_loop.
@@ -78,6 +85,7 @@ template <class T>
 const GemmUKernel<T>& active_gemm_ukernel();
 
 constexpr int kMaxTileElems = 512;  // largest mr*nr of any kernel (14x32)
+constexpr int kDotCols = 4;         // GemmUKernel::dot_rows: at most this many columns
 
 // AVX-512 tiles and cache blocks (gemm.cpp). The avx2 pass also builds the same template at
 // this geometry, reachable only through set_emulated_avx512_tiles(), so machines without AVX-512
