@@ -2,7 +2,7 @@
 input, weight and bias on shapes that hit every path (merged columns for small maps, one image at
 a time for larger ones, im2col chunks, pointwise GEMM, groups and depthwise, strides, dilation,
 asymmetric 'same' padding, C = 1, batch of 1, kernel as large as the input), memory formats,
-threads, every ISA, gradcheck, padding modes and bad input."""
+threads, every ISA, gradcheck, padding modes and bad input; Winograd F(2x2, 3x3) for 3x3 stride 1."""
 
 import copy
 
@@ -53,6 +53,12 @@ CASES = [
     ("merged: chunks split images", 41, 3, 9, 9, 5, 3, 3, dict(padding=1)),
     # CRS = 1440: the weight gradient's chunks of 1456 pixels (7 x 225 = 1575 columns)
     ("merged: weight-gradient chunks", 7, 160, 15, 15, 4, 3, 3, dict(padding=1)),
+    # 3x3 stride 1, 64+ channels each way, 64+ 2x2 output tiles: Winograd F(2x2, 3x3) (forward,
+    # and the data gradient as the transposed forward)
+    ("winograd: odd map, pad 1", 3, 64, 13, 11, 64, 3, 3, dict(padding=1)),
+    ("winograd: no padding", 2, 72, 19, 20, 65, 3, 3, dict()),
+    ("winograd: asymmetric pad, groups", 2, 128, 16, 15, 128, 3, 3, dict(padding=(2, 0), groups=2)),
+    ("winograd: tile chunks", 2, 256, 24, 24, 256, 3, 3, dict(padding=1)),
     # maps of >= 256 output pixels: one image at a time (or images side by side on the threads)
     ("per-image: 3x3 16x16", 3, 5, 16, 16, 7, 3, 3, dict(padding=1)),
     ("per-image: stride 2", 2, 6, 33, 34, 7, 3, 3, dict(stride=2, padding=1)),
@@ -65,6 +71,7 @@ FAST = [
     "merged: groups, stride 2",
     "merged: 2x2 maps",
     "per-image: 3x3 16x16",
+    "winograd: odd map, pad 1",
     "1x1 pointwise",
     "depthwise",
     "chunked im2col",

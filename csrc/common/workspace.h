@@ -6,7 +6,14 @@
 
 namespace nnk {
 
-enum class Scratch : int { gemm = 0, conv = 1, conv_weight = 2, lstm_weight = 3, count = 4 };
+enum class Scratch : int {
+  gemm = 0,
+  conv = 1,
+  conv_weight = 2,
+  lstm_weight = 3,
+  winograd_filter = 4,
+  count = 5
+};
 
 // At least `bytes` of this thread's scratch in `slot`; throws std::bad_alloc when it cannot grow.
 // Call it outside parallel regions (an exception there would terminate the process).

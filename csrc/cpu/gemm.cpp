@@ -827,9 +827,12 @@ void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64
     gb.C += b * sc;
     return gb;
   };
-  // Items too small to keep every thread busy run whole, one per thread, side by side.
+  // Items too small to keep every thread busy run whole, one per thread, side by side; so do
+  // mid-sized items when there are at least two per thread (Winograd's 16 products of 128^3:
+  // a fork, a join and barriers per product cost more than the imbalance of whole items).
   const double item_flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
-  if (nt == 1 || batch < nt || item_flops > nt * 8 * kMinFlopsPerThread) {
+  const bool large = item_flops > nt * (batch >= 2 * nt ? 64 : 8) * kMinFlopsPerThread;
+  if (nt == 1 || batch < nt || large) {
     for (int64_t b = 0; b < batch; ++b) gemm(item(b), nt);
     return;
   }
