@@ -62,6 +62,8 @@ struct ConvWinogradKernels {
   void (*input_row)(const T* d, int64_t ld, int64_t tw, T* v, int64_t vld);
   // y: 2 rows of 2 tw columns (row stride ldy) = A^T m_tx A + bias, m[xi * mld + tx].
   void (*output_row)(const T* m, int64_t mld, int64_t tw, T bias, T* y, int64_t ldy);
+  // The adjoint of output_row: m[xi * mld + tx] = (A dy_tx A^T)[xi] for the 2x2 tiles of dy.
+  void (*grad_output_row)(const T* dy, int64_t ldy, int64_t tw, T* m, int64_t mld);
 };
 }  // namespace cpu
 
@@ -109,7 +111,24 @@ struct WinogradLoops {
     }
   }
 
-  static constexpr cpu::ConvWinogradKernels<T> table() { return {input_row, output_row}; }
+  static void grad_output_row(const T* __restrict dy, int64_t ldy, int64_t tw, T* __restrict m,
+                              int64_t mld) {
+    for (int64_t q = 0; q < tw; ++q) {
+      const T y00 = dy[2 * q], y01 = dy[2 * q + 1], y10 = dy[ldy + 2 * q],
+              y11 = dy[ldy + 2 * q + 1];
+      const T r[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
+      for (int i = 0; i < 4; ++i) {
+        m[(4 * i + 0) * mld + q] = r[i][0];
+        m[(4 * i + 1) * mld + q] = r[i][0] + r[i][1];
+        m[(4 * i + 2) * mld + q] = r[i][0] - r[i][1];
+        m[(4 * i + 3) * mld + q] = -r[i][1];
+      }
+    }
+  }
+
+  static constexpr cpu::ConvWinogradKernels<T> table() {
+    return {input_row, output_row, grad_output_row};
+  }
 };
 
 NNK_ISA_TABLE(conv_winograd_kernels, cpu::ConvWinogradKernels, WinogradLoops)
@@ -973,12 +992,13 @@ void backward_weight_merged(const Conv2dShape& s, const Geometry<T>& gm, View4<c
 // as 16 GEMMs (one per position xi of the 4x4 transform): M_xi (Kg x T) = U_xi (Kg x Cg) .
 // V_xi (Cg x T) over the T tiles of every image. F(2x2, 3x3)'s transforms have entries 0, +-1 and
 // +-1/2, so its float error stays close to the direct sum's (larger tiles, F(4x4, 3x3), lose too
-// much float32 precision for the parity rule and are not used). Tiles run in chunks that keep V
+// much float32 precision for the parity rule and are not used). The weight gradient is the
+// adjoint of the same three steps. Tiles run in chunks that keep V
 // and M near the caches. With fewer than 64 channels either way the 16 products are too skinny
 // to gain (the course CNN's 64 -> 32 at 8x8 ran 10% slower than the direct GEMM); measured on the
 // 2-vCPU Xeon against the direct path, forward, torch/ours: 128 ch 28x28 0.83 -> 1.25, 256 ch
 // 14x14 0.72 -> 1.03, 64 ch 56x56 0.77 -> 0.91.
-constexpr int64_t kWinogradMinTiles = 64;
+constexpr int64_t kWinogradMinTiles = 32;
 constexpr int64_t kWinogradMinChannels = 64;
 constexpr int64_t kWinogradBudget = int64_t(1) << 21;  // elements of V + M per chunk of rows
 
@@ -1009,23 +1029,90 @@ inline void winograd_filter(const T* g, int64_t gs2, int64_t gs3, T* u, int64_t 
   }
 }
 
+// g (3x3, strides gs2, gs3) = G^T du G for the 16 positions of du (ld apart): the adjoint of
+// winograd_filter.
+template <class T>
+inline void winograd_filter_grad(const T* du, int64_t ld, T* g, int64_t gs2, int64_t gs3) {
+  T a[3][4];  // G^T du
+  for (int j = 0; j < 4; ++j) {
+    const T d0 = du[(0 * 4 + j) * ld], d1 = du[(1 * 4 + j) * ld], d2 = du[(2 * 4 + j) * ld],
+            d3 = du[(3 * 4 + j) * ld];
+    a[0][j] = d0 + T(0.5) * (d1 + d2);
+    a[1][j] = T(0.5) * (d1 - d2);
+    a[2][j] = T(0.5) * (d1 + d2) + d3;
+  }
+  for (int i = 0; i < 3; ++i) {
+    g[i * gs2 + 0 * gs3] = a[i][0] + T(0.5) * (a[i][1] + a[i][2]);
+    g[i * gs2 + 1 * gs3] = T(0.5) * (a[i][1] - a[i][2]);
+    g[i * gs2 + 2 * gs3] = T(0.5) * (a[i][1] + a[i][2]) + a[i][3];
+  }
+}
+
 // The transforms run a whole row of tiles at a time (the per-ISA row loops above), from the four
-// zero-bordered input rows the tile row reads.
+// zero-bordered input rows the tile row reads. Tile rows (n, ty) run in chunks of rc.
+struct WinogradPlan {
+  int64_t th, tw, rows, rc, ld, vld, mld, uld;
+  WinogradPlan(const Conv2dShape& s, int64_t Cg, int64_t Kg)
+      : th((s.P + 1) / 2), tw((s.Q + 1) / 2), rows(s.N * th) {
+    rc = min64(rows, max64(1, kWinogradBudget / (16 * (Cg + Kg) * tw)));
+    ld = 2 * tw + 2;  // columns of the input rows a tile row reads
+    // The 16 planes of U, V and M are written / read together: planes a multiple of 4 KiB apart
+    // would share L1 sets (16 streams in 12 ways), so they are padded.
+    vld = plane(Cg * rc * tw), mld = plane(Kg * rc * tw), uld = plane(Kg * Cg);
+  }
+  static int64_t plane(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+  // This thread's U (or dU), V and M buffers.
+  template <class T>
+  void buffers(T** u, T** v, T** m) const {
+    *u = thread_scratch<T>(Scratch::winograd_filter, size_t(16 * uld));
+    *v = thread_scratch<T>(Scratch::conv, size_t(16 * (vld + mld)));
+    *m = *v + 16 * vld;
+  }
+};
+
+// V (16 x Cg x nr*tw, planes vld apart) = B^T d B for the tiles of tile rows [r0, r0 + nr) of
+// group g, zero outside the image.
+template <class T>
+void winograd_input_tiles(const Conv2dShape& s, const Geometry<T>& gm, const WinogradPlan& wp,
+                          View4<const T> x, int64_t g, int64_t r0, int64_t nr, T* v, int nt) {
+  const ConvWinogradKernels<T>& wk = NNK_ISA_CALL(conv_winograd_kernels<T>());
+  const int64_t tw = wp.tw, ld = wp.ld, tn = nr * tw;
+  parallel_for(
+      gm.Cg, 1,
+      [&](int64_t c0, int64_t c1) {
+        std::vector<T> buf(size_t(4 * ld));  // 4 input rows, from column -pw, zero-bordered
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t rr = 0; rr < nr; ++rr) {
+            const int64_t n = (r0 + rr) / wp.th, ty = (r0 + rr) % wp.th;
+            const T* xc = x.p + n * x.s[0] + (g * gm.Cg + c) * x.s[1];
+            for (int i = 0; i < 4; ++i) {
+              T* d = buf.data() + i * ld;
+              const int64_t ih = 2 * ty - s.ph + i;
+              int64_t lo = 0, hi = 0;  // buffer columns that hold input
+              if (ih >= 0 && ih < s.H) {
+                lo = min64(ld, max64(0, s.pw));
+                hi = max64(lo, min64(ld, s.W + s.pw));
+              }
+              for (int64_t q = 0; q < lo; ++q) d[q] = T(0);
+              if (hi > lo)
+                copy_run(d + lo, xc + ih * x.s[2] + (lo - s.pw) * x.s[3], hi - lo, x.s[3]);
+              for (int64_t q = hi; q < ld; ++q) d[q] = T(0);
+            }
+            wk.input_row(buf.data(), ld, tw, v + c * tn + rr * tw, wp.vld);
+          }
+      },
+      nt);
+}
+
 template <class T>
 void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> x,
                       View4<const T> w, const T* bias, View4<T> y) {
   const int nt = in_parallel_region() ? 1 : num_threads();
-  const int64_t th = (s.P + 1) / 2, tw = (s.Q + 1) / 2, rows = s.N * th;  // tile rows (n, ty)
-  const int64_t rc = min64(rows, max64(1, kWinogradBudget / (16 * (gm.Cg + gm.Kg) * tw)));
-  // The 16 planes of U, V and M are written / read together: planes a multiple of 4 KiB apart
-  // would share L1 sets (16 streams in 12 ways), so they are padded.
-  auto plane = [](int64_t n) { return (n + 15) / 16 * 16 + 16; };
-  const int64_t Tc = rc * tw, vld = plane(gm.Cg * Tc), mld = plane(gm.Kg * Tc);
-  const int64_t uld = plane(gm.Kg * gm.Cg);
-  T* u = thread_scratch<T>(Scratch::winograd_filter, size_t(16 * uld));
-  T* v = thread_scratch<T>(Scratch::conv, size_t(16 * (vld + mld)));
-  T* m = v + 16 * vld;
-  const int64_t ld = 2 * tw + 2;  // columns of the input rows a tile row reads
+  const WinogradPlan wp(s, gm.Cg, gm.Kg);
+  const int64_t tw = wp.tw, mld = wp.mld;
+  T *u, *v, *m;
+  wp.buffers(&u, &v, &m);
   const ConvWinogradKernels<T>& wk = NNK_ISA_CALL(conv_winograd_kernels<T>());
   for (int64_t g = 0; g < s.groups; ++g) {
     // U (16 x Kg x Cg)
@@ -1035,44 +1122,19 @@ void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T
           for (int64_t k = k0; k < k1; ++k)
             for (int64_t c = 0; c < gm.Cg; ++c)
               winograd_filter(w.p + (g * gm.Kg + k) * w.s[0] + c * w.s[1], w.s[2], w.s[3],
-                              u + k * gm.Cg + c, uld);
+                              u + k * gm.Cg + c, wp.uld);
         },
         nt);
-    for (int64_t r0 = 0; r0 < rows; r0 += rc) {
-      const int64_t nr = min64(rc, rows - r0), tn = nr * tw;
-      // V (16 x Cg x tn) = B^T d B for every tile, zero outside the image
-      parallel_for(
-          gm.Cg, 1,
-          [&](int64_t c0, int64_t c1) {
-            std::vector<T> buf(size_t(4 * ld));  // 4 input rows, from column -pw, zero-bordered
-            for (int64_t c = c0; c < c1; ++c)
-              for (int64_t rr = 0; rr < nr; ++rr) {
-                const int64_t n = (r0 + rr) / th, ty = (r0 + rr) % th;
-                const T* xc = x.p + n * x.s[0] + (g * gm.Cg + c) * x.s[1];
-                for (int i = 0; i < 4; ++i) {
-                  T* d = buf.data() + i * ld;
-                  const int64_t ih = 2 * ty - s.ph + i;
-                  int64_t lo = 0, hi = 0;  // buffer columns that hold input
-                  if (ih >= 0 && ih < s.H) {
-                    lo = min64(ld, max64(0, s.pw));
-                    hi = max64(lo, min64(ld, s.W + s.pw));
-                  }
-                  for (int64_t q = 0; q < lo; ++q) d[q] = T(0);
-                  if (hi > lo)
-                    copy_run(d + lo, xc + ih * x.s[2] + (lo - s.pw) * x.s[3], hi - lo, x.s[3]);
-                  for (int64_t q = hi; q < ld; ++q) d[q] = T(0);
-                }
-                wk.input_row(buf.data(), ld, tw, v + c * tn + rr * tw, vld);
-              }
-          },
-          nt);
+    for (int64_t r0 = 0; r0 < wp.rows; r0 += wp.rc) {
+      const int64_t nr = min64(wp.rc, wp.rows - r0), tn = nr * tw;
+      winograd_input_tiles(s, gm, wp, x, g, r0, nr, v, nt);
       // M_xi = U_xi . V_xi for the 16 positions
       Gemm<T> gg;
       gg.M = gm.Kg, gg.N = tn, gg.K = gm.Cg;
       gg.A = u, gg.rsa = gm.Cg, gg.csa = 1;
       gg.B = v, gg.rsb = tn, gg.csb = 1;
       gg.C = m, gg.rsc = tn, gg.csc = 1;
-      gemm_batched(gg, 16, uld, vld, mld, nt);
+      gemm_batched(gg, 16, wp.uld, wp.vld, mld, nt);
       // Y tiles = A^T M A (+ bias), cropped at odd P, Q
       parallel_for(
           gm.Kg, 1,
@@ -1082,7 +1144,7 @@ void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T
               const T b0 = bias ? bias[g * gm.Kg + k] : T(0);
               T* yg = y.p + (g * gm.Kg + k) * y.s[1];
               for (int64_t rr = 0; rr < nr; ++rr) {
-                const int64_t n = (r0 + rr) / th, p0 = 2 * ((r0 + rr) % th);
+                const int64_t n = (r0 + rr) / wp.th, p0 = 2 * ((r0 + rr) % wp.th);
                 wk.output_row(m + k * tn + rr * tw, mld, tw, b0, out.data(), 2 * tw);
                 for (int i = 0; i < 2 && p0 + i < s.P; ++i)
                   copy_out(yg + n * y.s[0] + (p0 + i) * y.s[2], y.s[3], out.data() + i * 2 * tw,
@@ -1092,6 +1154,67 @@ void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T
           },
           nt);
     }
+  }
+}
+
+// The weight gradient is the adjoint of the forward's three steps: per chunk of tiles,
+//   dU_xi (Kg x Cg) += dM_xi (Kg x T) . V_xi^T (T x Cg),  dM = A dY_tile A^T,  V as forward,
+// summed over the tiles of every image by the GEMMs (K = T), then dW = G^T dU G.
+template <class T>
+void winograd_backward_weight(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> x,
+                              View4<const T> dy, View4<T> dw, T* dbias) {
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  if (dbias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
+  const WinogradPlan wp(s, gm.Cg, gm.Kg);
+  const int64_t tw = wp.tw, mld = wp.mld;
+  T *du, *v, *m;
+  wp.buffers(&du, &v, &m);
+  const ConvWinogradKernels<T>& wk = NNK_ISA_CALL(conv_winograd_kernels<T>());
+  for (int64_t g = 0; g < s.groups; ++g) {
+    for (int64_t r0 = 0; r0 < wp.rows; r0 += wp.rc) {
+      const int64_t nr = min64(wp.rc, wp.rows - r0), tn = nr * tw;
+      winograd_input_tiles(s, gm, wp, x, g, r0, nr, v, nt);
+      // dM (16 x Kg x tn) from the 2x2 tiles of dy (zero past odd P, Q)
+      parallel_for(
+          gm.Kg, 1,
+          [&](int64_t k0, int64_t k1) {
+            std::vector<T> rows2(size_t(4 * tw), T(0));  // two dy rows of 2 tw
+            for (int64_t k = k0; k < k1; ++k) {
+              const T* dyk = dy.p + (g * gm.Kg + k) * dy.s[1];
+              for (int64_t rr = 0; rr < nr; ++rr) {
+                const int64_t n = (r0 + rr) / wp.th, p0 = 2 * ((r0 + rr) % wp.th);
+                for (int i = 0; i < 2; ++i) {
+                  T* d = rows2.data() + i * 2 * tw;
+                  if (p0 + i < s.P)
+                    copy_run(d, dyk + n * dy.s[0] + (p0 + i) * dy.s[2], s.Q, dy.s[3]);
+                  else
+                    std::fill(d, d + s.Q, T(0));
+                }
+                wk.grad_output_row(rows2.data(), 2 * tw, tw, m + k * tn + rr * tw, mld);
+              }
+            }
+          },
+          nt);
+      // dU_xi (+)= dM_xi . V_xi^T
+      Gemm<T> gg;
+      gg.M = gm.Kg, gg.N = gm.Cg, gg.K = tn;
+      gg.A = m, gg.rsa = tn, gg.csa = 1;
+      gg.B = v, gg.rsb = 1, gg.csb = tn;
+      gg.C = du, gg.rsc = gm.Cg, gg.csc = 1;
+      gg.beta = r0 == 0 ? T(0) : T(1);
+      gemm_batched(gg, 16, mld, wp.vld, wp.uld, nt);
+    }
+    // dW = G^T dU G
+    parallel_for(
+        gm.Kg, 8,
+        [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k)
+            for (int64_t c = 0; c < gm.Cg; ++c)
+              winograd_filter_grad(du + k * gm.Cg + c, wp.uld,
+                                   dw.p + (g * gm.Kg + k) * dw.s[0] + c * dw.s[1], dw.s[2],
+                                   dw.s[3]);
+        },
+        nt);
   }
 }
 
@@ -1180,6 +1303,13 @@ void backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, Vi
     t.Q = s.W;
     t.ph = (s.R - 1) * s.dh - s.ph;
     t.pw = (s.S - 1) * s.dw - s.pw;
+    if (s.groups == 1 && winograd_ok(t)) {
+      // Winograd reads its weight with any strides: w~ is a view of w (dims swapped, taps
+      // reversed), no copy.
+      const View4<const T> wv{w.p + (s.R - 1) * w.s[2] + (s.S - 1) * w.s[3],
+                              {w.s[1], w.s[0], -w.s[2], -w.s[3]}};
+      return winograd_forward<T>(t, Geometry<T>(t), dy, wv, nullptr, dx);
+    }
     const int64_t RS = s.R * s.S;
     T* wt = thread_scratch<T>(Scratch::conv_weight, size_t(s.C * gm.Kg * RS) + 1);
     for (int64_t g = 0; g < s.groups; ++g)
@@ -1244,6 +1374,7 @@ void backward_weight(const Conv2dShape& s, View4<const T> x, View4<const T> dy, 
   const Geometry<T> gm(s);
   if (s.K == 0) return;
   if (is_depthwise(s)) return depthwise_backward_weight(s, x, dy, dw, dbias);
+  if (winograd_ok(s)) return winograd_backward_weight(s, gm, x, dy, dw, dbias);
   if (merged(gm.PQ)) return backward_weight_merged(s, gm, x, dy, dw, dbias);
   const bool pw = gm.pointwise_ok(x);
   // The bias gradient rides along as one more column of B, a row of ones under col: the GEMM
