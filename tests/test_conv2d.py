@@ -59,6 +59,8 @@ CASES = [
     ("winograd: no padding", 2, 72, 19, 20, 65, 3, 3, dict()),
     ("winograd: asymmetric pad, groups", 2, 128, 16, 15, 128, 3, 3, dict(padding=(2, 0), groups=2)),
     ("winograd: tile chunks", 2, 256, 24, 24, 256, 3, 3, dict(padding=1)),
+    # 32 - 63 channels: the weight gradient only
+    ("winograd: weight gradient only", 5, 40, 9, 10, 32, 3, 3, dict(padding=1)),
     # maps of >= 256 output pixels: one image at a time (or images side by side on the threads)
     ("per-image: 3x3 16x16", 3, 5, 16, 16, 7, 3, 3, dict(padding=1)),
     ("per-image: stride 2", 2, 6, 33, 34, 7, 3, 3, dict(stride=2, padding=1)),
