@@ -273,7 +273,17 @@ _KINDS = (
     ("cross_entropy", ("CrossEntropy", "log_softmax", "LogSoftmax", "nll_loss", "NllLoss")),
     (
         "linear",
-        ("LinearFunction", "aten::linear", "aten::addmm", "aten::mm", "Addmm", "MmBackward"),
+        (
+            "LinearFunction",
+            "aten::linear",
+            "aten::addmm",
+            "aten::mm",
+            "Addmm",
+            "MmBackward",
+            "nnkernels::linear",
+            "nnkernels::mm",
+            "nnkernels::sum_rows",
+        ),
     ),
     ("pooling", ("pool", "Pool")),
     ("activation", ("relu", "Relu", "hardtanh", "Hardtanh", "threshold", "clamp")),
@@ -295,14 +305,20 @@ def profile(case: Case, steps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as _profile
 
+    from ..ops import _dispatch
+
     out = {}
     for i, side in enumerate(("ours", "torch")):
         fn = getattr(case, side)
         for _ in range(2):
             fn()
-        with _profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                fn()
+        _dispatch.profiling = True  # our eager kernel calls as nnkernels::<primitive> events
+        try:
+            with _profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    fn()
+        finally:
+            _dispatch.profiling = False
         for e in prof.events():
             kind, up = "other", e
             while up is not None:

@@ -23,6 +23,9 @@ import torch
 from torch.library import custom_op
 
 compiling = torch.compiler.is_compiling
+# Set by the models benchmark's per-layer profile: eager primitive calls then show up in
+# torch.profiler as nnkernels::<name> (without it, calls outside autograd are invisible to it).
+profiling = False
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
@@ -40,10 +43,15 @@ def primitive(name: str, *, fake, mutates_args=(), eager=None):
         op.register_fake(fake)
         run = eager or fn
 
+        label = f"nnkernels::{name}"
+
         @functools.wraps(fn)
         def call(*args):
             if compiling():
                 return op(*args)
+            if profiling:
+                with torch.profiler.record_function(label):
+                    return run(*args)
             return run(*args)
 
         call.op = op  # for torch.library.opcheck and the compile tests
