@@ -789,12 +789,24 @@ struct TapTable {
   int64_t J0 = 0, len = 0;   // merged columns [J0, J0 + len)
   std::vector<int64_t> tap;  // (R*S) x len: offset of x[n, 0, ih, iw] under tap (r, t), or -1
   std::vector<int64_t> pix;  // len: offset of y[n, 0, p, q] (in the strides of y / dy)
+  // y / dy planes contiguous (q unit-stride, rows Q apart): a chunk is runs of whole or partial
+  // planes, copied as such (table_rows).
+  bool flat = false;
+  int64_t PQ = 0, ys0 = 0;
 
   TapTable(const Conv2dShape& s, const int64_t* xs, const int64_t* ys, int64_t j0, int64_t n)
-      : J0(j0), len(n), tap(size_t(s.R * s.S * n)), pix(size_t(n)) {
-    const int64_t PQ = s.P * s.Q;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t J = J0 + j, img = J / PQ, p = J % PQ / s.Q, q = J % s.Q;
+      : J0(j0),
+        len(n),
+        tap(size_t(s.R * s.S * n)),
+        pix(size_t(n)),
+        flat(ys[3] == 1 && (s.P <= 1 || ys[2] == s.Q)),
+        PQ(s.P * s.Q),
+        ys0(ys[0]) {
+    // Column J0 + j is pixel (p, q) of image img, stepped without divisions.
+    int64_t img = J0 / PQ, p = J0 % PQ / s.Q, q = J0 % s.Q;
+    for (int64_t j = 0; j < n; ++j, ++q) {
+      if (q == s.Q) q = 0, ++p;
+      if (p == s.P) p = 0, ++img;
       pix[size_t(j)] = img * ys[0] + p * ys[2] + q * ys[3];
       for (int64_t r = 0; r < s.R; ++r) {
         const int64_t ih = p * s.sh - s.ph + r * s.dh;
@@ -853,7 +865,19 @@ void table_rows(const TapTable& tt, std::conditional_t<kScatter, T*, const T*> a
           auto* ak = a + (k0 + k) * rs;
           auto* bk = buf + k * tt.len;
           const int64_t* pix = tt.pix.data();
-          if constexpr (kScatter) {
+          if (tt.flat) {  // runs within one image's plane
+            for (int64_t j = 0, J = tt.J0; j < tt.len;) {
+              const int64_t run = min64(tt.PQ - J % tt.PQ, tt.len - j);
+              auto* plane = ak + J / tt.PQ * tt.ys0 + J % tt.PQ;
+              if constexpr (kScatter) {
+                std::memcpy(plane, bk + j, size_t(run) * sizeof(T));
+              } else {
+                std::memcpy(bk + j, plane, size_t(run) * sizeof(T));
+              }
+              j += run;
+              J += run;
+            }
+          } else if constexpr (kScatter) {
             for (int64_t j = 0; j < tt.len; ++j) ak[pix[j]] = bk[j];
           } else {
             for (int64_t j = 0; j < tt.len; ++j) bk[j] = ak[pix[j]];
