@@ -21,8 +21,9 @@
 //   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed.
 //   - M of at most kSmallMTiles tiles and B row-major and small (kInPlaceMaxB): B rows are read
 //     in place, no packing and no barriers.
-//   - M small and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is computed instead,
-//     so the large weight is streamed in place once and only the small A^T is packed.
+//   - M at most kSwapMaxRows and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is
+//     computed instead, so the large weight is streamed in place once and only the small A^T is
+//     packed.
 // Partial tiles of an operand read in place are packed into a small per-thread buffer.
 #include "cpu/gemm.h"
 
@@ -461,6 +462,10 @@ constexpr int64_t kWholeKBytes = 4 << 20;
 // Skinny thresholds (see the header comment).
 constexpr int64_t kSkinnyPanels = 4;
 constexpr int64_t kSmallMTiles = 2;
+// C^T = B^T A^T for at most this many rows (see oriented). At 9-128 rows the transposed problem's
+// strided C stores and in-place A cost more than packing W^T: Linear(784, 300) at batch 16 / 64 /
+// 128 ran 0.54 / 0.61 / 0.63x torch swapped, 0.57 / 0.82 / 0.85x not.
+constexpr int64_t kSwapMaxRows = 8;
 constexpr int64_t kInPlaceMaxB = 1 << 18;  // elements
 // dot_rows below this K: the tile path's overheads are no longer the cost (and tests keep its
 // narrow-N edge paths).
@@ -546,12 +551,13 @@ void scale_only(const Gemm<T>& g) {
     }
 }
 
-// C = A . B as C^T = B^T . A^T when M is small and B is a transposed row-major matrix (Linear's
-// W^T): the large W is then read in place as the A operand, and only the small A^T is packed.
+// C = A . B as C^T = B^T . A^T when M is at most kSwapMaxRows and B is a transposed row-major
+// matrix (Linear's W^T): the large W is then read in place as the A operand, and only the small
+// A^T is packed.
 template <class T>
 Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
-  const bool swap = !g.pack_b_fn && !g.packed_b && g.csb != 1 && g.rsb == 1 &&
-                    g.M <= kSkinnyPanels * uk.nr && g.N > g.M;
+  const bool swap =
+      !g.pack_b_fn && !g.packed_b && g.csb != 1 && g.rsb == 1 && g.M <= kSwapMaxRows && g.N > g.M;
   if (!swap) return g;
   Gemm<T> t = g;
   t.M = g.N;
