@@ -26,7 +26,8 @@
 // itself, read in place. Work runs across images in parallel when there are enough of them
 // (single-threaded GEMMs, one scratch area per thread), otherwise image by image with
 // multi-threaded GEMMs. Maps of fewer than kMergeBelow output pixels instead put every image's
-// pixels side by side in the GEMMs' columns ("small feature maps" below).
+// pixels side by side in the GEMMs' columns ("small feature maps" below), and 3x3 stride-1
+// layers with enough channels run all three passes as Winograd F(2x2, 3x3) ("Winograd" below).
 #include "common/simd.h"
 
 // ================================================== depthwise plane loops (compiled once per ISA)
@@ -194,7 +195,7 @@ struct DepthwiseLoops {
           const T wv = wk[r * ws2 + t * ws3];
           T* __restrict d = dr + t * g.dw;
           if (g.sw == 1) {
-            for (int64_t q = 0; q < g.Q; ++q) d[q] += wv * dyr[q];
+            axpy(d, wv, dyr, 1, g.Q);
           } else {
             for (int64_t q = 0; q < g.Q; ++q) d[q * g.sw] += wv * dyr[q];
           }
@@ -307,6 +308,22 @@ inline void copy_out(T* __restrict dst, int64_t step, const T* __restrict src, i
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i * step] = src[i];
   }
+}
+
+// d[0, width) = input row ih of channel xc from column -pw on, zero where it leaves the input
+// (all zero for a row outside it): one row of a zero-bordered copy (PaddedPacker, the depthwise
+// planes, Winograd's input tiles).
+template <class T>
+inline void padded_row(const Conv2dShape& s, const T* xc, int64_t xs2, int64_t xs3, int64_t ih,
+                       T* d, int64_t width) {
+  int64_t lo = 0, hi = 0;  // columns of d that hold input
+  if (ih >= 0 && ih < s.H) {
+    lo = min64(width, max64(0, s.pw));
+    hi = max64(lo, min64(width, s.W + s.pw));
+  }
+  for (int64_t j = 0; j < lo; ++j) d[j] = T(0);
+  if (hi > lo) copy_run(d + lo, xc + ih * xs2 + (lo - s.pw) * xs3, hi - lo, xs3);
+  for (int64_t j = hi; j < width; ++j) d[j] = T(0);
 }
 
 template <class T>
@@ -489,18 +506,8 @@ struct PaddedPacker {
     const int64_t Hp = rows(s), Wp = cols(s);
     for (int64_t c = c0; c < c1; ++c) {
       const T* xc = x.p + n * x.s[0] + (g * gm.Cg + c) * x.s[1];
-      for (int64_t i = 0; i < Hp; ++i) {
-        T* d = xp + (c * Hp + i) * Wp;
-        const int64_t ih = i - s.ph;
-        int64_t lo = 0, hi = 0;  // padded columns that hold input: [lo, hi)
-        if (ih >= 0 && ih < s.H) {
-          lo = min64(Wp, max64(0, s.pw));
-          hi = max64(lo, min64(Wp, s.W + s.pw));
-        }
-        for (int64_t j = 0; j < lo; ++j) d[j] = T(0);
-        if (hi > lo) copy_run(d + lo, xc + ih * x.s[2] + (lo - s.pw) * x.s[3], hi - lo, x.s[3]);
-        for (int64_t j = hi; j < Wp; ++j) d[j] = T(0);
-      }
+      for (int64_t i = 0; i < Hp; ++i)
+        padded_row(s, xc, x.s[2], x.s[3], i - s.ph, xp + (c * Hp + i) * Wp, Wp);
     }
   }
 
@@ -625,39 +632,24 @@ struct DwPlane {
     return DwGeom{s.P, s.Q, s.R, s.S, s.sh, s.sw, s.dh, s.dw, Wp};
   }
 
-  // Plane row i holds input row i - ph; its columns [lo, hi) hold input columns lo - pw ...
-  void inside(const Conv2dShape& s, int64_t i, int64_t* lo, int64_t* hi) const {
-    const int64_t ih = i - s.ph;
-    *lo = *hi = 0;
-    if (ih >= 0 && ih < s.H) {
-      *lo = min64(Wp, max64(0, s.pw));
-      *hi = max64(*lo, min64(Wp, s.W + s.pw));
-    }
-  }
-
   // plane[i * Wp + j] = x[i - ph, j - pw], zero outside the input.
   template <class T>
   void fill(const Conv2dShape& s, const T* xc, int64_t xs2, int64_t xs3, T* plane) const {
-    for (int64_t i = 0; i < Hp; ++i) {
-      T* d = plane + i * Wp;
-      int64_t lo, hi;
-      inside(s, i, &lo, &hi);
-      for (int64_t j = 0; j < lo; ++j) d[j] = T(0);
-      if (hi > lo) copy_run(d + lo, xc + (i - s.ph) * xs2 + (lo - s.pw) * xs3, hi - lo, xs3);
-      for (int64_t j = hi; j < Wp; ++j) d[j] = T(0);
-    }
+    for (int64_t i = 0; i < Hp; ++i) padded_row(s, xc, xs2, xs3, i - s.ph, plane + i * Wp, Wp);
   }
 
   // dx[h, w] = plane[h + ph, w + pw]; input pixels outside the plane (under no window) get 0.
   template <class T>
   void crop(const Conv2dShape& s, const T* plane, T* dxc, int64_t xs2, int64_t xs3) const {
-    for (int64_t h = 0; h < s.H; ++h)
-      for (int64_t w = 0; w < s.W; ++w) dxc[h * xs2 + w * xs3] = T(0);
-    for (int64_t i = 0; i < Hp; ++i) {
-      int64_t lo, hi;
-      inside(s, i, &lo, &hi);
-      for (int64_t j = lo; j < hi; ++j)
-        dxc[(i - s.ph) * xs2 + (j - s.pw) * xs3] = plane[i * Wp + j];
+    const int64_t lo = min64(s.W, max64(0, -s.pw)), hi = max64(lo, min64(s.W, Wp - s.pw));
+    for (int64_t h = 0; h < s.H; ++h) {
+      T* row = dxc + h * xs2;
+      const int64_t i = h + s.ph;
+      const bool in = i >= 0 && i < Hp;
+      for (int64_t w = 0; w < (in ? lo : s.W); ++w) row[w * xs3] = T(0);
+      if (!in) continue;
+      copy_out(row + lo * xs3, xs3, plane + i * Wp + lo + s.pw, hi - lo);
+      for (int64_t w = hi; w < s.W; ++w) row[w * xs3] = T(0);
     }
   }
 };
@@ -696,7 +688,7 @@ void depthwise_forward(const Conv2dShape& s, View4<const T> x, View4<const T> w,
                       direct ? yk : out);
             if (!direct)
               for (int64_t p = 0; p < s.P; ++p)
-                for (int64_t q = 0; q < s.Q; ++q) yk[p * y.s[2] + q * y.s[3]] = out[p * s.Q + q];
+                copy_out(yk + p * y.s[2], y.s[3], out + p * s.Q, s.Q);
           }
         }
       },
@@ -775,9 +767,10 @@ void depthwise_backward_weight(const Conv2dShape& s, View4<const T> x, View4<con
 // the input element under it (-1: padding) and each column to its output pixel, so im2col, col2im
 // and the gathers of y / dy are plain indexed loops for any stride, padding and dilation.
 //
-//   forward          Yc (Kg x len) = W_g . col           (col packed from the table), scattered to
-//   y backward-data    dcol (CRS x len) = W_g^T . dYc,      col2im through the table (+=)
-//   backward-weight  dW_g (Kg x CRS) (+)= dYc . col^T     (K = len pixels of every image at once)
+//   forward          Yc (Kg x len) = W_g . col,       col packed from the table (or, stride 1,
+//                    from zero-bordered image copies), Yc scattered to y
+//   backward-data    dcol (CRS x len) = W_g^T . dYc,   col2im through the table (+=)
+//   backward-weight  dW_g (Kg x CRS) (+)= dYc . col^T  (K = len pixels of every image at once)
 constexpr int64_t kMergeBelow = 256;
 constexpr int64_t kMergedCols = 2048;
 // The weight gradient's im2col chunk (elements): large, as its pixels are the GEMM's K.
@@ -794,10 +787,13 @@ struct TapTable {
   bool flat = false;
   int64_t PQ = 0, ys0 = 0;
 
-  TapTable(const Conv2dShape& s, const int64_t* xs, const int64_t* ys, int64_t j0, int64_t n)
+  // taps: false when only the output pixels are needed (the stride-1 forward packs from
+  // zero-bordered copies).
+  TapTable(const Conv2dShape& s, const int64_t* xs, const int64_t* ys, int64_t j0, int64_t n,
+           bool taps = true)
       : J0(j0),
         len(n),
-        tap(size_t(s.R * s.S * n)),
+        tap(taps ? size_t(s.R * s.S * n) : 0),
         pix(size_t(n)),
         flat(ys[3] == 1 && (s.P <= 1 || ys[2] == s.Q)),
         PQ(s.P * s.Q),
@@ -808,7 +804,7 @@ struct TapTable {
       if (q == s.Q) q = 0, ++p;
       if (p == s.P) p = 0, ++img;
       pix[size_t(j)] = img * ys[0] + p * ys[2] + q * ys[3];
-      for (int64_t r = 0; r < s.R; ++r) {
+      for (int64_t r = 0; r < (taps ? s.R : 0); ++r) {
         const int64_t ih = p * s.sh - s.ph + r * s.dh;
         for (int64_t t = 0; t < s.S; ++t) {
           const int64_t iw = q * s.sw - s.pw + t * s.dw;
@@ -921,7 +917,7 @@ void forward_merged(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> 
   T* yc = thread_scratch<T>(Scratch::conv, size_t(gm.Kg * L + (padded ? imgs * img : 0)));
   T* xp = yc + gm.Kg * L;
   for (int64_t J0 = 0; J0 < cols; J0 += L) {
-    const TapTable tt(s, x.s, y.s, J0, min64(L, cols - J0));
+    const TapTable tt(s, x.s, y.s, J0, min64(L, cols - J0), !padded);
     const int64_t n0 = J0 / gm.PQ, n1 = (J0 + tt.len - 1) / gm.PQ + 1;
     for (int64_t g = 0; g < s.groups; ++g) {
       const TablePacker<T> packer{&s, &tt, x.p + g * gm.Cg * x.s[1], x.s[1]};
@@ -1017,8 +1013,8 @@ void backward_weight_merged(const Conv2dShape& s, const Geometry<T>& gm, View4<c
 // V_xi (Cg x T) over the T tiles of every image. F(2x2, 3x3)'s transforms have entries 0, +-1 and
 // +-1/2, so its float error stays close to the direct sum's (larger tiles, F(4x4, 3x3), lose too
 // much float32 precision for the parity rule and are not used). The weight gradient is the
-// adjoint of the same three steps. Tiles run in chunks that keep V
-// and M near the caches. With fewer than 64 channels either way the 16 products are too skinny
+// adjoint of the same three steps. Tiles run in chunks that keep V and M near the caches. With
+// fewer than 64 channels either way the 16 products are too skinny
 // to gain (the course CNN's 64 -> 32 at 8x8 ran 10% slower than the direct GEMM); measured on the
 // 2-vCPU Xeon against the direct path, forward, torch/ours: 128 ch 28x28 0.83 -> 1.25, 256 ch
 // 14x14 0.72 -> 1.03, 64 ch 56x56 0.77 -> 0.91.
@@ -1113,19 +1109,8 @@ void winograd_input_tiles(const Conv2dShape& s, const Geometry<T>& gm, const Win
           for (int64_t rr = 0; rr < nr; ++rr) {
             const int64_t n = (r0 + rr) / wp.th, ty = (r0 + rr) % wp.th;
             const T* xc = x.p + n * x.s[0] + (g * gm.Cg + c) * x.s[1];
-            for (int i = 0; i < 4; ++i) {
-              T* d = buf.data() + i * ld;
-              const int64_t ih = 2 * ty - s.ph + i;
-              int64_t lo = 0, hi = 0;  // buffer columns that hold input
-              if (ih >= 0 && ih < s.H) {
-                lo = min64(ld, max64(0, s.pw));
-                hi = max64(lo, min64(ld, s.W + s.pw));
-              }
-              for (int64_t q = 0; q < lo; ++q) d[q] = T(0);
-              if (hi > lo)
-                copy_run(d + lo, xc + ih * x.s[2] + (lo - s.pw) * x.s[3], hi - lo, x.s[3]);
-              for (int64_t q = hi; q < ld; ++q) d[q] = T(0);
-            }
+            for (int i = 0; i < 4; ++i)
+              padded_row(s, xc, x.s[2], x.s[3], 2 * ty - s.ph + i, buf.data() + i * ld, ld);
             wk.input_row(buf.data(), ld, tw, v + c * tn + rr * tw, wp.vld);
           }
       },
