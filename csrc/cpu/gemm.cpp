@@ -24,7 +24,8 @@
 //   - M at most kSwapMaxRows and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is
 //     computed instead, so the large weight is streamed in place once and only the small A^T is
 //     packed.
-// Partial tiles of an operand read in place are packed into a small per-thread buffer.
+// A partial B panel read in place is packed into a small per-thread buffer; a short edge of rows
+// runs the kernel's edge-row instance (no padded rows computed, stored straight to C).
 #include "cpu/gemm.h"
 
 #include "common/simd.h"
@@ -53,26 +54,28 @@ struct GemmTile {
   // kPackedA: A(i, k) = a[k*MR + i] (a packed panel); otherwise A(i, k) = a[i*rsa + k*csa], read
   // in place (the driver's skinny paths). B rows are NR contiguous values, rsb apart: a packed
   // panel (rsb = NR) or B itself when it is row-major. beta == 0: C is not read.
-  template <bool kPackedA>
+  // R <= MR: the rows computed and stored. An edge tile (R < MR) reads the first R rows of a
+  // packed panel, which keeps its MR stride, or R rows in place, and writes only those.
+  template <bool kPackedA, int R = MR>
   static NNK_INLINE void run(int64_t kc, const T* __restrict a, int64_t rsa, int64_t csa,
                              const T* __restrict b, int64_t rsb, T* __restrict c, int64_t rsc,
                              T alpha, T beta, const T* bias_m, const T* bias_n) {
-    V acc[MR][NV];
+    V acc[R][NV];
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[i][j] = S::zero();
 
     // C is written after the k loop; start fetching it now.
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i) {
+    for (int i = 0; i < R; ++i) {
       __builtin_prefetch(c + i * rsc, 1, 3);
       __builtin_prefetch(c + i * rsc + NR - 1, 1, 3);
     }
 
-    const T* rows[MR];  // unpacked A: one pointer per row, stepped by csa
+    const T* rows[R];  // unpacked A: one pointer per row, stepped by csa
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i) rows[i] = a + i * rsa;
+    for (int i = 0; i < R; ++i) rows[i] = a + i * rsa;
 
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
@@ -82,7 +85,7 @@ struct GemmTile {
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) bv[j] = S::load(b + j * W);
 #pragma GCC unroll 32
-      for (int i = 0; i < MR; ++i) {
+      for (int i = 0; i < R; ++i) {
         const V av = S::set1(kPackedA ? a[i] : *rows[i]);
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) acc[i][j] = S::fma(av, bv[j], acc[i][j]);
@@ -91,14 +94,14 @@ struct GemmTile {
         a += MR;
       } else {
 #pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i) rows[i] += csa;
+        for (int i = 0; i < R; ++i) rows[i] += csa;
       }
       b += rsb;
     }
 
     const V va = S::set1(alpha), vb = S::set1(beta);
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i) {
+    for (int i = 0; i < R; ++i) {
       T* ci = c + i * rsc;
       const V rowb = bias_m ? S::set1(bias_m[i]) : S::zero();
 #pragma GCC unroll 8
@@ -112,15 +115,17 @@ struct GemmTile {
     }
   }
 
+  template <int R = MR>
   static void tile(int64_t kc, const T* a, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha,
                    T beta, const T* bias_m, const T* bias_n) {
-    run<true>(kc, a, 0, 0, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+    run<true, R>(kc, a, 0, 0, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
   }
 
+  template <int R = MR>
   static void tile_strided_a(int64_t kc, const T* a, int64_t rsa, int64_t csa, const T* b,
                              int64_t rsb, T* c, int64_t rsc, T alpha, T beta, const T* bias_m,
                              const T* bias_n) {
-    run<false>(kc, a, rsa, csa, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+    run<false, R>(kc, a, rsa, csa, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
   }
 
   // Peak probe: MR*NV independent FMA chains, the register budget of the kernel and nothing else
@@ -320,12 +325,37 @@ struct GemmTile {
   }
 };
 
+// Entries [R, MR) of the edge-row tables, one instance per row count.
+template <class T, int MR, int NV, int R = 1>
+constexpr void fill_edge_tiles(cpu::GemmUKernel<T>& k) {
+  if constexpr (R < MR) {
+    using K = GemmTile<T, MR, NV>;
+    k.tile_rows[R] = &K::template tile<R>;
+    k.tile_strided_a_rows[R] = &K::template tile_strided_a<R>;
+    fill_edge_tiles<T, MR, NV, R + 1>(k);
+  }
+}
+
 template <class T, int MR, int NV>
 constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc, int nc) {
+  static_assert(MR <= cpu::kMaxMR, "edge-row tables too short");
   using K = GemmTile<T, MR, NV>;
-  return cpu::GemmUKernel<T>{name,       MR,         K::NR,        mc,
-                             kc,         nc,         &K::tile,     &K::tile_strided_a,
-                             &K::pack_a, &K::pack_b, &K::fma_loop, &K::dot_rows};
+  cpu::GemmUKernel<T> k{name,
+                        MR,
+                        K::NR,
+                        mc,
+                        kc,
+                        nc,
+                        &K::template tile<MR>,
+                        &K::template tile_strided_a<MR>,
+                        &K::pack_a,
+                        &K::pack_b,
+                        &K::fma_loop,
+                        &K::dot_rows,
+                        {},
+                        {}};
+  fill_edge_tiles<T, MR, NV>(k);
+  return k;
 }
 
 // The kernels of this pass. AVX-512 (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4): 32 zmm
@@ -490,7 +520,7 @@ struct Plan {
   bool pack_b = true;     // false: B rows read in place (small M, row-major B)
   bool whole_k = false;   // B packed for all of K per jc block (see the header comment)
   size_t bsize = 0;       // elements of the packed B buffer
-  size_t per_thread = 0;  // elements: A block (or one edge A panel) + one edge B panel
+  size_t per_thread = 0;  // elements: the A block (if packed) + one edge B panel
   size_t workspace = 0;   // elements: the packed B buffer + per_thread for each thread
 };
 
@@ -533,7 +563,7 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
              !(mtiles <= kSmallMTiles && g.csb == 1 && g.K * g.N <= kInPlaceMaxB);
   p.whole_k = p.pack_b && !g.packed_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
   p.bsize = p.pack_b && !g.packed_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
-  p.per_thread = size_t((p.pack_a ? p.mc : uk.mr) * p.kc + p.kc * uk.nr);
+  p.per_thread = size_t((p.pack_a ? p.mc : 0) * p.kc + p.kc * uk.nr);
   p.workspace = p.bsize + p.nt * p.per_thread;
   return p;
 }
@@ -638,7 +668,7 @@ struct Worker {
   const Gemm<T>& g;
   const GemmUKernel<T>& uk;
   const Plan& p;
-  T* abuf;  // packed A block, or one edge A panel when A is read in place
+  T* abuf;  // packed A block (when A is packed)
   T* ebuf;  // one edge B panel when B is read in place
   T* tmp;   // one MR x NR tile for edge stores
 
@@ -674,8 +704,9 @@ struct Worker {
           const int64_t i = ic + ir, mr = min64(MR, mc - ir);
           const T* bm = bias_m ? bias_m + i : nullptr;
           T* c = g.C + i * g.rsc + j * g.csc;
-          // Full tiles of a unit-stride C are stored by the kernel; others go through tmp.
-          const bool direct = mr == MR && nr == NR && g.csc == 1;
+          // Tiles of NR columns of a unit-stride C are stored by the kernel (a short edge of rows
+          // by its edge-row instance); others go through tmp.
+          const bool direct = nr == NR && g.csc == 1;
           T* dst = direct ? c : tmp;
           const int64_t ldd = direct ? g.rsc : NR;
           const T alpha_d = direct ? g.alpha : T(1), beta_d = direct ? beta : T(0);
@@ -683,12 +714,11 @@ struct Worker {
           const T* bn_d = direct ? bn : nullptr;
           const T* a = g.A + i * g.rsa + pc * g.csa;
           if (p.pack_a) {
-            uk.tile(kc, abuf + ir * kc, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
-          } else if (mr == MR) {
-            uk.tile_strided_a(kc, a, g.rsa, g.csa, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
+            const auto tile = mr == MR ? uk.tile : uk.tile_rows[mr];
+            tile(kc, abuf + ir * kc, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
           } else {
-            uk.pack_a(mr, kc, a, g.rsa, g.csa, abuf);
-            uk.tile(kc, abuf, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
+            const auto tile = mr == MR ? uk.tile_strided_a : uk.tile_strided_a_rows[mr];
+            tile(kc, a, g.rsa, g.csa, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
           }
           if (!direct) store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
         }
@@ -703,7 +733,7 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
   T* bpack = ws;
   T* abuf = ws + p.bsize + int64_t(tid) * p.per_thread;
   alignas(64) T tmp[kMaxTileElems];
-  const Worker<T> w{g, uk, p, abuf, abuf + (p.pack_a ? p.mc : MR) * p.kc, tmp};
+  const Worker<T> w{g, uk, p, abuf, abuf + (p.pack_a ? p.mc : 0) * p.kc, tmp};
 
   // This thread's rows and NR panels of each column block.
   const int it = tid / p.tn, jt = tid % p.tn;

@@ -46,6 +46,8 @@ void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsb, int64_t csb, T* 
 template <class T>
 const char* gemm_kernel_name();
 
+constexpr int kMaxMR = 14;  // largest mr of any kernel
+
 // ----------------------------------------------------------------- the micro-kernel contract
 // Only this differs per ISA: block sizes plus the function pointers below. Blocking, threading and
 // edge handling are written once in the driver.
@@ -78,6 +80,11 @@ struct GemmUKernel {
   void (*dot_rows)(int64_t m, int64_t k, int64_t n, const T* a, int64_t rsa, const T* b,
                    int64_t csb, T* c, int64_t rsc, int64_t csc, T alpha, T beta, const T* bias_m,
                    const T* bias_n);
+  // Edge tiles of r < mr rows ([r], 1 <= r < mr): tile and tile_strided_a for rows i < r only (a
+  // packed panel keeps its mr stride), so the last tile of M = 32 on a 14-row kernel computes 4
+  // rows, not 14, and stores them straight to C.
+  decltype(tile) tile_rows[kMaxMR];
+  decltype(tile_strided_a) tile_strided_a_rows[kMaxMR];
 };
 
 // The table of the active ISA (common/isa.h); peak.cpp runs its fma_loop.
