@@ -53,6 +53,27 @@ CASES = [
     ("merged: chunks split images", 41, 3, 9, 9, 5, 3, 3, dict(padding=1)),
     # CRS = 1440: the weight gradient's chunks of 1456 pixels (7 x 225 = 1575 columns)
     ("merged: weight-gradient chunks", 7, 160, 15, 15, 4, 3, 3, dict(padding=1)),
+    # small maps, <= 64 output channels per group, 64+ products per output (C/groups * R * S):
+    # output pixels are the GEMM's rows, read in place from a padded channels-last copy of x
+    # (pixel rows; also the weight gradient, and the data gradient as the transposed forward)
+    (
+        "pixel rows: stride 2, dilation 2",
+        5,
+        24,
+        11,
+        12,
+        40,
+        3,
+        3,
+        dict(stride=2, dilation=2, padding=2),
+    ),
+    ("pixel rows: chunks split images", 37, 16, 9, 9, 64, 3, 3, dict(padding=1)),
+    ("pixel rows: groups 3, 5x3", 4, 48, 7, 9, 33, 5, 3, dict(groups=3, padding=(1, 2))),
+    ("pixel rows: 1x1 maps, batch 1", 1, 20, 1, 1, 7, 3, 3, dict(padding=1)),
+    ("pixel rows: 1x1 conv", 6, 96, 5, 6, 24, 1, 1, dict()),
+    ("pixel rows: 4x4 dilated", 3, 64, 6, 7, 17, 4, 4, dict(padding=3, dilation=(1, 2))),
+    # padding 3 > R - 1: the data gradient's transposed forward crops its input
+    ("pixel rows: cropping pad", 3, 32, 5, 6, 24, 2, 2, dict(padding=3)),
     # 3x3 stride 1, 64+ channels each way, 64+ 2x2 output tiles: Winograd F(2x2, 3x3) (forward,
     # and the data gradient as the transposed forward)
     ("winograd: odd map, pad 1", 3, 64, 13, 11, 64, 3, 3, dict(padding=1)),
@@ -79,6 +100,8 @@ FAST = [
     "chunked im2col",
     "same, even kernel",
     "C=1 first layer",
+    "pixel rows: stride 2, dilation 2",
+    "pixel rows: groups 3, 5x3",
 ]
 
 
@@ -183,6 +206,24 @@ def test_conv2d_channels_last(which):
         b.repeat(2)[:16],
         dict(groups=8, padding=1),
     )
+
+
+def test_conv2d_pixel_rows_layouts():
+    """The pixel-rows path copies x to channels-last from any layout and writes y (and reads dy)
+    in any layout: channels_last tensors, views with no unit stride, a dy that is not
+    (H, W)-flattenable."""
+    x, w, b = _inputs(3, 24, 7, 9, 20, 3, 3, 1)
+    _check_conv(x.to(memory_format=torch.channels_last), w, b, dict(padding=1))
+    _check_conv(x, w.to(memory_format=torch.channels_last), b, dict(padding=1, stride=(1, 2)))
+    xs = torch.randn(3, 48, 7, 18)[:, ::2, :, ::2]  # (3, 24, 7, 9), no unit stride anywhere
+    _check_conv(xs, w.transpose(2, 3), b, dict(padding=1))
+    xx = x.clone().requires_grad_()
+    ww = w.clone().requires_grad_()
+    NF.conv2d(xx, ww, padding=1).transpose(2, 3).contiguous().sum().backward()
+    xt, wt_ = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.conv2d(xt, wt_, padding=1).transpose(2, 3).contiguous().sum().backward()
+    torch.testing.assert_close(xx.grad, xt.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ww.grad, wt_.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_conv2d_strided_views():

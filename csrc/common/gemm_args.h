@@ -35,6 +35,14 @@ struct Gemm {
   // Optional (CPU): B already packed by cpu::gemm_pack_b for this K and N (a weight applied many
   // times, e.g. the LSTM's recurrent weight at every time step). B, rsb, csb, pack_b_fn ignored.
   const T* packed_b = nullptr;
+
+  // Optional (CPU): A's rows and / or columns at arbitrary offsets, A[i,k] = A[row(i) + col(k)]
+  // with row(i) = a_rows[i] (else i*rsa) and col(k) = a_cols[k] (else k*csa): an implicit
+  // operand such as conv2d's windows in a zero-padded channels-last copy of x (row i = output
+  // pixel i at its window's origin, column k = (tap, channel) at its offset from there). A is
+  // then read in place, never packed.
+  const int64_t* a_rows = nullptr;
+  const int64_t* a_cols = nullptr;
 };
 
 }  // namespace nnk

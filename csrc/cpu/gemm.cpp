@@ -56,10 +56,14 @@ struct GemmTile {
   // panel (rsb = NR) or B itself when it is row-major. beta == 0: C is not read.
   // R <= MR: the rows computed and stored. An edge tile (R < MR) reads the first R rows of a
   // packed panel, which keeps its MR stride, or R rows in place, and writes only those.
-  template <bool kPackedA, int R = MR>
+  // kA: how A is read. 0: a packed panel. 1: in place, rows rsa apart (or at arow[i]), k steps
+  // csa apart. 2: in place, rows as in 1, step k at acol[k] (Gemm::a_rows / a_cols).
+  template <int kA, int R = MR>
   static NNK_INLINE void run(int64_t kc, const T* __restrict a, int64_t rsa, int64_t csa,
-                             const T* __restrict b, int64_t rsb, T* __restrict c, int64_t rsc,
-                             T alpha, T beta, const T* bias_m, const T* bias_n) {
+                             const int64_t* arow, const int64_t* acol, const T* __restrict b,
+                             int64_t rsb, T* __restrict c, int64_t rsc, T alpha, T beta,
+                             const T* bias_m, const T* bias_n) {
+    constexpr bool kPackedA = kA == 0;
     V acc[R][NV];
 #pragma GCC unroll 32
     for (int i = 0; i < R; ++i)
@@ -73,9 +77,9 @@ struct GemmTile {
       __builtin_prefetch(c + i * rsc + NR - 1, 1, 3);
     }
 
-    const T* rows[R];  // unpacked A: one pointer per row, stepped by csa
+    const T* rows[R];  // unpacked A: one pointer per row (rsa apart or at arow)
 #pragma GCC unroll 32
-    for (int i = 0; i < R; ++i) rows[i] = a + i * rsa;
+    for (int i = 0; i < R; ++i) rows[i] = a + (arow ? arow[i] : i * rsa);
 
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
@@ -86,13 +90,13 @@ struct GemmTile {
       for (int j = 0; j < NV; ++j) bv[j] = S::load(b + j * W);
 #pragma GCC unroll 32
       for (int i = 0; i < R; ++i) {
-        const V av = S::set1(kPackedA ? a[i] : *rows[i]);
+        const V av = S::set1(kA == 0 ? a[i] : kA == 1 ? *rows[i] : rows[i][acol[k]]);
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) acc[i][j] = S::fma(av, bv[j], acc[i][j]);
       }
-      if (kPackedA) {
+      if (kA == 0) {
         a += MR;
-      } else {
+      } else if (kA == 1) {
 #pragma GCC unroll 32
         for (int i = 0; i < R; ++i) rows[i] += csa;
       }
@@ -118,14 +122,17 @@ struct GemmTile {
   template <int R = MR>
   static void tile(int64_t kc, const T* a, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha,
                    T beta, const T* bias_m, const T* bias_n) {
-    run<true, R>(kc, a, 0, 0, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+    run<0, R>(kc, a, 0, 0, nullptr, nullptr, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
   }
 
   template <int R = MR>
-  static void tile_strided_a(int64_t kc, const T* a, int64_t rsa, int64_t csa, const T* b,
-                             int64_t rsb, T* c, int64_t rsc, T alpha, T beta, const T* bias_m,
-                             const T* bias_n) {
-    run<false, R>(kc, a, rsa, csa, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+  static void tile_strided_a(int64_t kc, const T* a, int64_t rsa, int64_t csa, const int64_t* arow,
+                             const int64_t* acol, const T* b, int64_t rsb, T* c, int64_t rsc,
+                             T alpha, T beta, const T* bias_m, const T* bias_n) {
+    if (acol)
+      run<2, R>(kc, a, rsa, csa, arow, acol, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
+    else
+      run<1, R>(kc, a, rsa, csa, arow, nullptr, b, rsb, c, rsc, alpha, beta, bias_m, bias_n);
   }
 
   // Peak probe: MR*NV independent FMA chains, the register budget of the kernel and nothing else
@@ -270,38 +277,35 @@ struct GemmTile {
 #endif
 
   // One B panel whose columns are contiguous in k (B = W^T of a row-major weight): column j < nr
-  // is the run src[j*csb + p], p < k; columns past nr are zero. A transpose: TB x TB blocks in
-  // registers where the ISA has them (a partial group of columns as a short block), else blocks
-  // of 8 k steps so each source column is read as a contiguous run; scalar for the k tail.
+  // is the run src[j*csb + p], p < k; columns past nr are zero: a transpose.
   static void pack_b_columns(int64_t k, int64_t nr, const T* src, int64_t csb, T* dst) {
     if (nr < NR) zero(dst, k * NR);
-    int64_t p = 0;
+    transpose(nr, k, src, csb, dst, NR);
+  }
+
+  // dst[j*ldd + i] = src[i*lds + j] for i < m, j < n: TB x TB register blocks where the ISA has
+  // them (a short group of rows as a short block), else blocks of 8 columns so each source row
+  // is read in runs; scalar for the tail.
+  static void transpose(int64_t m, int64_t n, const T* src, int64_t lds, T* dst, int64_t ldd) {
+    int64_t j = 0;
 #if defined(NNK_HAVE_BLOCK_TRANSPOSE)
     using BT = BlockTranspose<T>;
-    static_assert(NR % BT::TB == 0, "B panels are whole transpose blocks");
-    if (nr == NR) {
-      for (; p + BT::TB <= k; p += BT::TB)
-#pragma GCC unroll 8
-        for (int g = 0; g < NR; g += BT::TB)
-          BT::template run<BT::TB>(src + g * csb + p, csb, dst + p * NR + g, NR);
-    } else {
-      for (; p + BT::TB <= k; p += BT::TB) {
-        int64_t g = 0;
-        for (; g + BT::TB <= nr; g += BT::TB)
-          BT::template run<BT::TB>(src + g * csb + p, csb, dst + p * NR + g, NR);
-        if (g < nr) transpose_rows(int(nr - g), src + g * csb + p, csb, dst + p * NR + g, NR);
-      }
+    for (; j + BT::TB <= n; j += BT::TB) {
+      int64_t i = 0;
+      for (; i + BT::TB <= m; i += BT::TB)
+        BT::template run<BT::TB>(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+      if (i < m) transpose_rows(int(m - i), src + i * lds + j, lds, dst + j * ldd + i, ldd);
     }
 #else
-    for (; p + 8 <= k; p += 8)
-      for (int64_t j = 0; j < nr; ++j) {
-        const T* col = src + j * csb + p;
+    for (; j + 8 <= n; j += 8)
+      for (int64_t i = 0; i < m; ++i) {
+        const T* row = src + i * lds + j;
 #pragma GCC unroll 8
-        for (int q = 0; q < 8; ++q) dst[(p + q) * NR + j] = col[q];
+        for (int q = 0; q < 8; ++q) dst[(j + q) * ldd + i] = row[q];
       }
 #endif
-    for (; p < k; ++p)
-      for (int64_t j = 0; j < nr; ++j) dst[p * NR + j] = src[j * csb + p];
+    for (; j < n; ++j)
+      for (int64_t i = 0; i < m; ++i) dst[j * ldd + i] = src[i * lds + j];
   }
 
   static void pack_b(int64_t k, int64_t n, const T* b, int64_t rsb, int64_t csb, T* dst) {
@@ -352,6 +356,7 @@ constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc
                         &K::pack_b,
                         &K::fma_loop,
                         &K::dot_rows,
+                        &K::transpose,
                         {},
                         {}};
   fill_edge_tiles<T, MR, NV>(k);
@@ -555,7 +560,7 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   const int64_t rows = ceil_div(mtiles, p.tm) * uk.mr;  // rows per thread
   const int64_t mb = ceil_div(rows, uk.mc);
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
-  p.pack_a = !(ntiles <= kSkinnyPanels && (g.csa == 1 || g.rsa == 1));
+  p.pack_a = !g.a_rows && !g.a_cols && !(ntiles <= kSkinnyPanels && (g.csa == 1 || g.rsa == 1));
   // B rows in place only while B is small: a tile reads kc rows rsb apart, as many concurrent
   // streams, which the prefetchers cannot follow through a large B (dX = dY . W of VGG's
   // 4096 x 25088 layer at batch 8 read W at 4 GB/s in place; packing reads it in long runs).
@@ -586,8 +591,8 @@ void scale_only(const Gemm<T>& g) {
 // A^T is packed.
 template <class T>
 Gemm<T> oriented(const Gemm<T>& g, const GemmUKernel<T>& uk) {
-  const bool swap =
-      !g.pack_b_fn && !g.packed_b && g.csb != 1 && g.rsb == 1 && g.M <= kSwapMaxRows && g.N > g.M;
+  const bool swap = !g.pack_b_fn && !g.packed_b && !g.a_rows && !g.a_cols && g.csb != 1 &&
+                    g.rsb == 1 && g.M <= kSwapMaxRows && g.N > g.M;
   if (!swap) return g;
   Gemm<T> t = g;
   t.M = g.N;
@@ -712,13 +717,15 @@ struct Worker {
           const T alpha_d = direct ? g.alpha : T(1), beta_d = direct ? beta : T(0);
           const T* bm_d = direct ? bm : nullptr;
           const T* bn_d = direct ? bn : nullptr;
-          const T* a = g.A + i * g.rsa + pc * g.csa;
+          const T* a = g.A + (g.a_rows ? 0 : i * g.rsa) + (g.a_cols ? 0 : pc * g.csa);
+          const int64_t* arow = g.a_rows ? g.a_rows + i : nullptr;
+          const int64_t* acol = g.a_cols ? g.a_cols + pc : nullptr;
           if (p.pack_a) {
             const auto tile = mr == MR ? uk.tile : uk.tile_rows[mr];
             tile(kc, abuf + ir * kc, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
           } else {
             const auto tile = mr == MR ? uk.tile_strided_a : uk.tile_strided_a_rows[mr];
-            tile(kc, a, g.rsa, g.csa, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
+            tile(kc, a, g.rsa, g.csa, arow, acol, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
           }
           if (!direct) store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
         }
@@ -804,8 +811,8 @@ inline int resolve_threads(int nthreads) {
 // A few columns, with A's rows and B's columns contiguous in k: GemmUKernel::dot_rows.
 template <class T>
 bool dot_shaped(const Gemm<T>& g) {
-  return g.N <= kDotCols && g.csa == 1 && g.rsb == 1 && !g.pack_b_fn && !g.packed_b &&
-         g.K >= kDotMinK;
+  return g.N <= kDotCols && g.csa == 1 && g.rsb == 1 && !g.pack_b_fn && !g.packed_b && !g.a_rows &&
+         !g.a_cols && g.K >= kDotMinK;
 }
 
 template <class T>

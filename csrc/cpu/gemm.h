@@ -64,9 +64,11 @@ struct GemmUKernel {
   //                  (+ bias_m[i]) (+ bias_n[j]);  beta == 0: C is not read.
   void (*tile)(int64_t kc, const T* a, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha, T beta,
                const T* bias_m, const T* bias_n);
-  // The same with A read in place: A(i, k) = a[i*rsa + k*csa] (all mr rows must exist).
-  void (*tile_strided_a)(int64_t kc, const T* a, int64_t rsa, int64_t csa, const T* b, int64_t rsb,
-                         T* c, int64_t rsc, T alpha, T beta, const T* bias_m, const T* bias_n);
+  // The same with A read in place: A(i, k) = a[row(i) + col(k)], row(i) = rows ? rows[i] : i*rsa,
+  // col(k) = cols ? cols[k] : k*csa (Gemm::a_rows, a_cols; all mr rows must exist).
+  void (*tile_strided_a)(int64_t kc, const T* a, int64_t rsa, int64_t csa, const int64_t* rows,
+                         const int64_t* cols, const T* b, int64_t rsb, T* c, int64_t rsc, T alpha,
+                         T beta, const T* bias_m, const T* bias_n);
   // A[i*rsa + p*csa] for i < m, p < k  ->  ceil(m/mr) panels of k*mr, rows past m zeroed.
   void (*pack_a)(int64_t m, int64_t k, const T* a, int64_t rsa, int64_t csa, T* dst);
   // B[p*rsb + j*csb] for p < k, j < n  ->  ceil(n/nr) panels of k*nr, columns past n zeroed.
@@ -80,6 +82,9 @@ struct GemmUKernel {
   void (*dot_rows)(int64_t m, int64_t k, int64_t n, const T* a, int64_t rsa, const T* b,
                    int64_t csb, T* c, int64_t rsc, int64_t csc, T alpha, T beta, const T* bias_m,
                    const T* bias_n);
+  // dst[j*ldd + i] = src[i*lds + j] for i < m, j < n (register blocks): layout changes around
+  // the GEMMs (conv2d's channels-last copies).
+  void (*transpose)(int64_t m, int64_t n, const T* src, int64_t lds, T* dst, int64_t ldd);
   // Edge tiles of r < mr rows ([r], 1 <= r < mr): tile and tile_strided_a for rows i < r only (a
   // packed panel keeps its mr stride), so the last tile of M = 32 on a 14-row kernel computes 4
   // rows, not 14, and stores them straight to C.
