@@ -26,6 +26,23 @@ CASES = [
     ("groups 2", 2, 8, 8, 8, 12, 3, 3, dict(groups=2, padding=1)),
     ("depthwise", 2, 12, 9, 9, 12, 3, 3, dict(groups=12, padding=1)),
     ("depthwise x2 multiplier", 2, 6, 9, 9, 12, 3, 3, dict(groups=6, stride=2)),
+    # multiplier 1 runs channels-last in blocks of 32 channels (a 8-channel tail here); > 256
+    # output pixels: the weight gradient's partial sums split the rows
+    ("depthwise: channel blocks, row chunks", 4, 40, 20, 23, 40, 3, 3, dict(groups=40, padding=1)),
+    (
+        "depthwise: 5x5 stride 2 dilated",
+        3,
+        33,
+        12,
+        11,
+        33,
+        5,
+        5,
+        dict(groups=33, stride=2, dilation=2, padding=(3, 1)),
+    ),
+    ("depthwise: 1x1 maps", 5, 17, 1, 1, 17, 3, 3, dict(groups=17, padding=1)),
+    # a large map and too few (image, channel block) items: the plane loops
+    ("depthwise: large map, one image", 1, 12, 20, 20, 12, 3, 3, dict(groups=12, padding=1)),
     ("C=1 first layer", 4, 1, 28, 28, 16, 3, 3, dict()),
     ("batch of 1", 1, 7, 12, 12, 9, 3, 3, dict(padding=1)),
     ("kernel as large as input", 2, 3, 5, 6, 4, 5, 6, dict()),
@@ -87,6 +104,9 @@ CASES = [
     ("per-image: stride 2", 2, 6, 33, 34, 7, 3, 3, dict(stride=2, padding=1)),
     ("per-image: wide, transposed data gradient", 2, 16, 17, 16, 8, 3, 3, dict(padding=1)),
     ("per-image: 1x1", 2, 24, 16, 17, 10, 1, 1, dict()),
+    # pointwise on 128 - 255 pixels: per image with x in place (not merged, not pixel rows)
+    ("per-image: pointwise 12x13", 3, 96, 12, 13, 24, 1, 1, dict()),
+    ("per-image: pointwise 12x13, wide out", 2, 16, 13, 12, 100, 1, 1, dict()),
     ("per-image: groups 2", 2, 32, 16, 16, 12, 3, 3, dict(groups=2, padding=1)),
 ]
 FAST = [
@@ -97,6 +117,8 @@ FAST = [
     "winograd: odd map, pad 1",
     "1x1 pointwise",
     "depthwise",
+    "depthwise: channel blocks, row chunks",
+    "depthwise: 5x5 stride 2 dilated",
     "chunked im2col",
     "same, even kernel",
     "C=1 first layer",
@@ -209,9 +231,9 @@ def test_conv2d_channels_last(which):
 
 
 def test_conv2d_pixel_rows_layouts():
-    """The pixel-rows path copies x to channels-last from any layout and writes y (and reads dy)
-    in any layout: channels_last tensors, views with no unit stride, a dy that is not
-    (H, W)-flattenable."""
+    """The pixel-rows and channels-last depthwise paths copy x to channels-last from any layout
+    and write y (and read dy) in any layout: channels_last tensors, views with no unit stride, a
+    dy that is not (H, W)-flattenable."""
     x, w, b = _inputs(3, 24, 7, 9, 20, 3, 3, 1)
     _check_conv(x.to(memory_format=torch.channels_last), w, b, dict(padding=1))
     _check_conv(x, w.to(memory_format=torch.channels_last), b, dict(padding=1, stride=(1, 2)))
@@ -224,6 +246,10 @@ def test_conv2d_pixel_rows_layouts():
     F.conv2d(xt, wt_, padding=1).transpose(2, 3).contiguous().sum().backward()
     torch.testing.assert_close(xx.grad, xt.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ww.grad, wt_.grad, rtol=1e-4, atol=1e-4)
+    # the channels-last depthwise path from and to the same layouts
+    wd = torch.randn(24, 1, 3, 3)
+    _check_conv(x.to(memory_format=torch.channels_last), wd, b[:20].repeat(2)[:24], dict(groups=24))
+    _check_conv(xs, wd.transpose(2, 3), None, dict(groups=24, padding=1, stride=2))
 
 
 def test_conv2d_strided_views():
