@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import assert_matches_reference, free_port
 
 SHAPES = [(16, 5), (8, 3, 17), (4, 6, 9, 7), (2, 4, 3, 5, 6), (3, 1, 8, 8), (64, 2), (2, 3, 1, 1)]
-# rows shorter than 16 (eval: each image one run of C*S values)
-SHAPES += [(5, 33, 2, 2), (3, 7, 3, 5), (4, 9, 3)]
+# rows shorter than 32: each image one run of C*S values (eval always; training from 4 images)
+SHAPES += [(5, 33, 2, 2), (3, 7, 3, 5), (4, 9, 3), (6, 7, 3, 5), (8, 40, 4, 4), (4, 3, 5, 5)]
 
 
 def _bn_case(

@@ -770,9 +770,37 @@ void channel_sums(const View3<const T>& x, const T* shift, std::vector<double>* 
       s1, s2);
 }
 
-// Rows shorter than this (MobileNetV2's 960 channels of 2x2) cost more in per-row work than in
-// arithmetic: an image's channels are then one run of C*S values (see apply_all).
-constexpr int64_t kShortRow = 16;
+// Rows shorter than this (MobileNetV2's 4x4 and 2x2 layers) cost more in per-row work than in
+// arithmetic: an image's channels are then one run of C*S values (short_rows), in eval and in
+// the training passes. Training forward + backward, torch/ours on the 2-vCPU Xeon, 1 / 2 threads:
+// 8 x 960 x 2x2 0.82 / 0.61 -> 1.97 / 1.46, 8 x 384 x 4x4 0.54 / 0.58 -> 0.82 / 0.68.
+constexpr int64_t kShortRow = 32;
+
+// Short contiguous rows: every view has 1 < S < kShortRow, ss == 1 and sc == S, so image n is
+// one "pixel" of C*S values (sn apart), and a per-channel array becomes C*S values (repeat);
+// per-column sums of those pixels fold back into channels (fold, in column order). The training
+// passes need kShortRowImages images or more: each thread builds C*S-long partials and
+// coefficients, which with 2 images cost more than the data (960 x 7x7: 0.30x torch).
+constexpr int64_t kShortRowImages = 4;
+template <class... Vs>
+bool short_rows(const Vs&... v) {
+  return ((v.S < kShortRow && v.S > 1 && v.ss == 1 && v.sc == v.S) && ...);
+}
+
+template <class T>
+std::vector<T> repeat(const T* a, int64_t C, int64_t S) {
+  std::vector<T> r(size_t(C * S));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < S; ++i) r[size_t(c * S + i)] = a[c];
+  return r;
+}
+
+inline std::vector<double> fold(const std::vector<double>& cols, int64_t C, int64_t S) {
+  std::vector<double> r(size_t(C), 0.0);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < S; ++i) r[size_t(c)] += cols[size_t(c * S + i)];
+  return r;
+}
 
 // y = (x - center[c]) * scale[c] + shift[c] over the whole view.
 template <class T>
@@ -780,20 +808,13 @@ void apply_all(const View3<const T>& x, const View3<T>& y, const T* center, cons
                const T* shift) {
   const BatchNormKernels<T>& k = NNK_ISA_CALL(batch_norm_kernels<T>());
   const bool stream = stream_output(y);
-  if (x.S < kShortRow && x.S > 1 && x.ss == 1 && y.ss == 1 && x.sc == x.S && y.sc == y.S) {
-    // Short contiguous rows: image n is a "pixel" of C*S channels, with the per-channel
-    // parameters repeated S times.
+  if (short_rows(x, y)) {
     const int64_t CS = x.C * x.S;
-    std::vector<T> rep(size_t(3 * CS));
-    for (int64_t c = 0; c < x.C; ++c)
-      for (int64_t i = 0; i < x.S; ++i) {
-        rep[size_t(c * x.S + i)] = center[c];
-        rep[size_t(CS + c * x.S + i)] = scale[c];
-        rep[size_t(2 * CS + c * x.S + i)] = shift[c];
-      }
+    const std::vector<T> rc = repeat(center, x.C, x.S), rs = repeat(scale, x.C, x.S),
+                         rh = repeat(shift, x.C, x.S);
     split_threads(x.N, threads_for(x.N * CS), [&](int, int64_t b, int64_t e) {
-      k.pix_affine(x.p + b * x.sn, x.sn, y.p + b * y.sn, y.sn, e - b, CS, rep.data(),
-                   rep.data() + CS, rep.data() + 2 * CS, stream);
+      k.pix_affine(x.p + b * x.sn, x.sn, y.p + b * y.sn, y.sn, e - b, CS, rc.data(), rs.data(),
+                   rh.data(), stream);
       if (stream) stream_fence();
     });
     return;
@@ -919,7 +940,8 @@ void batch_norm_forward_train(View3<const T> x, View3<T> y, const T* w, const T*
     return Coef{T(mu), T(invstd * (w ? double(w[c]) : 1.0)), b ? b[c] : T(0)};
   };
 
-  if (layout_of(x, y) == Layout::rows) {
+  const bool short_ = x.N >= kShortRowImages && short_rows(x, y);
+  if (layout_of(x, y) == Layout::rows && !short_) {
     const BatchNormKernels<T>& k = NNK_ISA_CALL(batch_norm_kernels<T>());
     const bool stream = stream_output(y);
     fused_sweep(
@@ -950,6 +972,27 @@ void batch_norm_forward_train(View3<const T> x, View3<T> y, const T* w, const T*
     }
     return f;
   };
+  if (short_) {  // one pass of pixels of C*S values (see short_rows)
+    const BatchNormKernels<T>& k = NNK_ISA_CALL(batch_norm_kernels<T>());
+    const bool stream = stream_output(y);
+    const int64_t S = x.S, CS = x.C * S;
+    const std::vector<T> rshift = repeat(shift.data(), x.C, S);
+    pixel_sweep(
+        x.N, CS,
+        [&](int64_t b, int64_t e, double* a, double* q) {
+          k.pix_sums(x.p + b * x.sn, x.sn, e - b, CS, rshift.data(), a, q);
+        },
+        [&](const std::vector<double>& s1, const std::vector<double>& s2, bool write) {
+          const Coefs f = finish_all(fold(s1, x.C, S), fold(s2, x.C, S), write);
+          return Coefs{repeat(f.mean.data(), x.C, S), repeat(f.scale.data(), x.C, S),
+                       repeat(f.shift.data(), x.C, S)};
+        },
+        [&](const Coefs& f, int64_t b, int64_t e) {
+          k.pix_affine(x.p + b * x.sn, x.sn, y.p + b * y.sn, y.sn, e - b, CS, f.mean.data(),
+                       f.scale.data(), f.shift.data(), stream);
+        });
+    return;
+  }
   if (layout_of(x, y) == Layout::pixels) {
     const BatchNormKernels<T>& k = NNK_ISA_CALL(batch_norm_kernels<T>());
     const bool stream = stream_output(y);
@@ -1024,7 +1067,8 @@ void batch_norm_backward_train(View3<const T> dy, View3<const T> x, const T* mea
   };
 
   const Layout layout = dx.p ? layout_of(dy, x, dx) : layout_of(dy, x);
-  if (layout == Layout::rows && dx.p) {
+  const bool short_ = dx.p && x.N >= kShortRowImages && short_rows(dy, x, dx);
+  if (layout == Layout::rows && dx.p && !short_) {
     const BatchNormKernels<T>& k = NNK_ISA_CALL(batch_norm_kernels<T>());
     const bool stream = stream_output(dx);
     fused_sweep(
@@ -1056,6 +1100,28 @@ void batch_norm_backward_train(View3<const T> dy, View3<const T> x, const T* mea
     }
     return f;
   };
+  if (short_) {  // one pass of pixels of C*S values (see short_rows)
+    const BatchNormKernels<T>& k = NNK_ISA_CALL(batch_norm_kernels<T>());
+    const bool stream = stream_output(dx);
+    const int64_t S = x.S, CS = x.C * S;
+    const std::vector<T> rmean = repeat(mean, x.C, S);
+    pixel_sweep(
+        x.N, CS,
+        [&](int64_t b, int64_t e, double* a, double* q) {
+          k.pix_grad_sums(dy.p + b * dy.sn, dy.sn, x.p + b * x.sn, x.sn, e - b, CS, rmean.data(), a,
+                          q);
+        },
+        [&](const std::vector<double>& s1, const std::vector<double>& s2, bool write) {
+          const Coefs f = finish_all(fold(s1, x.C, S), fold(s2, x.C, S), write);
+          return Coefs{repeat(f.k0.data(), x.C, S), repeat(f.k1.data(), x.C, S),
+                       repeat(f.k2.data(), x.C, S)};
+        },
+        [&](const Coefs& f, int64_t b, int64_t e) {
+          k.pix_grad(dy.p + b * dy.sn, dy.sn, x.p + b * x.sn, x.sn, dx.p + b * dx.sn, dx.sn, e - b,
+                     CS, rmean.data(), f.k0.data(), f.k1.data(), f.k2.data(), stream);
+        });
+    return;
+  }
   if (layout == Layout::pixels && dx.p) {
     const BatchNormKernels<T>& k = NNK_ISA_CALL(batch_norm_kernels<T>());
     const bool stream = stream_output(dx);
