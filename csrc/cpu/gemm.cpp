@@ -19,8 +19,8 @@
 //
 // Skinny shapes (BLIS's "sup" idea): packing pays only when the packed panel is reused.
 //   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed.
-//   - M of at most kSmallMTiles tiles and B row-major and small (kInPlaceMaxB): B rows are read
-//     in place, no packing and no barriers.
+//   - M of at most kSmallMTiles tiles and B row-major: B rows are read in place, no packing and
+//     no barriers (in K blocks of kStreamKc rows when B is larger than kInPlaceMaxB).
 //   - M at most kSwapMaxRows and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is
 //     computed instead, so the large weight is streamed in place once and only the small A^T is
 //     packed.
@@ -504,6 +504,7 @@ constexpr int64_t kSmallMTiles = 2;
 // 128 ran 0.54 / 0.61 / 0.63x torch swapped, 0.57 / 0.82 / 0.85x not.
 constexpr int64_t kSwapMaxRows = 8;
 constexpr int64_t kInPlaceMaxB = 1 << 18;  // elements
+constexpr int64_t kStreamKc = 32;          // K block of a larger B read in place
 // dot_rows below this K: the tile path's overheads are no longer the cost (and tests keep its
 // narrow-N edge paths).
 constexpr int64_t kDotMinK = 64;
@@ -587,11 +588,18 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   const int64_t mb = ceil_div(rows, uk.mc);
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
   p.pack_a = !g.a_rows && !g.a_cols && !(ntiles <= kSkinnyPanels && (g.csa == 1 || g.rsa == 1));
-  // B rows in place only while B is small: a tile reads kc rows rsb apart, as many concurrent
-  // streams, which the prefetchers cannot follow through a large B (dX = dY . W of VGG's
-  // 4096 x 25088 layer at batch 8 read W at 4 GB/s in place; packing reads it in long runs).
-  p.pack_b = g.packed_b || g.pack_b_fn ||
-             !(mtiles <= kSmallMTiles && g.csb == 1 && g.K * g.N <= kInPlaceMaxB);
+  // Few rows and B row-major: B is read in place, never packed (each B element serves at most
+  // 2 tiles). A tile reads kc rows of B rsb apart, as many concurrent streams; through a large
+  // B the prefetchers follow only a few, so there K blocks are kStreamKc rows (C, M x N, is
+  // reloaded once per block from cache instead). Measured torch/ours on the 2-vCPU Xeon, 2
+  // threads, B packed -> in place with kc 32 (three interleaved A/B runs): 8 x 4096 x 4096 0.80
+  // -> 0.96, 8 x 1024 x 1024 0.67 -> 0.84, 16 x 1024 x 4096 0.47 -> 0.74, 20 x 200 x 4000 0.44
+  // -> 0.59; VGG's dX = dY . W at 8 x 4096 x 25088 unchanged within the noise (0.79 / 0.75);
+  // kc 16 and 64 were slower.
+  if (mtiles <= kSmallMTiles && g.csb == 1 && !g.packed_b && !g.pack_b_fn) {
+    p.pack_b = false;
+    if (g.K * g.N > kInPlaceMaxB) p.kc = min64(p.kc, kStreamKc);
+  }
   p.whole_k = p.pack_b && !g.packed_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
   p.bsize = p.pack_b && !g.packed_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
   p.per_thread = size_t((p.pack_a ? p.mc : 0) * p.kc + p.kc * uk.nr);
