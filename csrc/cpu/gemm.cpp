@@ -710,6 +710,10 @@ struct Worker {
   T* abuf;  // packed A block (when A is packed)
   T* ebuf;  // one edge B panel when B is read in place
   T* tmp;   // one MR x NR tile for edge stores
+  // The narrow kernel when it has the same MR and half the NR (it then reads the wide kernel's
+  // packed B panels, rsb = NR): an edge panel of at most NR/2 columns runs it, not the full width
+  // (N = 200 on the 32-wide AVX-512 kernel: the last 8 columns cost 16, not 32).
+  const GemmUKernel<T>* half;
 
   // Rows [i0, i1) x NR panels [q0, q1) of the column block at jc, for the K block [pc, pc + kc).
   // bblock is that K block's packed B (unused when B is read in place).
@@ -754,11 +758,12 @@ struct Worker {
           const T* a = g.A + (g.a_rows ? 0 : i * g.rsa) + (g.a_cols ? 0 : pc * g.csa);
           const int64_t* arow = g.a_rows ? g.a_rows + i : nullptr;
           const int64_t* acol = g.a_cols ? g.a_cols + pc : nullptr;
+          const GemmUKernel<T>& ku = half && nr <= half->nr ? *half : uk;
           if (p.pack_a) {
-            const auto tile = mr == MR ? uk.tile : uk.tile_rows[mr];
+            const auto tile = mr == MR ? ku.tile : ku.tile_rows[mr];
             tile(kc, abuf + ir * kc, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
           } else {
-            const auto tile = mr == MR ? uk.tile_strided_a : uk.tile_strided_a_rows[mr];
+            const auto tile = mr == MR ? ku.tile_strided_a : ku.tile_strided_a_rows[mr];
             tile(kc, a, g.rsa, g.csa, arow, acol, bp, rsb, dst, ldd, alpha_d, beta_d, bm_d, bn_d);
           }
           if (!direct) store_edge(tmp, NR, mr, nr, c, g.rsc, g.csc, g.alpha, beta, bm, bn);
@@ -774,7 +779,10 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
   T* bpack = ws;
   T* abuf = ws + p.bsize + int64_t(tid) * p.per_thread;
   alignas(64) T tmp[kMaxTileElems];
-  const Worker<T> w{g, uk, p, abuf, abuf + (p.pack_a ? p.mc : 0) * p.kc, tmp};
+  const GemmUKernel<T>& narrow = NNK_ISA_CALL(gemm_ukernel_narrow<T>());
+  const GemmUKernel<T>* half =
+      &narrow != &uk && narrow.mr == uk.mr && 2 * narrow.nr == uk.nr ? &narrow : nullptr;
+  const Worker<T> w{g, uk, p, abuf, abuf + (p.pack_a ? p.mc : 0) * p.kc, tmp, half};
 
   // This thread's rows and NR panels of each column block.
   const int it = tid / p.tn, jt = tid % p.tn;
