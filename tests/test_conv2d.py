@@ -88,6 +88,8 @@ CASES = [
     ("pixel rows: groups 3, 5x3", 4, 48, 7, 9, 33, 5, 3, dict(groups=3, padding=(1, 2))),
     ("pixel rows: 1x1 maps, batch 1", 1, 20, 1, 1, 7, 3, 3, dict(padding=1)),
     ("pixel rows: 1x1 conv", 6, 96, 5, 6, 24, 1, 1, dict()),
+    # >= 256 output pixels: pixel rows only with <= 32 output channels and a spatial kernel
+    ("pixel rows: large map, stride 2", 2, 12, 35, 33, 20, 3, 3, dict(stride=2, padding=1)),
     ("pixel rows: 4x4 dilated", 3, 64, 6, 7, 17, 4, 4, dict(padding=3, dilation=(1, 2))),
     # padding 3 > R - 1: the data gradient's transposed forward crops its input
     ("pixel rows: cropping pad", 3, 32, 5, 6, 24, 2, 2, dict(padding=3)),
