@@ -881,8 +881,37 @@ void depthwise_backward_weight(const Conv2dShape& s, View4<const T> x, View4<con
       nt);
 }
 
-// ------------------------------------------------------------ depthwise, channels-last (small
-// maps) On small maps a plane is a few dozen pixels, and the plane loops above pay their per-plane
+// Rows [i0, i1) of a zero-bordered channels-last copy: d[(i * cols + j) * ld + c] = a[c * a1 +
+// (i - top) * a2 + (j - left) * a3] for c < cw (all ld lanes 0 at pixels outside a's H x W
+// plane; lanes cw..ld of the others untouched). Unit-stride rows are transposed in registers.
+// Pixel rows' copy of x and the channel blocks of the channels-last depthwise build on it.
+template <class T>
+void channels_last_rows(decltype(GemmUKernel<T>::transpose) transpose, const T* a, int64_t a1,
+                        int64_t a2, int64_t a3, int64_t H, int64_t W, int64_t top, int64_t left,
+                        int64_t cols, int64_t i0, int64_t i1, int64_t cw, int64_t ld, T* d) {
+  const int64_t lo = min64(cols, max64(0, left)), hi = max64(lo, min64(cols, W + left));
+  for (int64_t i = i0; i < i1; ++i) {
+    T* row = d + i * cols * ld;
+    const int64_t h = i - top;
+    if (h < 0 || h >= H || hi == lo) {
+      std::fill(row, row + cols * ld, T(0));
+      continue;
+    }
+    std::fill(row, row + lo * ld, T(0));
+    std::fill(row + hi * ld, row + cols * ld, T(0));
+    const T* src = a + h * a2 + (lo - left) * a3;
+    T* dst = row + lo * ld;
+    if (a3 == 1) {
+      transpose(cw, hi - lo, src, a1, dst, ld);
+    } else {
+      for (int64_t j = 0; j < hi - lo; ++j)
+        for (int64_t c = 0; c < cw; ++c) dst[j * ld + c] = src[c * a1 + j * a3];
+    }
+  }
+}
+
+// ----------------------------------------------------------------- depthwise, channels-last
+// On small maps a plane is a few dozen pixels, and the plane loops above pay their per-plane
 // setup (copy, loop bounds, a scalar sum per tap) for every image and channel: on MobileNetV2's
 // 4x4 layers the data and weight gradients ran 3-5x slower than torch. Here a work item is one
 // image and a block of kDwClBlock channels, copied channels-last into a zero-bordered block
@@ -893,7 +922,7 @@ void depthwise_backward_weight(const Conv2dShape& s, View4<const T> x, View4<con
 // in float64, like the plane loops' rows. Measured torch/ours on the 2-vCPU Xeon, 1 thread,
 // forward / data / weight gradient, plane loops -> here: 384 ch 4x4 batch 8 0.39 / 0.27 / 0.25 ->
 // 1.10 / 0.96 / 1.09; 144 ch 56x56 batch 2 0.90 / 0.53 / 0.72 -> 1.22 / 0.79 / 1.10; MobileNetV2
-// at 64x64, batch 8, all its convolutions: 0.84 / 0.86 / 0.75 -> 1.18 / 1.40 / 1.9.
+// at 64x64, batch 8, all its convolutions: 0.84 / 0.86 / 0.75 -> 1.23 / 1.45 / 1.56.
 constexpr int64_t kDwClSumPixels = 256;  // the weight gradient's partial sums in T: pixels each  //
                                          // output pixels per image, at most
 constexpr int64_t kDwClBlock = 32;       // channels per work item: a multiple of every vector width
@@ -927,20 +956,9 @@ struct DwCl {
   // rows x cols; lanes past cw zero). a: channel c0's plane of one image, strides a1, a2, a3.
   void to_block(const T* a, int64_t a1, int64_t a2, int64_t a3, int64_t H, int64_t Wd, int64_t top,
                 int64_t left, int64_t rows, int64_t cols, int64_t cw, T* d) const {
-    std::fill(d, d + rows * cols * kDwClBlock, T(0));
-    const int64_t lo = min64(cols, max64(0, left)), hi = max64(lo, min64(cols, Wd + left));
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t h = i - top;
-      if (h < 0 || h >= H || hi == lo) continue;
-      const T* src = a + h * a2 + (lo - left) * a3;
-      T* dst = d + (i * cols + lo) * kDwClBlock;
-      if (a3 == 1) {
-        transpose(cw, hi - lo, src, a1, dst, kDwClBlock);
-      } else {
-        for (int64_t j = 0; j < hi - lo; ++j)
-          for (int64_t c = 0; c < cw; ++c) dst[j * kDwClBlock + c] = src[c * a1 + j * a3];
-      }
-    }
+    if (cw < kDwClBlock) std::fill(d, d + rows * cols * kDwClBlock, T(0));  // the tail block
+    channels_last_rows(transpose, a, a1, a2, a3, H, Wd, top, left, cols, 0, rows, cw, kDwClBlock,
+                       d);
   }
 
   // a[c0 + c, h, v] = d[((h + top) * cols + v + left) * Cp + c] for h < H, v < Wd, c < cw (0 for
@@ -1586,10 +1604,9 @@ bool pixel_rows_ok(const Conv2dShape& s, const Geometry<T>& gm) {
   // most kPixelRowsMaxCopy elements (MNIST's 64 -> 32 3x3 at 26x26, batch 64, torch/ours
   // forward 0.80 -> 0.95, weight gradient 0.81 -> 0.92; at 64 output channels and for 1x1
   // layers the per-image GEMMs stay faster).
-  const bool large_ok = gm.Kg <= 32 && s.R * s.S > 1 &&
-                        s.N * ((s.P - 1) * s.sh + (s.R - 1) * s.dh + 1) *
-                                ((s.Q - 1) * s.sw + (s.S - 1) * s.dw + 1) * s.C <=
-                            kPixelRowsMaxCopy;
+  const DwPlane dp(s);  // the padded copy's extent: every window
+  const bool large_ok =
+      gm.Kg <= 32 && s.R * s.S > 1 && s.N * dp.Hp * dp.Wp * s.C <= kPixelRowsMaxCopy;
   return gm.Kg <= kPixelRowsMaxKg && gm.CRS >= kPixelRowsMinK && covers &&
          (merged(gm.PQ) || large_ok);
 }
@@ -1605,8 +1622,8 @@ struct PixelRows {
   PixelRows(const Conv2dShape& sh, const Geometry<T>& g)
       : s(sh),
         gm(g),
-        Hp((sh.P - 1) * sh.sh + (sh.R - 1) * sh.dh + 1),
-        Wp((sh.Q - 1) * sh.sw + (sh.S - 1) * sh.dw + 1),
+        Hp(DwPlane(sh).Hp),
+        Wp(DwPlane(sh).Wp),
         transpose(active_gemm_ukernel<T>().transpose),
         koff(static_cast<size_t>(g.CRS)) {
     for (int64_t k = 0; k < gm.CRS; ++k) {
@@ -1616,31 +1633,18 @@ struct PixelRows {
   }
   size_t xcl_elems() const { return size_t(s.N * Hp * Wp * s.C); }
 
-  // xcl[((n * Hp + h) * Wp + v) * C + c] = x[n, c, h - ph, v - pw] (0 outside): per (n, h), the
-  // input row of every channel transposed in (unit-stride rows), or first gathered into a
-  // (C x Wp) buffer of padded rows; zero columns either side.
+  // xcl[((n * Hp + h) * Wp + v) * C + c] = x[n, c, h - ph, v - pw] (0 outside), threads over
+  // the (n, h) rows.
   void fill(View4<const T> x, T* xcl, int nt) const {
-    const int64_t C = s.C, lo = min64(Wp, max64(0, s.pw)), hi = max64(lo, min64(Wp, s.W + s.pw));
     parallel_for(
         s.N * Hp, 1,
         [&](int64_t b, int64_t e) {
-          std::vector<T> rows(x.s[3] == 1 ? 0 : static_cast<size_t>(C * Wp));
-          for (int64_t i = b; i < e; ++i) {
-            const int64_t n = i / Hp, ih = i % Hp - s.ph;
-            T* d = xcl + i * Wp * C;
-            if (ih < 0 || ih >= s.H || hi == lo) {
-              std::fill(d, d + Wp * C, T(0));
-            } else if (x.s[3] == 1) {
-              std::fill(d, d + lo * C, T(0));
-              transpose(C, hi - lo, x.p + n * x.s[0] + ih * x.s[2] + (lo - s.pw), x.s[1],
-                        d + lo * C, C);
-              std::fill(d + hi * C, d + Wp * C, T(0));
-            } else {
-              for (int64_t c = 0; c < C; ++c)
-                padded_row(s, x.p + n * x.s[0] + c * x.s[1], x.s[2], x.s[3], ih,
-                           rows.data() + c * Wp, Wp);
-              transpose(C, Wp, rows.data(), Wp, d, C);
-            }
+          for (int64_t i = b; i < e;) {  // the rows of one image at a time
+            const int64_t n = i / Hp, end = min64(e, (n + 1) * Hp);
+            channels_last_rows(transpose, x.p + n * x.s[0], x.s[1], x.s[2], x.s[3], s.H, s.W, s.ph,
+                               s.pw, Wp, i - n * Hp, end - n * Hp, s.C, s.C,
+                               xcl + n * Hp * Wp * s.C);
+            i = end;
           }
         },
         nt);
@@ -1861,8 +1865,8 @@ void backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, Vi
   // faster (C = 1 first layers, depthwise). On small maps it also transposes the weight
   // (C x Kg x R x S) where merged col2im scatters C x R x S x N*PQ: the smaller of the two.
   const bool transposed = s.sh == 1 && s.sw == 1 && gm.Cg >= 16;
-  const View4<const T> dxv{dx.p, {dx.s[0], dx.s[1], dx.s[2], dx.s[3]}};
-  if (merged(gm.PQ) && !(transposed && gm.Kg <= s.N * gm.PQ) && !pointwise_per_image(gm, dxv))
+  const View4<const T> dxc{dx.p, {dx.s[0], dx.s[1], dx.s[2], dx.s[3]}};
+  if (merged(gm.PQ) && !(transposed && gm.Kg <= s.N * gm.PQ) && !pointwise_per_image(gm, dxc))
     return backward_data_merged(s, gm, dy, w, dx);
   if (transposed) {
     // dx[c, h, w] = sum_{k, r, t} w[k, c, r, t] dy[k, h + ph - r dh, w + pw - t dw]: a stride-1
@@ -1898,7 +1902,6 @@ void backward_data(const Conv2dShape& s, View4<const T> dy, View4<const T> w, Vi
     forward<T>(t, dy, View4<const T>{wt, {gm.Kg * RS, RS, s.S, 1}}, nullptr, dx);
     return;
   }
-  const View4<const T> dxc{dx.p, {dx.s[0], dx.s[1], dx.s[2], dx.s[3]}};
   const bool pw = gm.pointwise_ok(dxc) && gm.Kg > 0;
   const Split sp = split_for(s.N);
   const int64_t L = pw ? gm.PQ : max64(gm.L, 1), last = pw ? gm.PQ : gm.PQ - (gm.PQ - 1) / L * L;
