@@ -48,23 +48,41 @@ void sum_rows(int64_t R, int64_t N, const T* x, int64_t rsx, int64_t csx, T* out
   }
 }
 
+// Sum of x[0..n) in float64 over 8 independent lanes (a vector of doubles per step, where one
+// running sum would wait on every add's latency), then the lanes and the tail.
+template <class T>
+double sum_run(const T* x, int64_t n) {
+  double lane[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += double(x[i + j]);
+  double s =
+      ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; i < n; ++i) s += double(x[i]);
+  return s;
+}
+
 template <class T>
 void sum_channels(int64_t N, int64_t C, int64_t HW, const T* x, int64_t sn, int64_t sc, int64_t si,
                   T* out) {
-  // One channel per work item, its N * HW values summed in float64 (contiguous runs of HW when
-  // si == 1 vectorise).
+  // Channels innermost (channels_last): the column sums of an (N HW) x C matrix.
+  if (sc == 1 && si != 1 && C > 1 && (N <= 1 || sn == HW * si)) {
+    sum_rows(N * HW, C, x, si, int64_t(1), out, int64_t(1));
+    return;
+  }
+  // One channel per work item, its N * HW values summed in float64.
   parallel_for(C, N * HW >= 4096 ? 1 : 64, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double acc = 0;
       for (int64_t n = 0; n < N; ++n) {
         const T* p = x + n * sn + c * sc;
-        double part = 0;
         if (si == 1) {
-          for (int64_t i = 0; i < HW; ++i) part += double(p[i]);
+          acc += sum_run(p, HW);
         } else {
+          double part = 0;
           for (int64_t i = 0; i < HW; ++i) part += double(p[i * si]);
+          acc += part;
         }
-        acc += part;
       }
       out[c] = T(acc);
     }
