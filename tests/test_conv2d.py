@@ -91,6 +91,8 @@ CASES = [
     # >= 256 output pixels: pixel rows only with <= 32 output channels and a spatial kernel
     ("pixel rows: large map, stride 2", 2, 12, 35, 33, 20, 3, 3, dict(stride=2, padding=1)),
     ("pixel rows: 4x4 dilated", 3, 64, 6, 7, 17, 4, 4, dict(padding=3, dilation=(1, 2))),
+    # 66 x 66 = 4356 pixels per image, chunks of 4096: one image per block, two chunks
+    ("pixel rows: chunks inside an image", 4, 16, 66, 66, 32, 3, 3, dict(padding=1)),
     # padding 3 > R - 1: the data gradient's transposed forward crops its input
     ("pixel rows: cropping pad", 3, 32, 5, 6, 24, 2, 2, dict(padding=3)),
     # 3x3 stride 1, 64+ channels each way, 64+ 2x2 output tiles: Winograd F(2x2, 3x3) (forward,
@@ -199,6 +201,15 @@ def test_conv2d_threads(threads, N, H):
     """Small maps: merged columns with threaded GEMMs; larger ones one image at a time with
     threaded GEMMs, or images side by side with per-thread partials."""
     _check_conv(*_inputs(N, 6, H, 16, 8, 3, 3, 1), dict(padding=1))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("N", [1, 3, 9, 37])
+def test_conv2d_pixel_rows_blocks(threads, N):
+    """Pixel rows in blocks of whole images (8 of 8x8 at most): each thread its own blocks and
+    weight-gradient partial when there are images to spare, a short last block, or one block of
+    every image with threaded steps."""
+    _check_conv(*_inputs(N, 16, 8, 8, 24, 3, 3, 1), dict(padding=1))
 
 
 def test_conv2d_no_bias_and_frozen_parts():
