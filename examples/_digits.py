@@ -41,11 +41,11 @@ def accuracy(model, x, y):
 
 
 def train(model, loss_fn, data, epochs, lr, batch=64, seed=1):
-    """SGD with momentum; returns (seconds per epoch, test accuracy after each epoch)."""
+    """SGD with momentum, one epoch per step of the generator: yields (seconds, test accuracy)
+    after each epoch."""
     x, y, xt, yt = data
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
-    times, accs = [], []
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=g).to(y.device)
         t0 = time.perf_counter()
@@ -54,9 +54,8 @@ def train(model, loss_fn, data, epochs, lr, batch=64, seed=1):
             opt.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
-        times.append(time.perf_counter() - t0)
-        accs.append(accuracy(model, xt, yt))
-    return times, accs
+        seconds = time.perf_counter() - t0
+        yield seconds, accuracy(model, xt, yt)
 
 
 def compare(name, make_model, epochs, lr, argv=None):
@@ -74,9 +73,18 @@ def compare(name, make_model, epochs, lr, argv=None):
     nnkernels.swap_layers(our_loss)
     print(f"{name}: {len(data[1])} training / {len(data[3])} test images, {args.epochs} epochs")
     print(report)
-    rows = {}
-    for label, model, loss_fn in (("torch", ref, ref_loss), ("nnkernels", ours, our_loss)):
-        rows[label] = train(model, loss_fn, data, args.epochs, lr)
+    # The two runs take turns epoch by epoch, so that a machine whose speed drifts (a shared VM,
+    # turbo) slows both alike instead of whichever runs second.
+    runs = {
+        "torch": train(ref, ref_loss, data, args.epochs, lr),
+        "nnkernels": train(ours, our_loss, data, args.epochs, lr),
+    }
+    rows = {label: ([], []) for label in runs}
+    for _ in range(args.epochs):
+        for label, run in runs.items():
+            seconds, acc = next(run)
+            rows[label][0].append(seconds)
+            rows[label][1].append(acc)
     print(f"\n{'epoch':>5}  {'torch s':>8}  {'torch acc':>9}  {'nnk s':>8}  {'nnk acc':>8}")
     for e in range(args.epochs):
         (tt, ta), (nt, na) = rows["torch"], rows["nnkernels"]
