@@ -77,8 +77,9 @@ def test_matmul_thread_grids(threads, M, N, K):
     _check_mm(torch.randn(M, K), torch.randn(K, N), K)
 
 
-# Skinny paths: A read in place when N is a few panels (rows contiguous, columns contiguous, or
-# neither: packed after all); B read in place when M is a tile or two and B is row-major; C^T = B^T
+# Skinny paths: A read in place when N is a few panels (rows contiguous, or columns contiguous
+# with k steps at most 2 KiB apart: "ta" at M = 100 in place, at M = 1000 packed; neither: packed);
+# B read in place when M is a tile or two and B is row-major; C^T = B^T
 # A^T when M is small and B is a transposed row-major matrix. Edge rows/columns included.
 SKINNY = [
     (100, 10, 300),
