@@ -103,6 +103,8 @@ CASES = [
     ("winograd: tile chunks", 2, 256, 24, 24, 256, 3, 3, dict(padding=1)),
     # 40 tile rows of 19 tiles: chunks of 6 rows spread over the threads, a short last one
     ("winograd: chunks on the threads", 2, 64, 40, 38, 64, 3, 3, dict(padding=1)),
+    # 64+ channels but 32 tiles (< 64): the direct GEMMs
+    ("winograd: too few tiles, direct", 2, 64, 7, 7, 64, 3, 3, dict(padding=1)),
     # 32 - 63 channels: the weight gradient only
     ("winograd: weight gradient only", 5, 40, 9, 10, 32, 3, 3, dict(padding=1)),
     # maps of >= 256 output pixels: one image at a time (or images side by side on the threads)

@@ -1349,7 +1349,11 @@ void backward_weight_merged(const Conv2dShape& s, const Geometry<T>& gm, View4<c
 // to gain (the course CNN's 64 -> 32 at 8x8 ran 10% slower than the direct GEMM); measured on the
 // 2-vCPU Xeon against the direct path, forward, torch/ours: 128 ch 28x28 0.83 -> 1.25, 256 ch
 // 14x14 0.72 -> 1.03, 64 ch 56x56 0.77 -> 0.91.
-constexpr int64_t kWinogradMinTiles = 32;
+// Below 64 tiles the 16 products are too short (N = tiles) to gain over the direct GEMM: ResNet's
+// 512 -> 512 at 7x7, batch 2 (32 tiles), torch/ours forward 0.76 / 0.78 -> 0.85 / 0.82, weight
+// gradient 1.13 / 1.16 -> 1.42 / 1.34; 256 -> 256 at 4x4, batch 8, forward 0.80 -> 0.91 (at 98
+// tiles, 256 -> 256 at 14x14, batch 2, Winograd still wins: 1.0 against 0.75-0.85 direct).
+constexpr int64_t kWinogradMinTiles = 64;
 constexpr int64_t kWinogradMinChannels = 64;
 constexpr int64_t kWinogradBudget = int64_t(1) << 21;  // elements of V + M per chunk of rows
 
