@@ -90,6 +90,9 @@ CASES = [
     ("pixel rows: 1x1 conv", 6, 96, 5, 6, 24, 1, 1, dict()),
     # >= 256 output pixels: pixel rows only with <= 32 output channels and a spatial kernel
     ("pixel rows: large map, stride 2", 2, 12, 35, 33, 20, 3, 3, dict(stride=2, padding=1)),
+    # strided: up to 64 output channels on large maps (a 7x7 stride-2 stem), CRS from 24 on
+    ("pixel rows: strided stem", 2, 3, 37, 35, 48, 7, 7, dict(stride=2, padding=3)),
+    ("pixel rows: strided, CRS 27", 3, 3, 33, 34, 20, 3, 3, dict(stride=2, padding=1)),
     ("pixel rows: 4x4 dilated", 3, 64, 6, 7, 17, 4, 4, dict(padding=3, dilation=(1, 2))),
     # 66 x 66 = 4356 pixels per image, chunks of 4096: one image per block, two chunks
     ("pixel rows: chunks inside an image", 4, 16, 66, 66, 32, 3, 3, dict(padding=1)),

@@ -1632,7 +1632,11 @@ void winograd_backward_weight(const Conv2dShape& s, const Geometry<T>& gm, View4
 // (64 -> 128 3x3 stride 2 at 8x8 forward 0.87 -> 0.67, 128 -> 128 weight gradient at 8x8 against
 // Winograd's 1.02 -> 0.60).
 constexpr int64_t kPixelRowsMaxKg = 64;
-constexpr int64_t kPixelRowsMinK = 64;          // CRS below it: C stores outweigh the products
+constexpr int64_t kPixelRowsMinK = 64;  // CRS below it: C stores outweigh the products
+// ... except for strided layers, whose im2col is a gather: MobileNetV2's 3 -> 32 3x3 stride-2 stem
+// (CRS = 27) at 224x224 batch 2, torch/ours weight gradient 0.86 -> 1.12, at 64x64 batch 8 1.0 ->
+// 1.3.
+constexpr int64_t kPixelRowsMinKStrided = 24;
 constexpr int64_t kPixelRowsBudget = 1 << 17;   // elements of one chunk's Y^T
 constexpr int64_t kPixelRowsMaxCopy = 1 << 23;  // elements of the padded copy, larger maps
 
@@ -1653,15 +1657,18 @@ bool pixel_rows_ok(const Conv2dShape& s, const Geometry<T>& gm) {
   // layers on larger maps read x in place per image (measured slower here: 96 -> 24 1x1 at 56x56
   // forward 1.98 -> 0.99).
   const bool covers = s.sh <= (s.R - 1) * s.dh + 1 && s.sw <= (s.S - 1) * s.dw + 1;
-  // Larger maps: only with at most 32 output channels and a spatial kernel, and a copy of at
-  // most kPixelRowsMaxCopy elements (MNIST's 64 -> 32 3x3 at 26x26, batch 64, torch/ours
-  // forward 0.80 -> 0.95, weight gradient 0.81 -> 0.92; at 64 output channels and for 1x1
-  // layers the per-image GEMMs stay faster).
+  // Larger maps: only with at most 32 output channels (64 when strided) and a spatial kernel, and
+  // a copy of at most kPixelRowsMaxCopy elements (MNIST's 64 -> 32 3x3 at 26x26, batch 64,
+  // torch/ours forward 0.80 -> 0.95, weight gradient 0.81 -> 0.92; ResNet's 7x7 stride-2 stem,
+  // 3 -> 64, whose im2col is a strided gather, at 224x224 batch 2 forward 0.89 -> 0.99, weight
+  // gradient 0.66 -> 1.07, at 64x64 batch 8 0.72 -> 1.01 and 0.67 -> 1.03; at 64 output
+  // channels stride 1 (VGG's 3 -> 64) even, and for 1x1 layers the per-image GEMMs stay faster).
   const DwPlane dp(s);  // the padded copy's extent: every window
-  const bool large_ok =
-      gm.Kg <= 32 && s.R * s.S > 1 && s.N * dp.Hp * dp.Wp * s.C <= kPixelRowsMaxCopy;
-  return gm.Kg <= kPixelRowsMaxKg && gm.CRS >= kPixelRowsMinK && covers &&
-         (merged(gm.PQ) || large_ok);
+  const bool strided = s.sh > 1 || s.sw > 1;
+  const bool large_ok = (gm.Kg <= 32 || (gm.Kg <= 64 && strided)) && s.R * s.S > 1 &&
+                        s.N * dp.Hp * dp.Wp * s.C <= kPixelRowsMaxCopy;
+  return gm.Kg <= kPixelRowsMaxKg && gm.CRS >= (strided ? kPixelRowsMinKStrided : kPixelRowsMinK) &&
+         covers && (merged(gm.PQ) || large_ok);
 }
 
 template <class T>
