@@ -104,8 +104,6 @@ CASES = [
     ("winograd: no padding", 2, 72, 19, 20, 65, 3, 3, dict()),
     ("winograd: asymmetric pad, groups", 2, 128, 16, 15, 128, 3, 3, dict(padding=(2, 0), groups=2)),
     ("winograd: tile chunks", 2, 256, 24, 24, 256, 3, 3, dict(padding=1)),
-    # 40 tile rows of 19 tiles: chunks of 6 rows spread over the threads, a short last one
-    ("winograd: chunks on the threads", 2, 64, 40, 38, 64, 3, 3, dict(padding=1)),
     # 64+ channels but 32 tiles (< 64): the direct GEMMs
     ("winograd: too few tiles, direct", 2, 64, 7, 7, 64, 3, 3, dict(padding=1)),
     # 32 - 63 channels: the weight gradient only
@@ -217,13 +215,6 @@ def test_conv2d_pixel_rows_blocks(threads, N):
     weight-gradient partial when there are images to spare, a short last block, or one block of
     every image with threaded steps."""
     _check_conv(*_inputs(N, 16, 8, 8, 24, 3, 3, 1), dict(padding=1))
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
-def test_conv2d_winograd_threads(threads):
-    """Winograd's chunks of tile rows on the threads (each its own transforms and GEMMs), or one
-    after another with threaded steps on one thread."""
-    _check_conv(*_inputs(2, 64, 40, 38, 64, 3, 3, 1), dict(padding=1))
 
 
 def test_conv2d_no_bias_and_frozen_parts():

@@ -1407,59 +1407,25 @@ inline void winograd_filter_grad(const T* du, int64_t ld, T* g, int64_t gs2, int
 }
 
 // The transforms run a whole row of tiles at a time (the per-ISA row loops above), from the four
-// zero-bordered input rows the tile row reads. Tile rows (n, ty) run in chunks of rc. With rows
-// to spare each thread takes whole chunks and runs the three steps for them alone (its own V and
-// M, single-threaded GEMMs, no barrier between the steps): chunks of at most
-// kWinogradThreadBudget elements of V + M and at least kWinogradThreadTiles tiles (the GEMMs'
-// N), at least two per thread. Otherwise every step of a chunk uses all threads. Measured
-// torch/ours on the 2-vCPU Xeon, 2 threads, threads per step -> per chunk, two interleaved A/B
-// runs: 64 -> 64 at 56x56, batch 2 (ResNet-18's first stage at 224), forward 0.99 / 1.02 -> 1.24
-// / 1.30, data gradient (the transposed forward) 1.24 / 1.12 -> 1.35 / 1.40; at 16x16, batch 8
-// (128 tiles a chunk) unchanged, 0.90 / 0.89 -> 0.93 / 0.90.
-constexpr int64_t kWinogradThreadBudget = int64_t(1) << 18;
-constexpr int64_t kWinogradThreadTiles = 64;
-
+// zero-bordered input rows the tile row reads. Tile rows (n, ty) run in chunks of rc.
 struct WinogradPlan {
   int64_t th, tw, rows, rc, ld, vld, mld, uld;
-  int nt;           // threads
-  bool per_thread;  // chunks spread over the threads (else threaded steps)
-  // spread: chunks may go to the threads (the forward; the weight gradient's GEMMs sum over the
-  // tiles of a chunk, and chunks of threads' size left them too short: 64 -> 64 at 16x16, batch
-  // 8, 0.98 -> 0.85).
-  WinogradPlan(const Conv2dShape& s, int64_t Cg, int64_t Kg, bool spread)
+  WinogradPlan(const Conv2dShape& s, int64_t Cg, int64_t Kg)
       : th((s.P + 1) / 2), tw((s.Q + 1) / 2), rows(s.N * th) {
-    nt = in_parallel_region() ? 1 : num_threads();
-    const int64_t row = 16 * (Cg + Kg) * tw;  // elements of V + M per tile row
-    const int64_t mine =
-        min64(max64(1, kWinogradThreadBudget / row), (rows + 2 * nt - 1) / (2 * nt));
-    per_thread = spread && nt > 1 && rows >= 2 * nt && mine * tw >= kWinogradThreadTiles;
-    rc = per_thread ? mine : min64(rows, max64(1, kWinogradBudget / row));
+    rc = min64(rows, max64(1, kWinogradBudget / (16 * (Cg + Kg) * tw)));
     ld = 2 * tw + 2;  // columns of the input rows a tile row reads
     // The 16 planes of U, V and M are written / read together: planes a multiple of 4 KiB apart
     // would share L1 sets (16 streams in 12 ways), so they are padded.
     vld = plane(Cg * rc * tw), mld = plane(Kg * rc * tw), uld = plane(Kg * Cg);
   }
   static int64_t plane(int64_t n) { return (n + 15) / 16 * 16 + 16; }
-  int64_t chunks() const { return (rows + rc - 1) / rc; }
-  int workers() const { return per_thread ? nt : 1; }
-  size_t vm() const { return size_t(16 * (vld + mld)); }  // elements of one worker's V and M
 
-  // U (or dU), and for each worker vm() + extra elements: its V, its M, then `extra`.
+  // This thread's U (or dU), V and M buffers.
   template <class T>
-  void buffers(T** u, T** v, size_t extra = 0) const {
+  void buffers(T** u, T** v, T** m) const {
     *u = thread_scratch<T>(Scratch::winograd_filter, size_t(16 * uld));
-    *v = thread_scratch<T>(Scratch::conv, (vm() + extra) * size_t(workers()));
-  }
-  // fn(worker, r0, nr, v, m, extra, nt) for each chunk of tile rows [r0, r0 + nr): on the
-  // threads, or one after another with threaded steps. v, m and extra are the worker's.
-  template <class T, class F>
-  void for_each_chunk(T* ws, size_t extra, F&& fn) const {
-    Split sp{nt, per_thread, per_thread ? 1 : nt};
-    const size_t per = vm() + extra;
-    for_each_image(chunks(), sp, ws, per, [&](int64_t c, int tid, T* mine) {
-      const int64_t r0 = c * rc;
-      fn(tid, r0, min64(rc, rows - r0), mine, mine + 16 * vld, mine + vm(), sp.gemm_nt);
-    });
+    *v = thread_scratch<T>(Scratch::conv, size_t(16 * (vld + mld)));
+    *m = *v + 16 * vld;
   }
 };
 
@@ -1489,23 +1455,11 @@ void winograd_input_tiles(const Conv2dShape& s, const Geometry<T>& gm, const Win
 template <class T>
 void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> x,
                       View4<const T> w, const T* bias, View4<T> y) {
-  const WinogradPlan wp(s, gm.Cg, gm.Kg, true);
+  const int nt = in_parallel_region() ? 1 : num_threads();
+  const WinogradPlan wp(s, gm.Cg, gm.Kg);
   const int64_t tw = wp.tw, mld = wp.mld;
-  // M_xi (Kg x tn) = U_xi (Kg x Cg) . V_xi (Cg x tn) for the tn tiles of a chunk.
-  auto product = [&](const T* u, const T* v, T* m, int64_t tn) {
-    Gemm<T> gg;
-    gg.M = gm.Kg, gg.N = tn, gg.K = gm.Cg;
-    gg.A = u, gg.rsa = gm.Cg, gg.csa = 1;
-    gg.B = v, gg.rsb = tn, gg.csb = 1;
-    gg.C = m, gg.rsc = tn, gg.csc = 1;
-    return gg;
-  };
-  size_t gws = 0;  // per worker: the workspace of its single-threaded GEMMs
-  if (wp.per_thread)
-    for (int64_t nr : {wp.rc, wp.rows - (wp.chunks() - 1) * wp.rc})
-      gws = std::max(gws, gemm_workspace(product(x.p, x.p, nullptr, nr * tw), 1));
-  T *u, *ws;
-  wp.buffers(&u, &ws, gws);
+  T *u, *v, *m;
+  wp.buffers(&u, &v, &m);
   const ConvWinogradKernels<T>& wk = NNK_ISA_CALL(conv_winograd_kernels<T>());
   for (int64_t g = 0; g < s.groups; ++g) {
     // U (16 x Kg x Cg)
@@ -1517,21 +1471,17 @@ void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T
               winograd_filter(w.p + (g * gm.Kg + k) * w.s[0] + c * w.s[1], w.s[2], w.s[3],
                               u + k * gm.Cg + c, wp.uld);
         },
-        wp.nt);
-    wp.for_each_chunk(ws, gws, [&](int, int64_t r0, int64_t nr, T* v, T* m, T* gemm_ws, int nt) {
-      const int64_t tn = nr * tw;
+        nt);
+    for (int64_t r0 = 0; r0 < wp.rows; r0 += wp.rc) {
+      const int64_t nr = min64(wp.rc, wp.rows - r0), tn = nr * tw;
       winograd_input_tiles(s, gm, wp, x, g, r0, nr, v, nt);
       // M_xi = U_xi . V_xi for the 16 positions
-      const Gemm<T> gg = product(u, v, m, tn);
-      if (wp.per_thread) {
-        for (int xi = 0; xi < 16; ++xi) {
-          Gemm<T> gx = gg;
-          gx.A += xi * wp.uld, gx.B += xi * wp.vld, gx.C += xi * mld;
-          gemm(gx, 1, gemm_ws);
-        }
-      } else {
-        gemm_batched(gg, 16, wp.uld, wp.vld, mld, nt);
-      }
+      Gemm<T> gg;
+      gg.M = gm.Kg, gg.N = tn, gg.K = gm.Cg;
+      gg.A = u, gg.rsa = gm.Cg, gg.csa = 1;
+      gg.B = v, gg.rsb = tn, gg.csb = 1;
+      gg.C = m, gg.rsc = tn, gg.csc = 1;
+      gemm_batched(gg, 16, wp.uld, wp.vld, mld, nt);
       // Y tiles = A^T M A (+ bias), cropped at odd P, Q
       parallel_for(
           gm.Kg, 1,
@@ -1550,7 +1500,7 @@ void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T
             }
           },
           nt);
-    });
+    }
   }
 }
 
@@ -1560,15 +1510,16 @@ void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T
 template <class T>
 void winograd_backward_weight(const Conv2dShape& s, const Geometry<T>& gm, View4<const T> x,
                               View4<const T> dy, View4<T> dw, T* dbias) {
+  const int nt = in_parallel_region() ? 1 : num_threads();
   if (dbias) sum_channels(s.N, s.K, gm.PQ, dy.p, dy.s[0], dy.s[1], dy.s[3], dbias);
-  const WinogradPlan wp(s, gm.Cg, gm.Kg, false);
+  const WinogradPlan wp(s, gm.Cg, gm.Kg);
   const int64_t tw = wp.tw, mld = wp.mld;
-  T *du, *ws;
-  wp.buffers(&du, &ws);
+  T *du, *v, *m;
+  wp.buffers(&du, &v, &m);
   const ConvWinogradKernels<T>& wk = NNK_ISA_CALL(conv_winograd_kernels<T>());
   for (int64_t g = 0; g < s.groups; ++g) {
-    wp.for_each_chunk(ws, 0, [&](int, int64_t r0, int64_t nr, T* v, T* m, T*, int nt) {
-      const int64_t tn = nr * tw;
+    for (int64_t r0 = 0; r0 < wp.rows; r0 += wp.rc) {
+      const int64_t nr = min64(wp.rc, wp.rows - r0), tn = nr * tw;
       winograd_input_tiles(s, gm, wp, x, g, r0, nr, v, nt);
       // dM (16 x Kg x tn) from the 2x2 tiles of dy (zero past odd P, Q)
       parallel_for(
@@ -1599,7 +1550,7 @@ void winograd_backward_weight(const Conv2dShape& s, const Geometry<T>& gm, View4
       gg.C = du, gg.rsc = gm.Cg, gg.csc = 1;
       gg.beta = r0 == 0 ? T(0) : T(1);
       gemm_batched(gg, 16, mld, wp.vld, wp.uld, nt);
-    });
+    }
     // dW = G^T dU G
     parallel_for(
         gm.Kg, 8,
@@ -1610,7 +1561,7 @@ void winograd_backward_weight(const Conv2dShape& s, const Geometry<T>& gm, View4
                                    dw.p + (g * gm.Kg + k) * dw.s[0] + c * dw.s[1], dw.s[2],
                                    dw.s[3]);
         },
-        wp.nt);
+        nt);
   }
 }
 
