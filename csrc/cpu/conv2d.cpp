@@ -1642,7 +1642,6 @@ struct PixelRows {
       koff[size_t(k)] = (rt / s.S * s.dh * Wp + rt % s.S * s.dw) * s.C + c;
     }
   }
-  size_t xcl_elems() const { return size_t(s.N * Hp * Wp * s.C); }
 
   // xcl[(((n - n0) * Hp + h) * Wp + v) * C + c] = x[n, c, h - ph, v - pw] (0 outside) for images
   // n0 <= n < n1, threads over the (n, h) rows.
@@ -1744,10 +1743,10 @@ constexpr int64_t kPixelRowsBlock = 512;  // output pixels per block of images, 
 template <class T>
 struct PixelRowsPass : PixelRows<T> {
   Split sp;
-  int gemm_nt;                // threads per step (and GEMM)
-  int64_t imgs, blocks, L;    // images per block, blocks, pixels per chunk
-  size_t xblock, tkn, extra;  // elements per worker: the block's padded copy, tk, the caller's
-  size_t per = 0;             // elements per worker in all
+  int gemm_nt;              // threads per step (and GEMM)
+  int64_t imgs, blocks, L;  // images per block, blocks, pixels per chunk
+  size_t xblock, tkn;       // elements per worker: the block's padded copy, tk
+  size_t per = 0;           // elements per worker in all (with the caller's extra)
   T *wk = nullptr, *shared = nullptr, *ws = nullptr;  // see allocate()
   std::vector<int64_t> aoff;                          // L window origins per worker
 
@@ -1777,13 +1776,15 @@ struct PixelRowsPass : PixelRows<T> {
   void allocate(size_t shared_elems, size_t extra_elems) {
     const size_t wn = per_thread_lines<T>(this->gm.CRS * this->s.K);
     shared_elems = per_thread_lines<T>(int64_t(shared_elems));
-    extra = per_thread_lines<T>(int64_t(extra_elems));
-    per = xblock + tkn + extra;
+    per = xblock + tkn + per_thread_lines<T>(int64_t(extra_elems));
     wk = thread_scratch<T>(Scratch::conv, wn + shared_elems + per * workers() + 1);
     shared = wk + wn;
     ws = shared + shared_elems;
     aoff.resize(size_t(L) * workers());
   }
+
+  // Worker w's `extra_elems` (after its xcl and tk).
+  T* extra_of(size_t w) const { return ws + per * w + xblock + tkn; }
 
   // fn(tid, J0, len, xcl, aoff, tk, extra) for each chunk of pixels [J0, J0 + len): xcl the
   // padded copy of its block (aoff relative to it), tk and extra worker tid's.
@@ -1796,7 +1797,7 @@ struct PixelRowsPass : PixelRows<T> {
       for (int64_t j = 0, pixels = (n1 - n0) * this->gm.PQ; j < pixels; j += L) {
         const int64_t len = min64(L, pixels - j);
         this->origins(j, len, ao);
-        fn(tid, n0 * this->gm.PQ + j, len, mine, ao, mine + xblock, mine + xblock + tkn);
+        fn(tid, n0 * this->gm.PQ + j, len, mine, ao, mine + xblock, extra_of(size_t(tid)));
       }
     });
   }
@@ -1871,7 +1872,7 @@ void backward_weight_pixel_rows(const Conv2dShape& s, const Geometry<T>& gm, Vie
         for (int64_t i = b; i < e; ++i) {
           T acc = T(0);
           for (size_t t = 0; t < used.size(); ++t)
-            if (used[t]) acc += pr.ws[pr.per * t + pr.xblock + pr.tkn + size_t(i)];
+            if (used[t]) acc += pr.extra_of(t)[i];
           pr.wk[i] = acc;
         }
       },
