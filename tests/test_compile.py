@@ -32,6 +32,8 @@ def _opcheck_cases():
     lstm_w2 = lstm_w + [_t(16, 3), _t(16, 4), _t(16), _t(16)]
     x_seq, h0, c0 = _t(3, 2, 3), _t(1, 2, 4), _t(1, 2, 4)
     y, hn, cn, *saved = lstm.layer_kernel(x_seq, h0, c0, lstm_w, 1, True)
+    x_step, h, c = _t(2, 3), _t(2, 4), _t(2, 4)
+    h1, c1, gates = lstm.cell_kernel(x_step, h, c, lstm_w[0], lstm_w[1], lstm_w[2])
     bn_x = _t(4, 3, 5, 5)
     _, mean, invstd = bn.forward_train(bn_x, None, None, None, None, 0.1, 1e-5)
     return {
@@ -131,6 +133,16 @@ def _opcheck_cases():
         "lstm_layer_backward": (
             lstm.layer_backward_kernel,
             (_t(3, 2, 4), hn, cn, x_seq, h0, c0, y, lstm_w, saved, 1, True, [True] * 7),
+        ),
+        "lstm_cell": (lstm.cell_kernel, (x_step, h, c, *lstm_w[:3])),
+        "lstm_cell no bias": (lstm.cell_kernel, (x_step, h, c, *lstm_w[:2], None)),
+        "lstm_cell_backward": (
+            lstm.cell_backward_kernel,
+            (_t(2, 4), _t(2, 4), x_step, h, c, *lstm_w[:2], h1, c1, gates, [True] * 6),
+        ),
+        "lstm_cell_backward no state grads": (
+            lstm.cell_backward_kernel,
+            (None, _t(2, 4), x_step, h, c, *lstm_w[:2], h1, c1, gates, [True, False] * 3),
         ),
     }
 

@@ -117,6 +117,31 @@ def test_lstm_cell_gradcheck():
     assert torch.autograd.gradcheck(f, args)
 
 
+def test_lstm_cell_backward_paths():
+    """The cell's backward with one output unused (its gradient None), a second backward through a
+    retained graph (the first overwrote the saved gates), one bias only, frozen weights and a
+    non-contiguous input, each against torch.lstm_cell."""
+    torch.manual_seed(0)
+    B, I, H = 3, 5, 7
+    x = torch.randn(I, B).t()  # strided rows
+    h, c = torch.randn(B, H), torch.randn(B, H)
+    w_ih, w_hh, b_ih = torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H)
+    for use, biases, frozen in [(0, (b_ih, None), False), (1, (None, b_ih), True), (2, (), False)]:
+        grads = []
+        for f in (NF.lstm_cell, torch.lstm_cell):
+            leaves = [t.clone().requires_grad_() for t in (x, h, c)]
+            ws = [t.clone().requires_grad_(not frozen) for t in (w_ih, w_hh)]
+            bs = [None if b is None else b.clone().requires_grad_() for b in biases]
+            out = f(leaves[0], (leaves[1], leaves[2]), *ws, *bs)
+            loss = out[0].sum() if use == 0 else out[1].sum() if use == 1 else sum(out).sum()
+            inputs = leaves + [t for t in ws + bs if t is not None and t.requires_grad]
+            g1 = torch.autograd.grad(loss, inputs, retain_graph=True)
+            g2 = torch.autograd.grad(loss, inputs)
+            grads.append((g1, g2))
+        for a, b in zip(grads[0][0] + grads[0][1], grads[1][0] + grads[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- LSTM
 
 CONFIGS = [
@@ -406,6 +431,16 @@ def test_lstm_kernel_checks_its_buffers():
         fwd(h0=torch.zeros(B + 1, H))
     with pytest.raises(TypeError):
         fwd(c0=torch.zeros(B, H, dtype=torch.float64))
+    # One step: every sequence argument 2-D, else a clear error.
+    one = dict(x=x[0], y=y[0], g=g[0], c=c[0])
+    fwd(**one)
+    torch.testing.assert_close(y[0], NF.lstm_cell(x[0], (h0, c0), w_ih, w_hh)[0])
+    with pytest.raises(ValueError, match=r"output must be \(B, n\) like input \(one step\)"):
+        fwd(**(one | dict(y=y)))
+    with pytest.raises(ValueError, match=r"gates must be \(T, B, n\) like input"):
+        fwd(g=g[0])
+    with pytest.raises(ValueError, match="cell_states must have shape"):
+        fwd(**(one | dict(c=torch.empty(B, H + 1))))
 
 
 @pytest.mark.skipif(not nnkernels.cuda_available(), reason="no CUDA GPU visible")

@@ -42,6 +42,19 @@ int64_t seq_rows(const TensorView& v, const char* name, int64_t T, int64_t B, in
   return ld;
 }
 
+// A sequence argument as (T, B, n). A one-step call (LstmViews::one_step) passes (B, n) for the
+// (1, B, n) sequence; its arguments must all be 2-D, a sequence call's all 3-D.
+TensorView as_sequence(TensorView v, bool one_step, const char* name) {
+  NNK_CHECK_VALUE(v.ndim == (one_step ? 2 : 3), name, " must be ",
+                  one_step ? "(B, n) like input (one step)" : "(T, B, n) like input", ", got ",
+                  v.ndim, " dims");
+  if (!one_step) return v;
+  for (int d = v.ndim; d > 0; --d) v.shape[d] = v.shape[d - 1], v.strides[d] = v.strides[d - 1];
+  v.shape[0] = 1, v.strides[0] = 0;
+  ++v.ndim;
+  return v;
+}
+
 // A (B, H) state with unit stride along H. Returns the row stride.
 int64_t state_rows(const TensorView& v, const char* name, int64_t B, int64_t H) {
   check_shape(v, name, {B, H});
@@ -66,14 +79,19 @@ void check_contiguous_out(const TensorView& v, const char* name,
 // The views of one layer-direction call, checked: x (T, B, I); w_ih (4H, I); w_hh (4H, H); bias
 // (4H,) or None; h0, c0 (B, H); y (T, B, H) out (may be a slice of a (T, B, 2H) output); gates
 // (T, B, 4H) and c (T, B, H) contiguous. Parameters x .. c at positions at[0..8] (bias -1: none).
+// one_step: x is (B, I) and every sequence argument (y, gates, c; dy, dx in the backward) 2-D
+// too, a single step (an LSTMCell) without the views that would add T = 1 in Python.
 struct LstmViews {
   TensorView x, w_ih, w_hh, bias, h0, c0, y, gates, c;
   int64_t T, B, I, H, ldx, ldy, ldh0, ldc0;
+  bool one_step;
 
   LstmViews(const Call& call, const int (&at)[9]) {
     x = call.tensor(at[0]);
     check_float(x, "input");
-    check_ndim(x, "input", {3});
+    check_ndim(x, "input", {2, 3});
+    one_step = x.ndim == 2;
+    x = as_sequence(x, one_step, "input");
     if (x.device == Device::cuda)
       NNK_CHECK_IMPLEMENTED(x.dtype == DType::f32,
                             "lstm on CUDA computes in float32, got input of ", dtype_str(x));
@@ -97,15 +115,20 @@ struct LstmViews {
     check_like(c0, "c0", x, "input");
     ldh0 = state_rows(h0, "h0", B, H);
     ldc0 = state_rows(c0, "c0", B, H);
-    y = call.output(at[6]);
-    gates = call.output(at[7]);
-    c = call.output(at[8]);
+    y = sequence(call.output(at[6]), "output");
+    gates = sequence(call.output(at[7]), "gates");
+    c = sequence(call.output(at[8]), "cell_states");
     check_like(y, "output", x, "input");
     check_like(gates, "gates", x, "input");
     check_like(c, "cell_states", x, "input");
     ldy = seq_rows(y, "output", T, B, H);
     check_contiguous_out(gates, "gates", {T, B, 4 * H});
     check_contiguous_out(c, "cell_states", {T, B, H});
+  }
+
+  // A sequence argument as (T, B, n): a one-step call's (B, n) gets its T = 1.
+  TensorView sequence(const TensorView& v, const char* name) const {
+    return as_sequence(v, one_step, name);
   }
 
   template <class T_>
@@ -159,10 +182,11 @@ py::object lstm_forward(Call& call) {
       [&](auto s) { cuda::lstm_layer_forward(v.layer<float>(reverse), s.device, s.stream); });
   return py::none();
 }
-NNK_BINDING(lstm_forward,
-            "input, w_ih, w_hh, bias, h0, c0, output, gates, cell_states, reverse=False",
-            "One LSTM layer in one direction over a (T, B, I) sequence: output (T, B, H) = h_t, "
-            "gates (T, B, 4H) = the activations (saved for lstm_backward), cell_states = c_t.");
+NNK_BINDING(
+    lstm_forward, "input, w_ih, w_hh, bias, h0, c0, output, gates, cell_states, reverse=False",
+    "One LSTM layer in one direction over a (T, B, I) sequence (or one step, every sequence "
+    "argument (B, n)): output (T, B, H) = h_t, gates (T, B, 4H) = the activations (saved "
+    "for lstm_backward), cell_states = c_t.");
 
 // The backward of lstm_forward's call (same views; gates are overwritten with d loss / d
 // pre-activations). grad_output (T, B, H) or None; grad_h, grad_c (B, H) contiguous: d loss /
@@ -174,7 +198,7 @@ py::object lstm_backward(Call& call) {
   TensorView dy, dh = call.output(9), dc = call.output(10), dx, dw_ih, dw_hh, dbias;
   int64_t sdyt = 0, sdyb = 0, lddx = 0;
   if (call.given(8)) {
-    dy = call.tensor(8);
+    dy = v.sequence(call.tensor(8), "grad_output");
     check_like(dy, "grad_output", v.x, "input");
     check_shape(dy, "grad_output", {T, B, H});
     NNK_CHECK_VALUE(H <= 1 || dy.numel() == 0 || dy.strides[2] == 1,
@@ -188,7 +212,7 @@ py::object lstm_backward(Call& call) {
     outs.emplace_back(view, name);
   }
   if (call.given(11)) {
-    dx = call.output(11);
+    dx = v.sequence(call.output(11), "grad_input");
     check_like(dx, "grad_input", v.x, "input");
     lddx = seq_rows(dx, "grad_input", T, B, I);
     check_output(dx, "grad_input");

@@ -7,7 +7,8 @@ Shapes (after the argument normalisation below):
   -> y (T, B, D*H) (direction d writes columns d*H .. (d+1)*H), h_n and c_n (D, B, H)
 The forward keeps each direction's gate activations (T, B, 4H) and cell states (T, B, H); the
 backward turns the activations into the pre-activation gradients in place, so a second backward
-through a retained graph first recomputes them. An LSTMCell is the same code with T = 1.
+through a retained graph first recomputes them. An LSTMCell is the same kernels for one step, in
+their 2-D form (x (B, I), h' and c' (B, H), gates (B, 4H)).
 """
 
 from __future__ import annotations
@@ -223,6 +224,117 @@ def lstm_layer(x, h0, c0, weights, D):
     return tuple(layer_kernel(x, h0, c0, flat, D, has_bias)[:3])
 
 
+# ------------------------------------------------------------------------------------ the cell
+# One step (an LSTMCell) through the kernels' one-step form (every sequence argument 2-D): h' is
+# the output and c' the cell state the kernel writes, so unlike a T = 1 layer nothing is reshaped
+# to (1, B, n) or copied out of a sequence - a cell's cost per call is mostly this Python.
+
+
+def _cell_out(x, h, c, w_ih, w_hh, bias):
+    B, H = h.shape
+    return [x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, 4 * H)]
+
+
+@primitive("lstm_cell", fake=_cell_out)
+def cell_kernel(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor]
+) -> List[Tensor]:
+    """[h', c', gate activations (B, 4H)] of one step: x (B, I), h and c (B, H), bias = b_ih +
+    b_hh (4H,) or None."""
+    h1, c1, gates = _cell_out(x, h, c, w_ih, w_hh, bias)
+    N.lstm_forward(x, w_ih, w_hh, bias, h, c, h1, gates, c1)
+    return [h1, c1, gates]
+
+
+def _cell_backward(dh1, dc1, x, h, c, w_ih, w_hh, h1, c1, gates, needs):
+    """[dx, dh, dc, dw_ih, dw_hh, dbias] (empty where not needs[i]; needs[5]: either bias); dh1,
+    dc1 may be None (zero). Overwrites gates."""
+    dh = torch.zeros_like(h) if dh1 is None else dh1.clone(memory_format=torch.contiguous_format)
+    dc = torch.zeros_like(c) if dc1 is None else dc1.clone(memory_format=torch.contiguous_format)
+    dx, dw_ih, dw_hh, db = (
+        x.new_empty(s) if n else None
+        for s, n in zip((x.shape, w_ih.shape, w_hh.shape, w_ih.shape[:1]), needs[:1] + needs[3:])
+    )
+    N.lstm_backward(x, w_ih, w_hh, h, c, h1, gates, c1, None, dh, dc, dx, dw_ih, dw_hh, db)
+    grads = (dx, dh if needs[1] else None, dc if needs[2] else None, dw_ih, dw_hh, db)
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+def _cell_backward_out(dh1, dc1, x, h, c, w_ih, w_hh, h1, c1, gates, needs):
+    shapes = (x.shape, h.shape, c.shape, w_ih.shape, w_hh.shape, w_ih.shape[:1])
+    return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
+
+
+@primitive("lstm_cell_backward", fake=_cell_backward_out, eager=_cell_backward)
+def cell_backward_kernel(
+    dh1: Optional[Tensor],
+    dc1: Optional[Tensor],
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    h1: Tensor,
+    c1: Tensor,
+    gates: Tensor,
+    needs: List[bool],
+) -> List[Tensor]:
+    """[dx, dh, dc, dw_ih, dw_hh, dbias]; unneeded ones empty. Eagerly it overwrites gates (the
+    Function recomputes them for a second backward); the op works on a copy."""
+    return _cell_backward(dh1, dc1, x, h, c, w_ih, w_hh, h1, c1, gates.clone(), needs)
+
+
+class LSTMCellFunction(Function):
+    """(x, h, c, w_ih, w_hh, b_ih, b_hh) -> (h', c', gates); gates are not differentiable."""
+
+    @staticmethod
+    def forward(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return tuple(cell_kernel(x, h, c, w_ih, w_hh, _bias(b_ih, b_hh)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
+        ctx.biases = (b_ih is not None, b_hh is not None)
+        ctx.consumed = False
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, *output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh1, dc1, unused):
+        x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, gates = ctx.saved_tensors
+        if not compiling():
+            if ctx.consumed:  # a second backward (retain_graph): recompute what the first overwrote
+                gates = cell_kernel(x, h, c, w_ih, w_hh, _bias(b_ih, b_hh))[2]
+            ctx.consumed = True
+        n = ctx.needs_input_grad
+        needs = [*n[:5], n[5] or n[6]]
+        dx, dh, dc, dw_ih, dw_hh, db = (
+            g if k else None
+            for g, k in zip(
+                cell_backward_kernel(dh1, dc1, x, h, c, w_ih, w_hh, h1, c1, gates, needs), needs
+            )
+        )
+        # d loss / d b_ih = d loss / d b_hh (both add to the same pre-activations)
+        return (
+            dx,
+            dh,
+            dc,
+            dw_ih,
+            dw_hh,
+            db if n[5] else None,
+            db.clone() if n[5] and n[6] else db if n[6] else None,
+        )
+
+
+def cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """(h', c') of one step; x (B, I), h and c (B, H) unit-stride along their last dim."""
+    if recording_any((x, h, c, w_ih, w_hh, b_ih, b_hh)):
+        return apply(LSTMCellFunction, x, h, c, w_ih, w_hh, b_ih, b_hh)[:2]
+    return tuple(cell_kernel(x, h, c, w_ih, w_hh, _bias(b_ih, b_hh))[:2])
+
+
 # ------------------------------------------------------------------- argument normalisation
 
 
@@ -272,9 +384,7 @@ def lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh):
     state = (B, H) if batched else (H,)
     h = _state(h, "h", state, x).reshape(B, H)
     c = _state(c, "c", state, x).reshape(B, H)
-    x3, h3, c3 = unit_last(x).unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0)
-    y, _, cn = lstm_layer(x3, h3, c3, (w_ih, w_hh, b_ih, b_hh), 1)
-    h1, c1 = y[0], cn[0]
+    h1, c1 = cell(unit_last(x), h, c, w_ih, w_hh, b_ih, b_hh)
     return (h1, c1) if batched else (h1[0], c1[0])
 
 
