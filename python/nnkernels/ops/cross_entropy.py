@@ -16,6 +16,7 @@ backward recomputes the chunks, scaling each row's gradient by its grad_output.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import List, Optional
 
@@ -99,9 +100,10 @@ def _rows_out(x, target, soft, weight, ignore_index, reduction, smoothing, want_
 
 
 def _rows(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad, pooled):
-    """(loss, d loss / d x (empty unless want_grad)) for logits x (rows, C), unit class stride.
-    On the CPU one kernel call checks the targets, computes the rows and reduces them; on CUDA
-    the targets are checked and the rows reduced here, without a host sync for 'mean'."""
+    """(loss, d loss / d x (unless want_grad: empty for the op, None eagerly (pooled), which
+    saves an allocation per call)) for logits x (rows, C), unit class stride. On the CPU one
+    kernel call checks the targets, computes the rows and reduces them; on CUDA the targets are
+    checked and the rows reduced here, without a host sync for 'mean'."""
     grad = _grad_buffer(x, pooled) if want_grad else None
     if not x.is_cuda:
         loss = x.new_empty(x.shape[0]) if reduction == "none" else x.new_empty(())
@@ -130,13 +132,13 @@ def _rows(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad
                 divisor,
             )
         loss = _reduce(loss_rows, reduction, denom)
-    return loss, x.new_empty(0) if grad is None else grad
+    return loss, x.new_empty(0) if grad is None and not pooled else grad
 
 
 @primitive(
     "cross_entropy",
     fake=_rows_out,
-    eager=lambda *args: _rows(*args, pooled=True),  # may hand out the recycled buffer
+    eager=functools.partial(_rows, pooled=True),  # may hand out the recycled buffer
 )
 def rows_kernel(
     x: Tensor,
