@@ -99,12 +99,13 @@ def _rows_out(x, target, soft, weight, ignore_index, reduction, smoothing, want_
     return loss, grad
 
 
-def _rows(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad, pooled):
-    """(loss, d loss / d x (unless want_grad: empty for the op, None eagerly (pooled), which
-    saves an allocation per call)) for logits x (rows, C), unit class stride. On the CPU one
-    kernel call checks the targets, computes the rows and reduces them; on CUDA the targets are
-    checked and the rows reduced here, without a host sync for 'mean'."""
-    grad = _grad_buffer(x, pooled) if want_grad else None
+def _rows(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad, eager):
+    """(loss, d loss / d x) for logits x (rows, C), unit class stride. Without want_grad the
+    gradient is empty for the op and None eagerly (no allocation per call); eagerly a large one
+    may be the recycled buffer. On the CPU one kernel call checks the targets, computes the rows
+    and reduces them; on CUDA the targets are checked and the rows reduced here, without a host
+    sync for 'mean'."""
+    grad = _grad_buffer(x, eager) if want_grad else None
     if not x.is_cuda:
         loss = x.new_empty(x.shape[0]) if reduction == "none" else x.new_empty(())
         N.cross_entropy_forward(
@@ -132,13 +133,13 @@ def _rows(x, target, soft, weight, ignore_index, reduction, smoothing, want_grad
                 divisor,
             )
         loss = _reduce(loss_rows, reduction, denom)
-    return loss, x.new_empty(0) if grad is None and not pooled else grad
+    return loss, x.new_empty(0) if grad is None and not eager else grad
 
 
 @primitive(
     "cross_entropy",
     fake=_rows_out,
-    eager=functools.partial(_rows, pooled=True),  # may hand out the recycled buffer
+    eager=functools.partial(_rows, eager=True),
 )
 def rows_kernel(
     x: Tensor,

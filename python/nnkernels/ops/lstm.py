@@ -30,6 +30,12 @@ def _bias(b_ih, b_hh):
     return b_ih + b_hh  # (4H,): the kernels add one bias
 
 
+def _bias_grads(db, need_ih, need_hh):
+    """(d b_ih, d b_hh) from db: both biases add to the same pre-activations, so their gradients
+    are equal; the second is a copy where both are needed (op outputs must not alias)."""
+    return (db if need_ih else None, (db.clone() if need_ih else db) if need_hh else None)
+
+
 def unit_last(t):
     """t itself when it is unit-stride along its last dim (what the kernels read), else a copy."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
@@ -125,14 +131,7 @@ def _backward(dy, dhn, dcn, x, h0, c0, y, weights, saved, D, has_bias, needs):
             d == 1,
             d == 1,
         )
-        # d loss / d b_ih = d loss / d b_hh (both add to the same pre-activations); the second
-        # is a copy: op outputs must not alias
-        out += [
-            dw_ih,
-            dw_hh,
-            db if n_bih else None,
-            (db.clone() if n_bih else db) if n_bhh else None,
-        ]
+        out += [dw_ih, dw_hh, *_bias_grads(db, n_bih, n_bhh)]
     return [x.new_empty(0) if g is None else g for g in out]
 
 
@@ -293,12 +292,10 @@ class LSTMCellFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
-        ctx.biases = (b_ih is not None, b_hh is not None)
         ctx.consumed = False
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(output[2])
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, *output)
+        ctx.save_for_backward(*inputs, *output)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -316,16 +313,7 @@ class LSTMCellFunction(Function):
                 cell_backward_kernel(dh1, dc1, x, h, c, w_ih, w_hh, h1, c1, gates, needs), needs
             )
         )
-        # d loss / d b_ih = d loss / d b_hh (both add to the same pre-activations)
-        return (
-            dx,
-            dh,
-            dc,
-            dw_ih,
-            dw_hh,
-            db if n[5] else None,
-            db.clone() if n[5] and n[6] else db if n[6] else None,
-        )
+        return dx, dh, dc, dw_ih, dw_hh, *_bias_grads(db, n[5], n[6])
 
 
 def cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
