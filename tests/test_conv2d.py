@@ -111,6 +111,21 @@ CASES = [
     # maps of >= 256 output pixels: one image at a time (or images side by side on the threads)
     ("per-image: 3x3 16x16", 3, 5, 16, 16, 7, 3, 3, dict(padding=1)),
     ("per-image: stride 2", 2, 6, 33, 34, 7, 3, 3, dict(stride=2, padding=1)),
+    # strided, more than 64 output channels: im2col from the stride's phase planes; past 16 phases
+    # (stride 5 x 4) gathered with bounds checks
+    ("per-image: stride 2, phase planes", 2, 8, 33, 32, 72, 3, 3, dict(stride=2, padding=1)),
+    (
+        "per-image: stride (3, 2), dilation 2, phase planes",
+        1,
+        5,
+        44,
+        37,
+        70,
+        3,
+        3,
+        dict(stride=(3, 2), dilation=2, padding=(2, 1)),
+    ),
+    ("per-image: stride 5x4, gathered", 1, 3, 90, 70, 66, 5, 4, dict(stride=(5, 4), padding=2)),
     ("per-image: wide, transposed data gradient", 2, 16, 17, 16, 8, 3, 3, dict(padding=1)),
     ("per-image: 1x1", 2, 24, 16, 17, 10, 1, 1, dict()),
     # pointwise on 128 - 255 pixels: per image with x in place (not merged, not pixel rows)
