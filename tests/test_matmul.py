@@ -7,7 +7,8 @@ import torch
 from conftest import assert_matches_reference
 
 # (M, N, K) around the register tiles (AVX2 6x16, AVX-512 14x32, portable 6x8 / 6x4), primes,
-# size 1, zero, and past the cache blocks (kc 192/256, mc 144/336, nc 4080/4096).
+# size 1, zero, and past the cache blocks (kc: float 1024, double 512, baseline 256; mc 144/336 or
+# fewer on a small L2; nc 4080/4096).
 SHAPES = [
     (1, 1, 1),
     (1, 17, 7),
@@ -25,9 +26,10 @@ SHAPES = [
     (4, 0, 3),
     (4, 5, 0),
 ]
-# Past the cache blocks: two N blocks; several M and K blocks; B packed for all of K at once
-# (with two N blocks) and B packed per K block (too large to pack whole).
-BIG = [(70, 4100, 300), (700, 40, 520), (9, 4100, 400), (20, 1400, 800)]
+# Past the cache blocks: two N blocks; several M blocks; several K blocks (K = 2100: three of 700
+# in float, five of 420 in double) with B packed for all of K at once; B packed per K block (K x N
+# too large to pack whole); B read in place (M of two tiles) in K blocks.
+BIG = [(70, 4100, 300), (700, 40, 520), (40, 300, 2100), (50, 1400, 2500), (20, 1400, 800)]
 
 
 def _check_mm(a, b, k):
@@ -64,8 +66,9 @@ def test_matmul_2d(isa, M, N, K, dtype):
 
 
 @pytest.mark.parametrize("M,N,K", BIG)
-def test_matmul_past_cache_blocks(isa, M, N, K):
-    _check_mm(torch.randn(M, K), torch.randn(K, N), K)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_past_cache_blocks(isa, M, N, K, dtype):
+    _check_mm(torch.randn(M, K, dtype=dtype), torch.randn(K, N, dtype=dtype), K)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)

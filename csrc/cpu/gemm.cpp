@@ -365,13 +365,18 @@ constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc
 }
 
 // The kernels of this pass. AVX-512 (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4): 32 zmm
-// registers, 2 x 512-bit FMA; f32 14x32 and f64 14x16 are 28 accumulators + 2 B vectors; kc = 192
-// keeps the B micro-panel (kc x 32 floats = 24 KiB) in a 32-48 KiB L1, mc = 336 the A block
-// (258 KiB) in L2. AVX2 + FMA (Haswell and later, Zen): 16 ymm, f32 6x16 and f64 6x8 are 12
-// accumulators + 2 B vectors + 1 broadcast; kc = 384 keeps the B micro-panel (24 KiB) in a 32 KiB
-// L1 and means fewer passes over C than kc = 256 (measured on Zen 3: 1024^3 on 2 threads, mean
-// 147 vs 137 GFLOP/s); mc = 144 keeps the A block in L2. Baseline (16-byte vectors, 16 registers):
-// f32 6x8 and f64 6x4, 12 accumulators + 2 B vectors.
+// registers, 2 x 512-bit FMA; f32 14x32 and f64 14x16 are 28 accumulators + 2 B vectors. AVX2 +
+// FMA (Haswell and later, Zen): 16 ymm, f32 6x16 and f64 6x8 are 12 accumulators + 2 B vectors +
+// 1 broadcast. Both take K blocks of up to 1024 float / 512 double rows (Avx512Tiles, kc_max):
+// each K block loads and stores every C tile once more, and the B micro-panel (kc x NR, 128 KiB
+// here) need not stay in L1 - per k step the kernel reads 2 B vectors over 28 FMA cycles (AVX2: 2
+// over 6), a few bytes per cycle that L2 and its prefetchers deliver. Measured on the 2-vCPU
+// Zen 4 (32 KiB L1, 1 MiB L2), 2 threads, against kc = 192 / 384 (B micro-panel in L1): AVX-512
+// 2048^3 73 -> 87% of the FMA peak, 512 x 4608 x 98 (ResNet's 3x3 512 -> 512 at 7x7 as a GEMM)
+// 0.80 -> 1.07x torch, 128 x 576 x 1568 1.13 -> 1.26x; AVX2 1024^3 71 -> 77%, 2048^3 77 -> 80%,
+// 512 x 4608 x 98 0.92 -> 1.02x; no shape measured slower. mc (the A block, packed per thread) is
+// the kernel's, or less so that mc x kc fills at most 2/3 of L2 (plan_mc). Baseline (16-byte
+// vectors, 16 registers): f32 6x8 and f64 6x4, 12 accumulators + 2 B vectors.
 //
 // Each pass also has a narrow kernel, one vector wide (NV = 1), for products with N of at most one
 // vector (a Linear layer with few outputs, the transposed problems of small batches): at N = 8 the
@@ -391,7 +396,7 @@ const cpu::GemmUKernel<T>& gemm_ukernel_of() {
   static constexpr cpu::GemmUKernel<T> k =
       make_gemm_ukernel<T, 6, NV>(kNarrow ? (f32 ? "sgemm_avx2_6x8" : "dgemm_avx2_6x4")
                                           : (f32 ? "sgemm_avx2_6x16" : "dgemm_avx2_6x8"),
-                                  f32 ? 144 : 72, 384, f32 ? 4080 : 2040);
+                                  f32 ? 144 : 72, f32 ? 1024 : 512, f32 ? 4080 : 2040);
 #else
   static constexpr cpu::GemmUKernel<T> k =
       make_gemm_ukernel<T, 6, NV>(kNarrow ? (f32 ? "sgemm_baseline_6x4" : "dgemm_baseline_6x2")
@@ -510,39 +515,36 @@ constexpr int64_t kStreamKc = 32;          // K block of a larger B read in plac
 // narrow-N edge paths).
 constexpr int64_t kDotMinK = 64;
 
-// K and N blocks: no larger than the kernel's, and balanced (K = 300 runs as 150 + 150, not
-// 256 + 44). They depend on K, N and the kernel only, so a B packed ahead (gemm_pack_b) matches
+// K and N blocks: no larger than the kernel's, and balanced (K = 1200 runs as 600 + 600, not
+// 1024 + 176). They depend on K, N and the kernel only, so a B packed ahead (gemm_pack_b) matches
 // every plan's.
 struct Blocks {
   int64_t kc, nc;
 };
-// The level-1 data cache in bytes (32 KiB where the system does not say).
-inline int64_t l1d_bytes() {
+// The level-2 cache of a core in bytes (512 KiB where the system does not say).
+inline int64_t l2_bytes() {
   static const int64_t bytes = [] {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    const long b = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
     if (b > 0) return int64_t(b);
 #endif
-    return int64_t(32) << 10;
+    return int64_t(512) << 10;
   }();
   return bytes;
 }
 
-// The longest K block: the kernel's kc, or a third more where that B micro-panel still fills at
-// most 2/3 of L1 (a 48 KiB L1 holds kc = 256 of the AVX-512 kernel's 32 float columns). Then K =
-// 200 - 256 (Linear(200, 1000), 1x1 convs on 256 channels) runs as one block, not two halves,
-// and K = 1024 as 4 blocks, not 6: measured on the 2-vCPU Xeon at 1 thread, torch/ours 700 x 200
-// x 1000 0.75 -> 0.86, 784 x 256 x 512 0.84 -> 0.94, 1024^3 0.81 -> 0.85 (kc = 384 gained no
-// more).
+// Rows of an A block (mc x kc, packed per thread, re-read from L2 for every B micro-panel): the
+// kernel's mc, or fewer so that it fills at most 2/3 of L2 beside the streaming B micro-panel (the
+// AVX-512 float kernel at kc = 1024 on a 1 MiB L2: 168 rows, 672 KiB).
 template <class T>
-int64_t max_kc(const GemmUKernel<T>& uk) {
-  const int64_t stretched = uk.kc + uk.kc / 3;
-  return stretched * uk.nr * int64_t(sizeof(T)) * 3 <= 2 * l1d_bytes() ? stretched : uk.kc;
+int64_t plan_mc(const GemmUKernel<T>& uk, int64_t kc) {
+  const int64_t fit = 2 * l2_bytes() / 3 / (kc * int64_t(sizeof(T))) / uk.mr * uk.mr;
+  return fit < uk.mr ? uk.mr : fit < uk.mc ? fit : uk.mc;
 }
 
 template <class T>
 Blocks kn_blocks(int64_t K, int64_t N, const GemmUKernel<T>& uk) {
-  const int64_t kb = ceil_div(K, max_kc(uk)), nb = ceil_div(N, uk.nc);
+  const int64_t kb = ceil_div(K, uk.kc), nb = ceil_div(N, uk.nc);
   return {ceil_div(K, kb), round_up(ceil_div(N, nb), uk.nr)};
 }
 
@@ -600,7 +602,7 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   p.nc = b.nc;
   const int64_t kb = ceil_div(g.K, p.kc);
   const int64_t rows = ceil_div(mtiles, p.tm) * uk.mr;  // rows per thread
-  const int64_t mb = ceil_div(rows, uk.mc);
+  const int64_t mb = ceil_div(rows, plan_mc(uk, p.kc));
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
   p.pack_a = !g.a_rows && !g.a_cols && !(ntiles <= kSkinnyPanels && in_place_a_ok(g));
   // Few rows and B row-major: B is read in place, never packed (each B element serves at most

@@ -2,8 +2,9 @@
 // all call this.
 //
 // Design (BLIS): pack A into MR-row panels and B into NR-column panels, block for the caches
-// (A block mc x kc in L2, B micro-panel kc x NR in L1, B block kc x nc in L3), run a register-
-// blocked MR x NR micro-kernel per ISA (AVX-512 / AVX2+FMA / baseline), threads split the C tiles.
+// (A block mc x kc in L2, B micro-panel kc x NR streamed from L2, B block kc x nc in L3), run a
+// register-blocked MR x NR micro-kernel per ISA (AVX-512 / AVX2+FMA / baseline), threads split the
+// C tiles.
 // gemm.cpp holds both: the micro-kernels (compiled once per ISA) and the driver (compiled once).
 #pragma once
 #include <cstddef>
@@ -55,8 +56,9 @@ template <class T>
 struct GemmUKernel {
   const char* name;  // "<s|d>gemm_<isa>_<MR>x<NR>"
   int mr, nr;        // register tile of C
-  int mc, kc,
-      nc;  // cache blocks: A block mc x kc (L2), B micro-panel kc x nr (L1), B block kc x nc (L3)
+  // Cache blocks, the largest the driver uses: A block mc x kc (L2; fewer rows on a small L2),
+  // B micro-panel kc x nr (streamed from L2), B block kc x nc (L3).
+  int mc, kc, nc;
 
   // Full mr x nr tile from a packed A panel a (kc x mr) and B rows of nr values, rsb apart (a
   // packed panel: rsb = nr; or B itself when it is row-major):
@@ -104,8 +106,8 @@ constexpr int kDotCols = 4;         // GemmUKernel::dot_rows: at most this many 
 // test every driver path the AVX-512 kernels take (MR = 14, NR = 32 / 16, their blocks).
 struct Avx512Tiles {
   static constexpr int mr = 14;
-  static constexpr int s_nr = 32, s_mc = 336, s_kc = 192, s_nc = 4096;  // float
-  static constexpr int d_nr = 16, d_mc = 168, d_kc = 192, d_nc = 2048;  // double
+  static constexpr int s_nr = 32, s_mc = 336, s_kc = 1024, s_nc = 4096;  // float
+  static constexpr int d_nr = 16, d_mc = 168, d_kc = 512, d_nc = 2048;   // double
 };
 // Test hook: while on (and the active ISA is avx2), the AVX2 kernels run at the AVX-512 geometry.
 void set_emulated_avx512_tiles(bool on);
