@@ -7,7 +7,7 @@
 //     for pc in K step kc:
 //       pack B[pc:pc+kc, jc:jc+nc]            (threads pack disjoint NR panels, then barrier)
 //       for ic in this thread's rows step mc: A block mc x kc, packed per thread
-//         for jr in this thread's NR panels:  B micro-panel kc x NR stays in L1
+//         for jr in this thread's NR panels:  B micro-panel kc x NR, from L1 or L2
 //           for ir in mc step MR:             micro-kernel on one MR x NR tile of C
 //       barrier                               (before the next B block overwrites this one)
 // Threads form a tm x tn grid over the tiles of C: tm splits the rows (each thread packs only its
