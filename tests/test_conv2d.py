@@ -232,6 +232,16 @@ def test_conv2d_pixel_rows_blocks(threads, N):
     _check_conv(*_inputs(N, 16, 8, 8, 24, 3, 3, 1), dict(padding=1))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("N", [2, 7])
+def test_conv2d_winograd_row_blocks(threads, N):
+    """Winograd forward (and the data gradient, its transposed forward) with 64 -> 64 channels on
+    30x30 (15 tiles a row): one tile-row block per thread at a time (8 rows a block, V and M in the
+    thread's own buffers, a short last block) when there are 4 blocks per thread or more (N = 7 on
+    3 threads, 105 rows), else chunks shared by all threads (N = 2, one thread)."""
+    _check_conv(*_inputs(N, 64, 30, 30, 64, 3, 3, 1), dict(padding=1))
+
+
 def test_conv2d_no_bias_and_frozen_parts():
     x, w, _ = _inputs(3, 4, 8, 8, 6, 3, 3, 1)
     _check_conv(x, w, None, dict(padding=1))
