@@ -19,16 +19,16 @@
 // Depthwise convolutions (groups == C) run as direct loops instead (see "depthwise" below).
 // col = im2col of x[n]_g. The forward never materialises it: the GEMM calls a packing routine
 // that writes im2col rows straight into its B panels (so col exists one cache block at a time,
-// and the GEMM's threads share the work); for stride 1 from a zero-bordered copy of the image,
-// where every im2col row is a plain offset (PaddedPacker; strided layers from its phase planes),
-// else with bounds checks (ColPacker). The
-// backward passes build it in chunks of output pixels (kColBudget elements per thread) instead of
-// 9x a large input. Pointwise convolutions (1x1, stride 1, no padding) skip im2col: col is x[n]_g
-// itself, read in place. Work runs across images in parallel when there are enough of them
-// (single-threaded GEMMs, one scratch area per thread), otherwise image by image with
-// multi-threaded GEMMs. Maps of fewer than kMergeBelow output pixels instead put every image's
-// pixels side by side in the GEMMs' columns ("small feature maps" below), and 3x3 stride-1
-// layers with enough channels run all three passes as Winograd F(2x2, 3x3) ("Winograd" below).
+// and the GEMM's threads share the work), from zero-bordered copies of the image where every
+// im2col row is a plain offset (PaddedPacker: one plane per channel at stride 1, the stride's
+// phase planes otherwise), past 16 phases with bounds checks (ColPacker). The backward passes build
+// it in chunks of output pixels (kColBudget elements per thread) instead of 9x a large input.
+// Pointwise convolutions (1x1, stride 1, no padding) skip im2col: col is x[n]_g itself, read in
+// place. Work runs across images in parallel when there are enough of them (single-threaded GEMMs,
+// one scratch area per thread), otherwise image by image with multi-threaded GEMMs. Maps of fewer
+// than kMergeBelow output pixels instead put every image's pixels side by side in the GEMMs'
+// columns ("small feature maps" below), and 3x3 stride-1 layers with enough channels run all three
+// passes as Winograd F(2x2, 3x3) ("Winograd" below).
 #include "common/simd.h"
 
 // ================================================== depthwise plane loops (compiled once per ISA)
@@ -592,8 +592,9 @@ struct ColPacker {
 // plane (a, b) holding the padded input's rows i*sh + a and columns j*sw + b; tap (r, t) of
 // output pixel (p, q) reads padded row p*sh + r*dh = (p + r*dh / sh) * sh + r*dh % sh, i.e. plane
 // (r*dh % sh, t*dw % sw) at row p + r*dh / sh, column q + t*dw / sw: again one offset per im2col
-// row, read at p*Wp + q (ResNet's stride-2 3x3 layers packed 2.3x faster than by ColPacker's
-// bounds-checked gathers). Packing is then copies of whole NR-wide pieces (split only where an
+// row, read at p*Wp + q (ResNet's stride-2 3x3 64 -> 128 at 56x56: packing fell from 19% to
+// about 8% of the layer's time under perf against ColPacker's bounds-checked gathers). Packing is
+// then copies of whole NR-wide pieces (split only where an
 // output row ends). Small maps (merged columns, below) stack several images' copies `img`
 // elements apart, and the GEMM's column 0 is merged column J0 of the first stacked image: column
 // J is pixel J % PQ of image J / PQ.
@@ -1501,6 +1502,18 @@ void winograd_filters(const Geometry<T>& gm, const WinogradPlan& wp, View4<const
       nt);
 }
 
+// M_0 = U_0 . V_0 (Kg x tn = Kg x Cg . Cg x tn), the first of the forward's 16 products; the
+// others are uld / vld / mld further on.
+template <class T>
+Gemm<T> winograd_product(const Geometry<T>& gm, int64_t tn, const T* u, const T* v, T* m) {
+  Gemm<T> gg;
+  gg.M = gm.Kg, gg.N = tn, gg.K = gm.Cg;
+  gg.A = u, gg.rsa = gm.Cg, gg.csa = 1;
+  gg.B = v, gg.rsb = tn, gg.csb = 1;
+  gg.C = m, gg.rsc = tn, gg.csc = 1;
+  return gg;
+}
+
 // Tile rows [r0, r0 + nr) of group g: V = B^T d B, M_xi = U_xi . V_xi for the 16 positions, then
 // Y tiles = A^T M A (+ bias), cropped at odd P, Q. gemm_ws: nullptr, or (with nt == 1) room for
 // gemm_workspace of one product.
@@ -1511,20 +1524,7 @@ void winograd_forward_rows(const Conv2dShape& s, const Geometry<T>& gm, const Wi
   const ConvWinogradKernels<T>& wk = NNK_ISA_CALL(conv_winograd_kernels<T>());
   const int64_t tw = wp.tw, mld = wp.mld, tn = nr * tw;
   winograd_input_tiles(s, gm, wp, x, g, r0, nr, v, nt);
-  Gemm<T> gg;
-  gg.M = gm.Kg, gg.N = tn, gg.K = gm.Cg;
-  gg.A = u, gg.rsa = gm.Cg, gg.csa = 1;
-  gg.B = v, gg.rsb = tn, gg.csb = 1;
-  gg.C = m, gg.rsc = tn, gg.csc = 1;
-  if (gemm_ws) {
-    for (int xi = 0; xi < 16; ++xi) {
-      Gemm<T> gx = gg;
-      gx.A += xi * wp.uld, gx.B += xi * wp.vld, gx.C += xi * mld;
-      gemm(gx, 1, gemm_ws);
-    }
-  } else {
-    gemm_batched(gg, 16, wp.uld, wp.vld, mld, nt);
-  }
+  gemm_batched(winograd_product(gm, tn, u, v, m), 16, wp.uld, wp.vld, mld, nt, gemm_ws);
   parallel_for(
       gm.Kg, 1,
       [&](int64_t k0, int64_t k1) {
@@ -1573,9 +1573,7 @@ void winograd_forward(const Conv2dShape& s, const Geometry<T>& gm, View4<const T
     }
     return;
   }
-  Gemm<T> item;
-  item.M = gm.Kg, item.N = wp.rc * wp.tw, item.K = gm.Cg;
-  item.rsa = gm.Cg, item.csa = 1, item.rsb = item.N, item.csb = 1, item.rsc = item.N, item.csc = 1;
+  const Gemm<T> item = winograd_product<T>(gm, wp.rc * wp.tw, u, nullptr, nullptr);
   const size_t gws = per_thread_lines<T>(int64_t(gemm_workspace(item, 1)) + 1);
   const size_t per = per_thread_lines<T>(16 * (wp.vld + wp.mld)) + gws;
   T* ws = thread_scratch<T>(Scratch::conv, per * size_t(nt));

@@ -367,15 +367,15 @@ constexpr cpu::GemmUKernel<T> make_gemm_ukernel(const char* name, int mc, int kc
 // The kernels of this pass. AVX-512 (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4): 32 zmm
 // registers, 2 x 512-bit FMA; f32 14x32 and f64 14x16 are 28 accumulators + 2 B vectors. AVX2 +
 // FMA (Haswell and later, Zen): 16 ymm, f32 6x16 and f64 6x8 are 12 accumulators + 2 B vectors +
-// 1 broadcast. Both take K blocks of up to 1024 float / 512 double rows (Avx512Tiles, kc_max):
+// 1 broadcast. Both take K blocks of up to 1024 float / 512 double rows (their tables' kc):
 // each K block loads and stores every C tile once more, and the B micro-panel (kc x NR, 128 KiB
 // here) need not stay in L1 - per k step the kernel reads 2 B vectors over 28 FMA cycles (AVX2: 2
 // over 6), a few bytes per cycle that L2 and its prefetchers deliver. Measured on the 2-vCPU
 // Zen 4 (32 KiB L1, 1 MiB L2), 2 threads, against kc = 192 / 384 (B micro-panel in L1): AVX-512
 // 2048^3 73 -> 87% of the FMA peak, 512 x 4608 x 98 (ResNet's 3x3 512 -> 512 at 7x7 as a GEMM)
 // 0.80 -> 1.07x torch, 128 x 576 x 1568 1.13 -> 1.26x; AVX2 1024^3 71 -> 77%, 2048^3 77 -> 80%,
-// 512 x 4608 x 98 0.92 -> 1.02x; no shape measured slower. mc (the A block, packed per thread) is
-// the kernel's, or less so that mc x kc fills at most 2/3 of L2 (plan_mc). Baseline (16-byte
+// 512 x 4608 x 98 0.92 -> 1.02x; no shape slower beyond 0.01x. mc (the A block, packed per thread)
+// is the kernel's, or less so that mc x kc fills at most 2/3 of L2 (plan_mc). Baseline (16-byte
 // vectors, 16 registers): f32 6x8 and f64 6x4, 12 accumulators + 2 B vectors.
 //
 // Each pass also has a narrow kernel, one vector wide (NV = 1), for products with N of at most one
@@ -936,8 +936,8 @@ void gemm(const Gemm<T>& g, int nthreads) {
 }
 
 template <class T>
-void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64_t sc,
-                  int nthreads) {
+void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64_t sc, int nthreads,
+                  T* workspace) {
   if (batch <= 0 || g.M <= 0 || g.N <= 0) return;
   const int nt = resolve_threads(nthreads);
   auto item = [&](int64_t b) {
@@ -952,6 +952,10 @@ void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64
   // a fork, a join and barriers per product cost more than the imbalance of whole items).
   const double item_flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
   const bool large = item_flops > nt * (batch >= 2 * nt ? 64 : 8) * kMinFlopsPerThread;
+  if (nt == 1 && workspace) {
+    for (int64_t b = 0; b < batch; ++b) gemm(item(b), 1, workspace);
+    return;
+  }
   if (nt == 1 || batch < nt || large) {
     for (int64_t b = 0; b < batch; ++b) gemm(item(b), nt);
     return;
@@ -1003,14 +1007,14 @@ const char* gemm_kernel_name() {
   return active_gemm_ukernel<T>().name;
 }
 
-#define NNK_INSTANTIATE_GEMM(T)                                                           \
-  template size_t gemm_workspace<T>(const Gemm<T>&, int);                                 \
-  template void gemm<T>(const Gemm<T>&, int, T*);                                         \
-  template void gemm<T>(const Gemm<T>&, int);                                             \
-  template void gemm_batched<T>(const Gemm<T>&, int64_t, int64_t, int64_t, int64_t, int); \
-  template size_t gemm_packed_b_size<T>(int64_t, int64_t);                                \
-  template void gemm_pack_b<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*, int);    \
-  template const char* gemm_kernel_name<T>();                                             \
+#define NNK_INSTANTIATE_GEMM(T)                                                               \
+  template size_t gemm_workspace<T>(const Gemm<T>&, int);                                     \
+  template void gemm<T>(const Gemm<T>&, int, T*);                                             \
+  template void gemm<T>(const Gemm<T>&, int);                                                 \
+  template void gemm_batched<T>(const Gemm<T>&, int64_t, int64_t, int64_t, int64_t, int, T*); \
+  template size_t gemm_packed_b_size<T>(int64_t, int64_t);                                    \
+  template void gemm_pack_b<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*, int);        \
+  template const char* gemm_kernel_name<T>();                                                 \
   template const GemmUKernel<T>& active_gemm_ukernel<T>();
 NNK_INSTANTIATE_GEMM(float)
 NNK_INSTANTIATE_GEMM(double)

@@ -28,10 +28,12 @@ void gemm(const Gemm<T>& g, int nthreads, T* workspace);
 
 // `batch` independent products: item b uses A + b*sa, B + b*sb, C + b*sc (sa or sb may be 0 to
 // broadcast an operand; the biases are shared). Small items run in parallel across the batch,
-// large ones one after another with all threads each.
+// large ones one after another with all threads each. workspace: nullptr, or with nthreads == 1
+// room for gemm_workspace(g, 1) elements (a caller inside its own parallel region, where scratch
+// must not be allocated).
 template <class T>
 void gemm_batched(const Gemm<T>& g, int64_t batch, int64_t sa, int64_t sb, int64_t sc,
-                  int nthreads = 0);
+                  int nthreads = 0, T* workspace = nullptr);
 
 // An operand B (K x N, any strides) multiplied many times is packed once: gemm_pack_b writes
 // gemm_packed_b_size(K, N) elements, which products then take as Gemm::packed_b, skipping B's

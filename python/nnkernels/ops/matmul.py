@@ -202,8 +202,8 @@ def matmul(a, b):
     """Matrix product with torch.matmul's semantics: (M, K) @ (K, N) -> (M, N); batched
     (..., M, K) @ (..., K, N) with broadcast batch dims; a 1-D operand is a row (a) or a column
     (b) vector whose dimension is dropped, as in torch."""
-    # 2-D @ 2-D first, with the fewest tensor attribute reads: this function's general path cost
-    # 1.8 us per call, more than the GEMM of a 64^3 product's fork and packing.
+    # 2-D @ 2-D first, with the fewest tensor attribute reads: the general path below cost 1.8 us
+    # per call (2 x 2 operands, no grad, Zen 4), about a fifth of a whole 64^3 NF.matmul.
     if a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0]:
         return mm(a, b)
     if a.dim() == 0 or b.dim() == 0:
