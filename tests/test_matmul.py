@@ -117,6 +117,26 @@ def test_matmul_skinny(isa, M, N, K, layout, dtype):
     _check_mm(a, b, K)
 
 
+# A row-major B that fits L2, with rows at most 4 KiB apart, is read in place at any M (no pack, no
+# barrier): whole rows, a column slice of a wider matrix (rows further apart than N), an edge panel
+# of N, K past a cache block; rows 4400 bytes apart are packed again.
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize(
+    "M,N,K,row",
+    [
+        (128, 128, 128, 128),
+        (100, 45, 70, 90),
+        (64, 784, 300, 784),
+        (31, 100, 1100, 101),
+        (50, 50, 60, 1100),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_small_b_in_place(isa, threads, M, N, K, row, dtype):
+    b = torch.randn(K, row, dtype=dtype)[:, :N]
+    _check_mm(torch.randn(M, K, dtype=dtype), b, K)
+
+
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

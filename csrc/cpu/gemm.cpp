@@ -20,8 +20,9 @@
 // Skinny shapes (BLIS's "sup" idea): packing pays only when the packed panel is reused.
 //   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed,
 //     when its rows or its columns stream (in_place_a_ok).
-//   - M of at most kSmallMTiles tiles and B row-major: B rows are read in place, no packing and
-//     no barriers (in K blocks of kStreamKc rows when B is larger than kInPlaceMaxB).
+//   - B row-major and M of at most kSmallMTiles tiles, or B within L2 at any M: B rows are read
+//     in place, no packing and no barriers (in K blocks of kStreamKc rows when B is larger than
+//     kInPlaceMaxB).
 //   - M at most kSwapMaxRows and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is
 //     computed instead, so the large weight is streamed in place once and only the small A^T is
 //     packed.
@@ -509,8 +510,9 @@ constexpr int64_t kSmallMTiles = 2;
 // strided C stores and in-place A cost more than packing W^T: Linear(784, 300) at batch 16 / 64 /
 // 128 ran 0.54 / 0.61 / 0.63x torch swapped, 0.57 / 0.82 / 0.85x not.
 constexpr int64_t kSwapMaxRows = 8;
-constexpr int64_t kInPlaceMaxB = 1 << 18;  // elements
-constexpr int64_t kStreamKc = 32;          // K block of a larger B read in place
+constexpr int64_t kInPlaceMaxB = 1 << 18;      // elements
+constexpr int64_t kStreamKc = 32;              // K block of a larger B read in place
+constexpr int64_t kInPlaceMaxRowBytes = 4096;  // B rows a small B read in place may be apart
 // dot_rows below this K: the tile path's overheads are no longer the cost (and tests keep its
 // narrow-N edge paths).
 constexpr int64_t kDotMinK = 64;
@@ -634,7 +636,14 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   // -> 0.96, 8 x 1024 x 1024 0.67 -> 0.84, 16 x 1024 x 4096 0.47 -> 0.74, 20 x 200 x 4000 0.44
   // -> 0.59; VGG's dX = dY . W at 8 x 4096 x 25088 unchanged within the noise (0.79 / 0.75);
   // kc 16 and 64 were slower.
-  if (mtiles <= kSmallMTiles && g.csb == 1 && !g.packed_b && !g.pack_b_fn) {
+  // B that fits L2 with rows at most a page apart is read in place at any M too: it stays in L2
+  // after the first tile row, and skipping the pack skips the barrier behind it, which at 2
+  // threads on a small product cost more than the pack (torch/ours, 2 threads, Zen 4, interleaved
+  // runs, packed -> in place: 128^3 0.67-0.75 -> 1.02-1.07, 256 x 100 x 300 0.94 -> 1.08-1.13,
+  // Linear's dX = dY . W at 64 x 300 x 784 1.11-1.18 -> 1.28-1.64; 1 thread 1.0-1.05x better).
+  const bool small_b = g.K * g.N * int64_t(sizeof(T)) <= l2_bytes() &&
+                       g.rsb * int64_t(sizeof(T)) <= kInPlaceMaxRowBytes;
+  if ((mtiles <= kSmallMTiles || small_b) && g.csb == 1 && !g.packed_b && !g.pack_b_fn) {
     p.pack_b = false;
     if (g.K * g.N > kInPlaceMaxB) p.kc = min64(p.kc, kStreamKc);
   }
