@@ -73,10 +73,13 @@ def test_matmul_past_cache_blocks(isa, M, N, K, dtype):
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize(
-    "M,N,K", [(1, 500, 64), (3, 7, 5), (200, 9, 300), (61, 67, 71), (512, 512, 64)]
+    "M,N,K",
+    [(1, 500, 64), (3, 7, 5), (200, 9, 300), (61, 67, 71), (512, 512, 64), (20, 800, 200)]
+    + [(100, 128, 128), (30, 784, 300)],
 )
 def test_matmul_thread_grids(threads, M, N, K):
-    """Row split, column split (M tiny) and more threads than cores all give the same result."""
+    """Row split (even shares of rows, not whole tiles: 20 rows as 10 + 10, 100 as 50 + 50 or
+    34 + 33 + 33), column split (M tiny) and more threads than cores all give the same result."""
     _check_mm(torch.randn(M, K), torch.randn(K, N), K)
 
 

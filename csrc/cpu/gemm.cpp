@@ -583,6 +583,14 @@ const GemmUKernel<T>* half_kernel(const GemmUKernel<T>& uk) {
   return &narrow != &uk && narrow.mr == uk.mr && 2 * narrow.nr == uk.nr ? &narrow : nullptr;
 }
 
+// The cost of `rows` rows of C in MR-row tiles, in rows: a short last tile costs at least half a
+// full one (it still streams the whole B micro-panel for few FMAs per load). Splitting M = 30 x N
+// = 784 evenly (15 rows each: a 14-row and a 1-row tile per panel) ran 0.9x the 1 x 2 grid.
+inline int64_t tile_rows_cost(int64_t rows, int64_t mr) {
+  const int64_t rest = rows % mr;
+  return rows - rest + (rest == 0 ? 0 : rest > mr / 2 ? rest : mr / 2);
+}
+
 template <class T>
 Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   Plan p;
@@ -594,10 +602,11 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   if (mtiles * ntiles < nt) nt = mtiles * ntiles;
   p.nt = nt < 1 ? 1 : int(nt);
 
-  // Grid: minimise the most work any thread owns, in half panels of tiles (a last panel that the
-  // half kernel runs counts one, others two); on ties split M (no A re-packing). Linear(300,
-  // 100) at batch 256 (19 x 3.5 panels of tiles): a 2 x 1 grid gives each thread 10 x 3.5, a
-  // 1 x 2 grid one of them 19 x 2 - 1.07x faster (interleaved A/B, 2 threads, Zen 4).
+  // Grid: minimise the most work any thread owns: the cost of its rows (tile_rows_cost) times its
+  // half panels (a last panel that the half kernel runs counts one, others two); on ties split M
+  // (no A re-packing). Rows are split evenly, not by whole tiles (run_thread). Linear(300, 100) at
+  // batch 256 (19 x 3.5 panels of tiles): a 2 x 1 grid gives each thread 10 x 3.5, a 1 x 2 grid
+  // one of them 19 x 2 - 1.07x faster (interleaved A/B, 2 threads, Zen 4).
   const int64_t rest = g.N % uk.nr;
   const GemmUKernel<T>* half = half_kernel(uk);
   const bool half_edge = half && rest && rest <= half->nr;
@@ -612,7 +621,7 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
       const int64_t units = 2 * (q1 - q0) - (half_edge && q1 == ntiles && q1 > q0 ? 1 : 0);
       most = units > most ? units : most;
     }
-    const int64_t cost = ceil_div(mtiles, tm) * most;
+    const int64_t cost = tile_rows_cost(ceil_div(g.M, tm), uk.mr) * most;
     if (best < 0 || cost < best) {
       best = cost;
       p.tm = tm;
@@ -624,7 +633,7 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   p.kc = b.kc;
   p.nc = b.nc;
   const int64_t kb = ceil_div(g.K, p.kc);
-  const int64_t rows = ceil_div(mtiles, p.tm) * uk.mr;  // rows per thread
+  const int64_t rows = ceil_div(g.M, p.tm);  // rows per thread
   const int64_t mb = ceil_div(rows, plan_mc(uk, p.kc));
   p.mc = round_up(ceil_div(rows, mb), uk.mr);
   p.pack_a = !g.a_rows && !g.a_cols && !(ntiles <= kSkinnyPanels && in_place_a_ok(g));
@@ -830,9 +839,8 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
 
   // This thread's rows and NR panels of each column block.
   const int it = tid / p.tn, jt = tid % p.tn;
-  int64_t t0, t1;
-  split_range(ceil_div(g.M, MR), p.tm, it, &t0, &t1);
-  const int64_t m0 = t0 * MR, m1 = min64(g.M, t1 * MR);
+  int64_t m0, m1;  // an even share of the rows; its last tile may be an edge tile
+  split_range(g.M, p.tm, it, &m0, &m1);
 
   for (int64_t jc = 0; jc < g.N; jc += p.nc) {
     const int64_t nc = min64(p.nc, g.N - jc), npanels = ceil_div(nc, NR);
