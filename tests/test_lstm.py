@@ -189,6 +189,24 @@ def test_lstm_thread_splits(threads):
     _lstm_case(dict(bidirectional=True), 5, 300, 20, 64, True)
 
 
+# At least 8 batch rows per thread: each thread runs its own block of rows through the whole
+# sequence (uneven blocks: 17 as 9 + 8, 25 as 9 + 8 + 8), forward and backward, both directions,
+# given and batch-first strides; 15 rows on 2 threads stay one block.
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("B", [15, 17, 25])
+@pytest.mark.parametrize(
+    "cfg", [dict(num_layers=2, bidirectional=True), dict(bidirectional=True, batch_first=True)]
+)
+def test_lstm_row_blocks(threads, B, cfg):
+    _lstm_case(cfg, 6, B, 9, 33, True)
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lstm_row_blocks_every_isa(isa, threads, dtype):
+    _lstm_case(dict(bidirectional=True), 4, 19, 5, 17, True, dtype=dtype)
+
+
 def test_lstm_float64_matches_torch():
     _lstm_case(dict(num_layers=2, bidirectional=True), 5, 3, 4, 6, True, dtype=torch.float64)
 

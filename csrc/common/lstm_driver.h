@@ -4,6 +4,9 @@
 //   const T* pack_b(K, N, B, rsb, csb)        B packed ahead for repeated products, or null
 //   step_forward / step_backward(LstmStep<T>) the fused pointwise kernels
 //   sum_rows(R, N, x, rsx, csx, out)          column sums (the bias gradient)
+//   row_blocks(B, rec, fn)                    runs the recurrence fn(b0, b1, be') over blocks of
+//                                             the batch rows, each with a backend be' (a block
+//                                             may run on its own thread; rec is its step GEMM)
 //
 // Forward:  gates = x W_ih^T + b for all T*B rows as one GEMM, then per step one GEMM adds
 //           h_{t-1} W_hh^T into the step's gate rows and one pointwise kernel finishes the step.
@@ -12,6 +15,9 @@
 //           over all steps at once: dx = dgates W_ih, dW_ih = dgates^T x, dW_hh = dgates^T h_prev
 //           (h_prev is y shifted by one step, plus h0 for the first step), db = column sums.
 // W_hh is used at every step, so it is packed once per call (T > 1).
+// Batch rows never meet in the recurrence (row b of step t needs only row b of step t-1), so the
+// per-step loop runs on blocks of rows: on the CPU one thread per block through the whole
+// sequence, with no fork or barrier per step.
 #pragma once
 #include <cstdint>
 
@@ -46,23 +52,28 @@ void lstm_layer_forward(const LstmLayer<T>& a, Backend& be) {
   Gemm<T> rec = product<T>(a.B, G, a.H, nullptr, 0, 1, a.w_hh, a.csw_hh, a.rsw_hh, nullptr, G, 1);
   rec.packed_b = a.steps > 1 ? be.pack_b(rec.K, rec.N, rec.B, rec.rsb, rec.csb) : nullptr;
 
-  LstmStep<T> st;
-  st.B = a.B;
-  st.H = a.H;
-  st.ldh = a.ldy;
-  for (int64_t s = 0; s < a.steps; ++s) {
-    const int64_t t = a.reverse ? a.steps - 1 - s : s, tp = a.reverse ? t + 1 : t - 1;
-    rec.A = s == 0 ? a.h0 : a.y + tp * a.B * a.ldy;
-    rec.rsa = s == 0 ? a.ldh0 : a.ldy;
-    rec.C = a.gates + t * a.B * G;
-    be.gemm(rec);
-    st.gates = rec.C;
-    st.c_prev = s == 0 ? a.c0 : a.c + tp * a.B * a.H;
-    st.ldcp = s == 0 ? a.ldc0 : a.H;
-    st.c = a.c + t * a.B * a.H;
-    st.h = a.y + t * a.B * a.ldy;
-    be.step_forward(st);
-  }
+  be.row_blocks(a.B, rec, [&](int64_t b0, int64_t b1, auto& rb) {
+    Gemm<T> g = rec;
+    g.M = b1 - b0;
+    LstmStep<T> st;
+    st.B = b1 - b0;
+    st.H = a.H;
+    st.ldh = a.ldy;
+    for (int64_t s = 0; s < a.steps; ++s) {
+      const int64_t t = a.reverse ? a.steps - 1 - s : s, tp = a.reverse ? t + 1 : t - 1;
+      const int64_t r = t * a.B + b0, rp = tp * a.B + b0;  // this block's first row at t, t-1
+      g.A = s == 0 ? a.h0 + b0 * a.ldh0 : a.y + rp * a.ldy;
+      g.rsa = s == 0 ? a.ldh0 : a.ldy;
+      g.C = a.gates + r * G;
+      rb.gemm(g);
+      st.gates = g.C;
+      st.c_prev = s == 0 ? a.c0 + b0 * a.ldc0 : a.c + rp * a.H;
+      st.ldcp = s == 0 ? a.ldc0 : a.H;
+      st.c = a.c + r * a.H;
+      st.h = a.y + r * a.ldy;
+      rb.step_forward(st);
+    }
+  });
 }
 
 template <class T, class Backend>
@@ -73,23 +84,29 @@ void lstm_layer_backward(const LstmLayer<T>& a, Backend& be) {
     Gemm<T> rec = product<T>(a.B, a.H, G, nullptr, G, 1, a.w_hh, a.rsw_hh, a.csw_hh, a.dh, a.H);
     rec.packed_b = a.steps > 1 ? be.pack_b(rec.K, rec.N, rec.B, rec.rsb, rec.csb) : nullptr;
 
-    LstmStep<T> st;
-    st.B = a.B;
-    st.H = a.H;
-    st.lddh = a.sdyb;
-    st.dh_rec = a.dh;
-    st.dc = a.dc;
-    for (int64_t s = a.steps - 1; s >= 0; --s) {
-      const int64_t t = a.reverse ? a.steps - 1 - s : s, tp = a.reverse ? t + 1 : t - 1;
-      st.gates = a.gates + t * a.B * G;
-      st.c = a.c + t * a.B * a.H;
-      st.c_prev = s == 0 ? a.c0 : a.c + tp * a.B * a.H;
-      st.ldcp = s == 0 ? a.ldc0 : a.H;
-      st.dh_out = a.dy ? a.dy + t * a.sdyt : nullptr;
-      be.step_backward(st);
-      rec.A = st.gates;
-      be.gemm(rec);
-    }
+    be.row_blocks(a.B, rec, [&](int64_t b0, int64_t b1, auto& rb) {
+      Gemm<T> g = rec;
+      g.M = b1 - b0;
+      g.C = a.dh + b0 * a.H;
+      LstmStep<T> st;
+      st.B = b1 - b0;
+      st.H = a.H;
+      st.lddh = a.sdyb;
+      st.dh_rec = a.dh + b0 * a.H;
+      st.dc = a.dc + b0 * a.H;
+      for (int64_t s = a.steps - 1; s >= 0; --s) {
+        const int64_t t = a.reverse ? a.steps - 1 - s : s, tp = a.reverse ? t + 1 : t - 1;
+        const int64_t r = t * a.B + b0;
+        st.gates = a.gates + r * G;
+        st.c = a.c + r * a.H;
+        st.c_prev = s == 0 ? a.c0 + b0 * a.ldc0 : a.c + (tp * a.B + b0) * a.H;
+        st.ldcp = s == 0 ? a.ldc0 : a.H;
+        st.dh_out = a.dy ? a.dy + t * a.sdyt + b0 * a.sdyb : nullptr;
+        rb.step_backward(st);
+        g.A = st.gates;
+        rb.gemm(g);
+      }
+    });
   }
 
   // The products over all steps; with T*B == 0 they write zeros (K = 0). dgates^T (4H, rows) is
