@@ -585,7 +585,7 @@ const GemmUKernel<T>* half_kernel(const GemmUKernel<T>& uk) {
 
 // The cost of `rows` rows of C in MR-row tiles, in rows: a short last tile costs at least half a
 // full one (it still streams the whole B micro-panel for few FMAs per load). Splitting M = 30 x N
-// = 784 evenly (15 rows each: a 14-row and a 1-row tile per panel) ran 0.9x the 1 x 2 grid.
+// = 784 evenly (15 rows each: a 14-row and a 1-row tile per panel) ran 0.90-0.97x the 1 x 2 grid.
 inline int64_t tile_rows_cost(int64_t rows, int64_t mr) {
   const int64_t rest = rows % mr;
   return rows - rest + (rest == 0 ? 0 : rest > mr / 2 ? rest : mr / 2);
@@ -648,8 +648,9 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   // B that fits L2 with rows at most a page apart is read in place at any M too: it stays in L2
   // after the first tile row, and skipping the pack skips the barrier behind it, which at 2
   // threads on a small product cost more than the pack (torch/ours, 2 threads, Zen 4, interleaved
-  // runs, packed -> in place: 128^3 0.67-0.75 -> 1.02-1.07, 256 x 100 x 300 0.94 -> 1.08-1.13,
-  // Linear's dX = dY . W at 64 x 300 x 784 1.11-1.18 -> 1.28-1.64; 1 thread 1.0-1.05x better).
+  // runs, packed -> in place, M x K x N: 128^3 0.67-0.75 -> 1.02-1.07, 256 x 100 x 300 0.94 ->
+  // 1.08-1.13, 64 x 784 x 300 1.11-1.18 -> 1.28-1.64, Linear's dX = dY . W at 256 x 300 x 784
+  // 1.03-1.08 -> 1.11-1.45; 1 thread 1.0-1.05x better).
   const bool small_b = g.K * g.N * int64_t(sizeof(T)) <= l2_bytes() &&
                        g.rsb * int64_t(sizeof(T)) <= kInPlaceMaxRowBytes;
   if ((mtiles <= kSmallMTiles || small_b) && g.csb == 1 && !g.packed_b && !g.pack_b_fn) {
@@ -831,7 +832,7 @@ struct Worker {
 
 template <class T>
 void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws, int tid) {
-  const int64_t MR = uk.mr, NR = uk.nr;
+  const int64_t NR = uk.nr;
   T* bpack = ws;
   T* abuf = ws + p.bsize + int64_t(tid) * p.per_thread;
   alignas(64) T tmp[kMaxTileElems];
