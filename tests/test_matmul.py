@@ -120,6 +120,18 @@ def test_matmul_skinny(isa, M, N, K, layout, dtype):
     _check_mm(a, b, K)
 
 
+# Packed B at few rows per thread: each row share packs its own copy of the panels it reads and no
+# barrier is left (own_b), on 2 x 1, 1 x 2, 3 x 1 and 2 x 2 grids: B = W^T (packed, never read in
+# place), an edge panel, K past a cache block packed block by block (not all of K at once), and
+# rows past the 512-per-thread limit (shared B again).
+@pytest.mark.parametrize("threads", [1, 2, 3, 4], indirect=True)
+@pytest.mark.parametrize(
+    "M,N,K", [(64, 100, 300), (128, 96, 300), (29, 200, 70), (600, 400, 3000), (1100, 70, 90)]
+)
+def test_matmul_own_b_panels(isa, threads, M, N, K):
+    _check_mm(torch.randn(M, K), torch.randn(N, K).mT, K)
+
+
 # A row-major B that fits L2, with rows at most 4 KiB apart, is read in place at any M (no pack, no
 # barrier): whole rows, a column slice of a wider matrix (rows further apart than N), an edge panel
 # of N, K past a cache block; rows 4400 bytes apart are packed again.

@@ -16,6 +16,9 @@
 // one barrier instead: two barriers per K block become one per call, and a thread that the OS
 // delays no longer stalls the other at every block. (A dynamic schedule over row chunks was
 // measured too and was slower: chunks small enough to balance re-stream B from L3.)
+// When each thread owns at most kOwnBMaxRows rows (or the grid does not split M), each thread
+// packs exactly the panels it reads (own_b): threads of one row share then pack the same panels
+// into copies of their own, and no barrier is left (see make_plan).
 //
 // Skinny shapes (BLIS's "sup" idea): packing pays only when the packed panel is reused.
 //   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed,
@@ -511,6 +514,7 @@ constexpr int64_t kSmallMTiles = 2;
 // 128 ran 0.54 / 0.61 / 0.63x torch swapped, 0.57 / 0.82 / 0.85x not.
 constexpr int64_t kSwapMaxRows = 8;
 constexpr int64_t kInPlaceMaxB = 1 << 18;      // elements
+constexpr int64_t kOwnBMaxRows = 512;          // rows per thread up to which B is packed per thread
 constexpr int64_t kStreamKc = 32;              // K block of a larger B read in place
 constexpr int64_t kInPlaceMaxRowBytes = 4096;  // B rows a small B read in place may be apart
 // dot_rows below this K: the tile path's overheads are no longer the cost (and tests keep its
@@ -556,7 +560,8 @@ struct Plan {
   bool pack_a = true;     // false: A read in place (skinny N)
   bool pack_b = true;     // false: B rows read in place (small M, row-major B)
   bool whole_k = false;   // B packed for all of K per jc block (see the header comment)
-  size_t bsize = 0;       // elements of the packed B buffer
+  bool own_b = false;     // each thread packs the B panels it reads, no barriers (see make_plan)
+  size_t bsize = 0;       // elements of the packed B buffer (own_b: of each thread's own)
   size_t per_thread = 0;  // elements: the A block (if packed) + one edge B panel
   size_t workspace = 0;   // elements: the packed B buffer + per_thread for each thread
 };
@@ -659,8 +664,22 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   }
   p.whole_k = p.pack_b && !g.packed_b && kb > 1 && g.K * p.nc * int64_t(sizeof(T)) <= kWholeKBytes;
   p.bsize = p.pack_b && !g.packed_b ? size_t((p.whole_k ? g.K : p.kc) * p.nc) : 0;
+  // Packed B shared by a tm > 1 grid is read by every thread from the cores that packed it: for
+  // few rows per thread that cross-core traffic and the barriers cost more than each row share
+  // packing its own copy (a tm = 1 grid packs disjoint panels either way, so it only drops the
+  // barriers). Measured torch/ours on the 2-vCPU Sapphire Rapids-class Xeon, 2 threads, shared ->
+  // own B (interleaved runs, M x K x N with B = W^T): 64 x 300 x 100 0.43 -> 0.92-0.99, 128 x 300
+  // x 96 0.54 -> 0.86-0.89, 512 x 300 x 96 0.79 -> 0.95-0.97, 1024 x 300 x 96 0.92 -> 1.00;
+  // Linear(300, 100) at batch 256 0.86-0.92 -> 1.19-1.25, (784, 300) 1.06-1.08 -> 1.17; square
+  // 512^3 to 2048^3, conv2d and LSTM suites unchanged within 0.03.
+  p.own_b = p.bsize && p.nt > 1 && (p.tm == 1 || rows <= kOwnBMaxRows);
+  // Own B: the busiest column share's panels, for K (whole_k) or one K block, per thread. The
+  // buffers are private, so a thread never overwrites panels that another still reads (the
+  // layout of a shared buffer moves with each block's kc and panel count).
+  if (p.own_b)
+    p.bsize = size_t((p.whole_k ? g.K : p.kc) * ceil_div(ceil_div(p.nc, uk.nr), p.tn) * uk.nr);
   p.per_thread = size_t((p.pack_a ? p.mc : 0) * p.kc + p.kc * uk.nr);
-  p.workspace = p.bsize + p.nt * p.per_thread;
+  p.workspace = p.bsize * (p.own_b ? p.nt : 1) + p.nt * p.per_thread;
   return p;
 }
 
@@ -773,9 +792,9 @@ struct Worker {
   const GemmUKernel<T>* half;
 
   // Rows [i0, i1) x NR panels [q0, q1) of the column block at jc, for the K block [pc, pc + kc).
-  // bblock is that K block's packed B (unused when B is read in place).
-  void block(int64_t jc, int64_t pc, int64_t kc, const T* bblock, int64_t i0, int64_t i1,
-             int64_t q0, int64_t q1) const {
+  // bblock is that K block's packed B from panel bq on (unused when B is read in place).
+  void block(int64_t jc, int64_t pc, int64_t kc, const T* bblock, int64_t bq, int64_t i0,
+             int64_t i1, int64_t q0, int64_t q1) const {
     const int64_t MR = uk.mr, NR = uk.nr;
     // The first K block applies beta and the biases; later ones accumulate.
     const bool first = pc == 0;
@@ -788,7 +807,7 @@ struct Worker {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t j = jc + q * NR, nr = min64(NR, g.N - j);
         // The B micro-panel: packed, B itself (row-major), or a packed copy of a partial panel.
-        const T* bp = bblock + q * NR * kc;
+        const T* bp = bblock + (q - bq) * NR * kc;
         int64_t rsb = NR;
         if (!p.pack_b) {
           if (nr == NR) {
@@ -833,13 +852,13 @@ struct Worker {
 template <class T>
 void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws, int tid) {
   const int64_t NR = uk.nr;
-  T* bpack = ws;
-  T* abuf = ws + p.bsize + int64_t(tid) * p.per_thread;
+  // This thread's rows and NR panels of each column block.
+  const int it = tid / p.tn, jt = tid % p.tn;
+  T* bpack = ws + (p.own_b ? tid * p.bsize : 0);
+  T* abuf = ws + p.bsize * (p.own_b ? p.nt : 1) + int64_t(tid) * p.per_thread;
   alignas(64) T tmp[kMaxTileElems];
   const Worker<T> w{g, uk, p, abuf, abuf + (p.pack_a ? p.mc : 0) * p.kc, tmp, half_kernel(uk)};
 
-  // This thread's rows and NR panels of each column block.
-  const int it = tid / p.tn, jt = tid % p.tn;
   int64_t m0, m1;  // an even share of the rows; its last tile may be an edge tile
   split_range(g.M, p.tm, it, &m0, &m1);
 
@@ -847,38 +866,43 @@ void run_thread(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws
     const int64_t nc = min64(p.nc, g.N - jc), npanels = ceil_div(nc, NR);
     int64_t q0, q1;
     split_range(npanels, p.tn, jt, &q0, &q1);
+    // Panels in the packed buffer: from panel qbase on (own B holds only this thread's).
+    const int64_t qbase = p.own_b ? q0 : 0, bpanels = p.own_b ? q1 - q0 : npanels;
     // Packs the K block starting at pc into `dst`; this thread's share of the NR panels.
     auto pack_b_block = [&](int64_t pc, T* dst) {
       const int64_t kc = min64(p.kc, g.K - pc);
-      int64_t s0, s1;
-      split_range(npanels, p.nt, tid, &s0, &s1);
+      int64_t s0 = q0, s1 = q1;
+      if (!p.own_b) split_range(npanels, p.nt, tid, &s0, &s1);
       if (s0 >= s1) return;
       const int64_t n = min64(nc, s1 * NR) - s0 * NR;
       if (g.pack_b_fn)
-        g.pack_b_fn(g.pack_b_ctx, pc, kc, jc + s0 * NR, n, int(NR), dst + s0 * NR * kc);
+        g.pack_b_fn(g.pack_b_ctx, pc, kc, jc + s0 * NR, n, int(NR), dst + (s0 - qbase) * NR * kc);
       else
         uk.pack_b(kc, n, g.B + pc * g.rsb + (jc + s0 * NR) * g.csb, g.rsb, g.csb,
-                  dst + s0 * NR * kc);
+                  dst + (s0 - qbase) * NR * kc);
     };
     if (p.whole_k) {
       // Block pc lives at bpack + pc * (npanels * NR): the blocks before it hold pc rows of K.
-      for (int64_t pc = 0; pc < g.K; pc += p.kc) pack_b_block(pc, bpack + pc * npanels * NR);
-      team_barrier(p.nt);
+      for (int64_t pc = 0; pc < g.K; pc += p.kc) pack_b_block(pc, bpack + pc * bpanels * NR);
+      if (!p.own_b) team_barrier(p.nt);
     }
     for (int64_t pc = 0; pc < g.K; pc += p.kc) {
       const T* bblock = bpack;
-      if (g.packed_b) {  // packed ahead: column block jc starts after jc columns of all of K
+      int64_t bq = qbase;  // the panel bblock starts at
+      if (g.packed_b) {    // packed ahead: column block jc starts after jc columns of all of K
         bblock = g.packed_b + jc * g.K + pc * npanels * NR;
+        bq = 0;
       } else if (p.whole_k) {
-        bblock += pc * npanels * NR;
+        bblock += pc * bpanels * NR;
       } else if (p.bsize) {
         pack_b_block(pc, bpack);
-        team_barrier(p.nt);
+        if (!p.own_b) team_barrier(p.nt);
       }
-      w.block(jc, pc, min64(p.kc, g.K - pc), bblock, m0, m1, q0, q1);
-      if (p.bsize && !p.whole_k) team_barrier(p.nt);  // before the next block overwrites it
+      w.block(jc, pc, min64(p.kc, g.K - pc), bblock, bq, m0, m1, q0, q1);
+      // before the next block overwrites it
+      if (p.bsize && !p.whole_k && !p.own_b) team_barrier(p.nt);
     }
-    if (p.whole_k && jc + p.nc < g.N) team_barrier(p.nt);
+    if (p.whole_k && jc + p.nc < g.N && !p.own_b) team_barrier(p.nt);
   }
 }
 
