@@ -119,22 +119,25 @@ def test_lstm_cell_gradcheck():
 
 def test_lstm_cell_backward_paths():
     """The cell's backward with one output unused (its gradient None), a second backward through a
-    retained graph (the first overwrote the saved gates), one bias only, frozen weights and a
-    non-contiguous input, each against torch.lstm_cell."""
+    retained graph (the first overwrote the saved gates), one bias only, frozen weights, a
+    non-contiguous input and a state h that needs no gradient (the kernel then skips d h's
+    product), each against torch.lstm_cell."""
     torch.manual_seed(0)
     B, I, H = 3, 5, 7
     x = torch.randn(I, B).t()  # strided rows
     h, c = torch.randn(B, H), torch.randn(B, H)
     w_ih, w_hh, b_ih = torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H)
-    for use, biases, frozen in [(0, (b_ih, None), False), (1, (None, b_ih), True), (2, (), False)]:
+    cases = [(0, (b_ih, None), False, True), (1, (None, b_ih), True, True), (2, (), False, True)]
+    cases += [(0, (b_ih, b_ih), False, False), (2, (), True, False)]
+    for use, biases, frozen, h_grad in cases:
         grads = []
         for f in (NF.lstm_cell, torch.lstm_cell):
-            leaves = [t.clone().requires_grad_() for t in (x, h, c)]
+            leaves = [t.clone().requires_grad_(r) for t, r in ((x, True), (h, h_grad), (c, True))]
             ws = [t.clone().requires_grad_(not frozen) for t in (w_ih, w_hh)]
             bs = [None if b is None else b.clone().requires_grad_() for b in biases]
             out = f(leaves[0], (leaves[1], leaves[2]), *ws, *bs)
             loss = out[0].sum() if use == 0 else out[1].sum() if use == 1 else sum(out).sum()
-            inputs = leaves + [t for t in ws + bs if t is not None and t.requires_grad]
+            inputs = [t for t in leaves + ws + bs if t is not None and t.requires_grad]
             g1 = torch.autograd.grad(loss, inputs, retain_graph=True)
             g2 = torch.autograd.grad(loss, inputs)
             grads.append((g1, g2))

@@ -246,11 +246,12 @@ py::object lstm_backward(Call& call) {
                         {&v.gates, "gates"},
                         {&dy, "grad_output"}});
   const bool reverse = call.flag(15, false), accumulate = call.flag(16, false);
+  const bool need_dh0 = call.flag(17, true);
   auto layer = [&](auto t) {
     using T_ = decltype(t);
     LstmLayer<T_> a = v.layer<T_>(reverse);
     a.dy = dy.ptr<const T_>(), a.sdyt = sdyt, a.sdyb = sdyb;
-    a.dh = dh.ptr<T_>(), a.dc = dc.ptr<T_>();
+    a.dh = dh.ptr<T_>(), a.dc = dc.ptr<T_>(), a.need_dh0 = need_dh0;
     a.dx = dx.ptr<T_>(), a.lddx = lddx, a.dx_accumulate = accumulate;
     a.dw_ih = dw_ih.ptr<T_>();
     a.dw_hh = dw_hh.ptr<T_>();
@@ -264,9 +265,11 @@ py::object lstm_backward(Call& call) {
 }
 NNK_BINDING(lstm_backward,
             "input, w_ih, w_hh, h0, c0, output, gates, cell_states, grad_output, grad_h, grad_c, "
-            "grad_input, grad_w_ih, grad_w_hh, grad_bias, reverse=False, accumulate=False",
+            "grad_input, grad_w_ih, grad_w_hh, grad_bias, reverse=False, accumulate=False, "
+            "grad_h0=True",
             "Backward through time of lstm_forward's call; grad_h / grad_c hold d loss / d h_n, "
-            "d c_n on entry and d loss / d h0, d c0 on return. Overwrites gates.");
+            "d c_n on entry and d loss / d h0, d c0 on return (grad_h0=False: d h0 is not "
+            "computed and grad_h holds no result). Overwrites gates.");
 
 }  // namespace
 }  // namespace nnk

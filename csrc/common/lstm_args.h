@@ -33,9 +33,10 @@ struct LstmLayer {
   // Backward only.
   const T* dy = nullptr;  // d loss / d y_t at dy + t*sdyt + b*sdyb, unit-stride; null: zero
   int64_t sdyt = 0, sdyb = 0;
-  T* dh = nullptr;  // (B, H) contiguous: d loss / d h_n in, d loss / d h0 out
-  T* dc = nullptr;  // (B, H) contiguous: d loss / d c_n in, d loss / d c0 out
-  T* dx = nullptr;  // (T*B, I) rows lddx apart, unit-stride, or null
+  T* dh = nullptr;       // (B, H) contiguous: d loss / d h_n in, d loss / d h0 out (if need_dh0)
+  bool need_dh0 = true;  // false: the last step's dh GEMM is skipped (dh then holds no result)
+  T* dc = nullptr;       // (B, H) contiguous: d loss / d c_n in, d loss / d c0 out
+  T* dx = nullptr;       // (T*B, I) rows lddx apart, unit-stride, or null
   int64_t lddx = 0;
   bool dx_accumulate = false;  // dx += (the second direction of a bidirectional layer)
   T* dw_ih = nullptr;          // (4H, I) contiguous, or null

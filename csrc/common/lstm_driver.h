@@ -103,6 +103,9 @@ void lstm_layer_backward(const LstmLayer<T>& a, Backend& be) {
         st.ldcp = s == 0 ? a.ldc0 : a.H;
         st.dh_out = a.dy ? a.dy + t * a.sdyt + b0 * a.sdyb : nullptr;
         rb.step_backward(st);
+        // dh of the step before: d loss / d h0 after the first step, which nobody may need (an
+        // LSTMCell whose h does not require grad: a third of its backward's flops).
+        if (s == 0 && !a.need_dh0) break;
         g.A = st.gates;
         rb.gemm(g);
       }
