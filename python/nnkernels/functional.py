@@ -8,6 +8,7 @@ checked by the kernels' bindings (or by the op's argument rules), which name the
 
 import torch
 
+from . import _native
 from .ops import batch_norm as _bn
 from .ops import conv2d as _conv
 from .ops import cross_entropy as _ce
@@ -40,6 +41,31 @@ def _autocast_on(x) -> bool:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+
+
+_LOW = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = {}  # (device type, logits) -> the dtypes the kernels compute there
+
+
+def _widens(x, logits=False) -> bool:
+    """Whether x is a float16 / bfloat16 tensor on a device whose kernels lack its dtype: the op
+    then computes in float32 on float32 copies and rounds its result to x's dtype (torch computes
+    these in float32 internally too: its mixed-dtype batch norm keeps float32 statistics, its
+    low-precision cross-entropy accumulates in float32)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _LOW:
+        return False
+    dev = x.device.type
+    if dev not in ("cpu", "cuda"):
+        return False  # the binding names the device
+    key = (dev, logits)
+    if key not in _KERNEL_DTYPES:
+        _KERNEL_DTYPES[key] = tuple(_native.supported_dtypes(dev, logits))
+    return x.dtype not in _KERNEL_DTYPES[key]
+
+
+def _f32(t):
+    """A float32 copy of a float16 / bfloat16 tensor (differentiable); anything else as it is."""
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
 
 
 def _require_tensors(**args):
@@ -108,7 +134,13 @@ def batch_norm(
     the batch statistics (biased variance) and, when running_mean / running_var are given, update
     them in place: running = (1 - momentum) * running + momentum * batch (unbiased variance).
     Otherwise normalise with the running statistics. weight, bias: (C,) or None.
+    float16 / bfloat16 input (with float32 or same-dtype weight, bias and running statistics, as
+    torch's mixed-dtype batch norm takes them): computed in float32, returned in input's dtype.
     """
+    if _widens(input):
+        return _batch_norm_widened(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     try:
         return _bn.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
@@ -124,6 +156,21 @@ def batch_norm(
         raise
 
 
+def _batch_norm_widened(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """batch_norm of a float16 / bfloat16 input on float32 copies; running statistics held in
+    the input's dtype are updated through float32 copies and rounded back."""
+    stats = (running_mean, running_var)
+    wide = [_f32(t) for t in stats]
+    out = batch_norm(
+        input.float(), wide[0], wide[1], _f32(weight), _f32(bias), training, momentum, eps
+    )
+    if training:
+        for t, w in zip(stats, wide):
+            if w is not t:
+                t.copy_(w)
+    return out.to(input.dtype)
+
+
 def cross_entropy(
     input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
 ):
@@ -133,13 +180,35 @@ def cross_entropy(
     or (N, d1, ...), each in [0, C) or ignore_index; or class probabilities of input's shape and
     dtype. weight: (C,) class weights. reduction 'mean' divides by the summed weights of the
     targets that count (the batch size for probability targets), as torch does.
+    Under torch.autocast the floating arguments are cast to float32 first (cross_entropy is on
+    both devices' float32 lists). float16 / bfloat16 logits where the kernels lack the dtype are
+    computed in float32 and the loss returned in torch's dtype (input's, or its promotion with
+    a floating target's).
     """
     smoothing = _ce.options(reduction, label_smoothing, ignore_index)
+    if _any_autocast() and _autocast_on(input):
+        input, target, weight = _f32(input), _f32(target), _f32(weight)
+    elif _widens(input, logits=True):
+        return _cross_entropy_widened(input, target, weight, ignore_index, reduction, smoothing)
     try:
         return _ce.cross_entropy(input, target, weight, ignore_index, reduction, smoothing)
     except AttributeError:
         _require_tensors(input=input, target=target, weight=weight)
         raise
+
+
+def _cross_entropy_widened(input, target, weight, ignore_index, reduction, smoothing):
+    """cross_entropy of float16 / bfloat16 logits on float32 copies, in torch's result dtype."""
+    if isinstance(weight, torch.Tensor) and weight.dtype != input.dtype:
+        raise ValueError(  # torch refuses these too; a float32 copy would hide the mismatch
+            f"cross_entropy: weight has dtype {weight.dtype} but input has {input.dtype}"
+        )
+    soft = isinstance(target, torch.Tensor) and target.dtype.is_floating_point
+    dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
+    loss = _ce.cross_entropy(
+        input.float(), _f32(target), _f32(weight), ignore_index, reduction, smoothing
+    )
+    return loss.to(dtype)
 
 
 def linear_cross_entropy(

@@ -1,0 +1,187 @@
+"""float16 / bfloat16 activations on the CPU: batch norm and cross-entropy compute them in float32
+(the kernels have no low-precision CPU path yet) and return torch's dtypes; under torch.autocast
+every swapped layer returns the dtype torch's autocast returns, and a swapped model trains under
+autocast like torch's.
+
+Parity is the project's rule (assert_matches_reference): ours within 8x torch's own error of the
+float64 reference, in the low-precision dtype."""
+
+import copy
+
+import nnkernels
+import nnkernels.functional as NF
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_reference
+from nnkernels.bench.models import course_cnn
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _grads(fn, leaves):
+    """fn's output and the gradients of a fixed random linear loss w.r.t. the leaves."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    return out.detach(), torch.autograd.grad(out, leaves, g)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("params", ["float32", "same", "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_low_precision_input(dtype, training, params, layout):
+    """torch's mixed-dtype batch norm (low-precision input, float32 weight, bias and running
+    statistics) and the all-low-precision one: output in input's dtype, running statistics updated
+    in their own dtype, gradients of input and weight in their dtypes."""
+    torch.manual_seed(0)
+    N, C, H, W = 3, 5, 7, 6
+    x = (torch.randn(N, C, H, W) * 2 + 0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    pdt = torch.float32 if params == "float32" else dtype
+    w = torch.rand(C).to(pdt) + 0.5 if params != "none" else None
+    b = torch.randn(C).to(pdt) if params != "none" else None
+    rm, rv = torch.randn(C).to(pdt), (torch.rand(C) + 0.5).to(pdt)
+    if params == "none":
+        rm, rv = rm.float(), rv.float()
+    stats = {name: (rm.clone(), rv.clone()) for name in ("ours", "torch", "ref")}
+
+    def run(f, name, cast=None):
+        m, v = stats[name]
+        if cast:
+            m, v = m.double(), v.double()
+            stats[name] = (m, v)
+
+        def fn(x, *p):
+            wb = list(p) + [None] * (2 - len(p))
+            return f(x, m, v, wb[0], wb[1], training, 0.1, 1e-5)
+
+        leaves = [x.double() if cast else x] + [
+            (t.double() if cast else t) for t in (w, b) if t is not None
+        ]
+        return _grads(fn, leaves)
+
+    ours, g_ours = run(NF.batch_norm, "ours")
+    theirs, g_theirs = run(F.batch_norm, "torch")
+    ref, g_ref = run(F.batch_norm, "ref", cast=True)
+    assert ours.dtype == theirs.dtype == dtype
+    assert ours.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert_matches_reference(ours, theirs, ref, k=N * H * W, name="output")
+    names = ["grad input", "grad weight", "grad bias"]
+    for a, t, r, name in zip(g_ours, g_theirs, g_ref, names):
+        assert_matches_reference(a, t, r, k=N * H * W, name=name)
+    for i, name in enumerate(("running_mean", "running_var")):
+        a, t, r = stats["ours"][i], stats["torch"][i], stats["ref"][i]
+        assert a.dtype == t.dtype == (pdt if params != "none" else torch.float32), name
+        assert_matches_reference(a, t, r, k=N * H * W, name=name)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["index", "same", "float32"])
+def test_cross_entropy_low_precision_logits(dtype, reduction, target_kind):
+    """Low-precision logits outside autocast: the loss in torch's dtype (the logits', or their
+    promotion with a probability target's), values and the logits' gradient within the rule."""
+    torch.manual_seed(0)
+    N, Cn = 13, 37  # odd sizes: vector tails
+    x = (torch.randn(N, Cn) * 3).to(dtype)
+    if target_kind == "index":
+        t = torch.randint(0, Cn, (N,))
+        t[3] = -100
+    else:
+        t = torch.randn(N, Cn).softmax(-1).to(dtype if target_kind == "same" else torch.float32)
+
+    def loss(f, cast=False):
+        tt = t.double() if cast and t.dtype.is_floating_point else t
+        return _grads(
+            lambda x: f(x, tt, reduction=reduction, label_smoothing=0.1),
+            [x.double() if cast else x],
+        )
+
+    ours, (g_ours,) = loss(NF.cross_entropy)
+    theirs, (g_theirs,) = loss(F.cross_entropy)
+    ref, (g_ref,) = loss(F.cross_entropy, cast=True)
+    assert ours.dtype == theirs.dtype
+    assert_matches_reference(ours, theirs, ref, k=Cn, name="loss")
+    assert_matches_reference(g_ours, g_theirs, g_ref, k=Cn, name="grad input")
+
+
+def test_cross_entropy_low_precision_weight_must_match():
+    """torch refuses a class weight of another dtype than the logits; so do we, naming it."""
+    x, t = torch.randn(4, 5).bfloat16(), torch.randint(0, 5, (4,))
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, t, weight=torch.rand(5))
+    with pytest.raises(ValueError, match="weight"):
+        NF.cross_entropy(x, t, weight=torch.rand(5))
+    assert NF.cross_entropy(x, t, weight=torch.rand(5).bfloat16()).dtype == torch.bfloat16
+
+
+def _swapped(module):
+    twin = copy.deepcopy(module)
+    nnkernels.swap_layers(twin)
+    return twin
+
+
+def test_autocast_dtypes_layer_by_layer():
+    """Under torch.autocast("cpu", bfloat16) each swapped layer returns the dtype torch's autocast
+    returns for it, with values within the rule: Linear, Conv2d, LSTM and LSTMCell in bfloat16;
+    BatchNorm on a bfloat16 input in bfloat16 (float32 statistics), on a float32 input in float32;
+    CrossEntropyLoss in float32 (autocast's float32 list) from bfloat16 or float32 logits."""
+    torch.manual_seed(0)
+    img, seq, flat = torch.randn(2, 3, 6, 6), torch.randn(4, 2, 5), torch.randn(6, 7)
+    target = torch.randint(0, 7, (6,))
+    cases = [
+        (torch.nn.Linear(7, 4), lambda m: m(flat)),
+        (torch.nn.Conv2d(3, 4, 3), lambda m: m(img)),
+        (torch.nn.BatchNorm2d(3), lambda m: m(img.bfloat16())),
+        (torch.nn.BatchNorm2d(3), lambda m: m(img)),
+        (torch.nn.BatchNorm1d(7), lambda m: m(flat.bfloat16())),
+        (torch.nn.CrossEntropyLoss(), lambda m: m(flat.bfloat16(), target)),
+        (torch.nn.CrossEntropyLoss(label_smoothing=0.2), lambda m: m(flat, target)),
+        (torch.nn.LSTM(5, 3), lambda m: m(seq)[0]),
+        (torch.nn.LSTMCell(5, 3), lambda m: m(seq[0])[0]),
+    ]
+    for module, call in cases:
+        ours_m = _swapped(module)
+        assert type(ours_m) is not type(module), type(module).__name__
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            try:
+                theirs = call(module)
+            except RuntimeError:  # torch's own LSTM has no bfloat16 kernel on some CPUs
+                continue
+            ours = call(ours_m)
+        name = type(module).__name__
+        assert ours.dtype == theirs.dtype, f"{name}: {ours.dtype} != torch's {theirs.dtype}"
+        tol = 2e-2 if ours.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=name)
+
+
+def test_autocast_training_loop_matches_torch():
+    """torch's autocast recipe (forward and loss under autocast, Adam, 20 steps) on the course's
+    CNN (conv -> batch norm -> ReLU -> dense) and loss, swapped and not, side by side: the same losses
+    within bfloat16 rounding, the same running statistics."""
+    torch.manual_seed(0)
+    theirs = course_cnn()
+    ours = _swapped(theirs)
+    x, target = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    losses = {}
+    loss_fns = {"ours": nnkernels.nn.CrossEntropyLoss(), "torch": torch.nn.CrossEntropyLoss()}
+    for name, model in (("ours", ours), ("torch", theirs)):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(20):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fns[name](model(x), target)
+            assert loss.dtype == torch.float32
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    a, b = torch.tensor(losses["ours"]), torch.tensor(losses["torch"])
+    assert a[-1] < a[0] * 0.9  # it trains
+    torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    for (n, p), q in zip(ours.named_buffers(), theirs.buffers()):
+        if p.dtype.is_floating_point:
+            torch.testing.assert_close(p, q, rtol=3e-2, atol=3e-2, msg=n)
