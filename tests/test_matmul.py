@@ -144,6 +144,7 @@ def test_matmul_own_b_panels(isa, threads, M, N, K):
         (64, 784, 300, 784),
         (31, 100, 1100, 101),
         (50, 50, 60, 1100),
+        (64, 98, 3000, 98),  # past kInPlaceMaxB: packed again
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -23,9 +23,9 @@
 // Skinny shapes (BLIS's "sup" idea): packing pays only when the packed panel is reused.
 //   - N of at most kSkinnyPanels panels: A is read in place (tile_strided_a) instead of packed,
 //     when its rows or its columns stream (in_place_a_ok).
-//   - B row-major and M of at most kSmallMTiles tiles, or B within L2 at any M: B rows are read
-//     in place, no packing and no barriers (in K blocks of kStreamKc rows when B is larger than
-//     kInPlaceMaxB).
+//   - B row-major and M of at most kSmallMTiles tiles, or B within L2 and kInPlaceMaxB at any M:
+//     B rows are read in place, no packing and no barriers (in K blocks of kStreamKc rows when B
+//     is larger than kInPlaceMaxB).
 //   - M at most kSwapMaxRows and B = W^T (a row-major weight, as in Linear): C^T = W . A^T is
 //     computed instead, so the large weight is streamed in place once and only the small A^T is
 //     packed.
@@ -655,8 +655,10 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   // threads on a small product cost more than the pack (torch/ours, 2 threads, Zen 4, interleaved
   // runs, packed -> in place, M x K x N: 128^3 0.67-0.75 -> 1.02-1.07, 256 x 100 x 300 0.94 ->
   // 1.08-1.13, 64 x 784 x 300 1.11-1.18 -> 1.28-1.64, Linear's dX = dY . W at 256 x 300 x 784
-  // 1.03-1.08 -> 1.11-1.45; 1 thread 1.0-1.05x better).
-  const bool small_b = g.K * g.N * int64_t(sizeof(T)) <= l2_bytes() &&
+  // 1.03-1.08 -> 1.11-1.45; 1 thread 1.0-1.05x better). Not past kInPlaceMaxB, where K blocks
+  // would shrink to kStreamKc: on a 2 MiB L2 (the Xeon with AMX) 512 x 4608 x 98 (1.8 MB of B)
+  // ran in place at 0.67x torch, packed at 0.97x.
+  const bool small_b = g.K * g.N <= kInPlaceMaxB && g.K * g.N * int64_t(sizeof(T)) <= l2_bytes() &&
                        g.rsb * int64_t(sizeof(T)) <= kInPlaceMaxRowBytes;
   if ((mtiles <= kSmallMTiles || small_b) && g.csb == 1 && !g.packed_b && !g.pack_b_fn) {
     p.pack_b = false;
