@@ -68,6 +68,28 @@ def _f32(t):
     return t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
 
 
+def _tree(fn, x):
+    """fn applied to every tensor in x (a tensor, or tuples / lists of them, or None)."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_tree(fn, t) for t in x)
+    return fn(x) if isinstance(x, torch.Tensor) else x
+
+
+def _widened(op, dtype, call, **named):
+    """call(**named) on float32 copies of float16 / bfloat16 operands that all have `dtype` (torch
+    refuses mixed dtypes in these ops; so do we, naming the argument), result rounded to dtype."""
+
+    def same(t, name):
+        if t.dtype.is_floating_point and t.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but input has {dtype}")
+        return t
+
+    for name, v in named.items():
+        _tree(lambda t, name=name: same(t, name), v)
+    out = call(**{name: _tree(_f32, v) for name, v in named.items()})
+    return _tree(lambda t: t.to(dtype) if t.dtype == torch.float32 else t, out)
+
+
 def _require_tensors(**args):
     """TypeError naming the first argument that is neither a tensor nor None (called when an op
     failed on an attribute of one)."""
@@ -85,6 +107,8 @@ def matmul(a, b):
     """
     if _autocast_on(a):  # torch computes it in float16 / bfloat16 there: torch's result
         return torch.matmul(a, b)
+    if _widens(a):
+        return _widened("matmul", a.dtype, matmul, a=a, b=b)
     try:
         return _mm.matmul(a, b)
     except AttributeError:
@@ -101,6 +125,8 @@ def linear(input, weight, bias=None):
     """
     if _any_autocast() and _autocast_on(input):
         return torch.nn.functional.linear(input, weight, bias)
+    if _widens(input):
+        return _widened("linear", input.dtype, linear, input=input, weight=weight, bias=bias)
     try:
         return _mm.linear(input, weight, bias)
     except AttributeError:
@@ -118,6 +144,16 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     if _autocast_on(input):
         return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if _widens(input):
+        geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return _widened(
+            "conv2d",
+            input.dtype,
+            lambda **t: conv2d(**t, **geometry),
+            input=input,
+            weight=weight,
+            bias=bias,
+        )
     try:
         return _conv.conv2d(input, weight, bias, stride, padding, dilation, groups)
     except AttributeError:
@@ -200,7 +236,7 @@ def cross_entropy(
 def _cross_entropy_widened(input, target, weight, ignore_index, reduction, smoothing):
     """cross_entropy of float16 / bfloat16 logits on float32 copies, in torch's result dtype."""
     if isinstance(weight, torch.Tensor) and weight.dtype != input.dtype:
-        raise ValueError(  # torch refuses these too; a float32 copy would hide the mismatch
+        raise TypeError(  # torch refuses these too; a float32 copy would hide the mismatch
             f"cross_entropy: weight has dtype {weight.dtype} but input has {input.dtype}"
         )
     soft = isinstance(target, torch.Tensor) and target.dtype.is_floating_point
@@ -244,6 +280,19 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
         return torch.lstm_cell(
             input, (zeros if h is None else h, zeros if c is None else c), w_ih, w_hh, b_ih, b_hh
         )
+    if _widens(input):
+        return _widened(
+            "lstm_cell",
+            input.dtype,
+            lambda input, h, c, **w: lstm_cell(input, (h, c), **w),
+            input=input,
+            h=h,
+            c=c,
+            w_ih=w_ih,
+            w_hh=w_hh,
+            b_ih=b_ih,
+            b_hh=b_hh,
+        )
     try:
         return _lstm.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     except AttributeError:
@@ -282,6 +331,17 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
         D = 2 if bidirectional else 1
         return _lstm_autocast(
             input, h0, c0, params, has_biases, num_layers, dropout, train, D, batch_first
+        )
+    if _widens(input):
+        config = (has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        return _widened(
+            "lstm",
+            input.dtype,
+            lambda input, h0, c0, params: lstm(input, (h0, c0), params, *config),
+            input=input,
+            h0=h0,
+            c0=c0,
+            params=list(params),
         )
     try:
         return _lstm.lstm(
