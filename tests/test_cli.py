@@ -117,3 +117,23 @@ def test_bench_models_cases_run_and_agree():
             torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3, msg=c.name)
         else:
             c.ours(), c.torch()
+
+
+def test_bench_bfloat16_runs_models_under_autocast():
+    """bench --dtype bfloat16: the models suite's cases under torch.autocast on both sides (the
+    inference outputs in bfloat16 and within its rounding of torch's); suites without bfloat16
+    cases are skipped, not run in float32."""
+    from nnkernels.bench import models
+
+    cases = models.cases("cpu", quick=True, dtype="bfloat16")
+    assert cases and all(c.dtype == "bfloat16" for c in cases)
+    infer = [c for c in models.cases("cpu", quick=False, dtype="bfloat16") if "MLP" in c.name]
+    for c in infer:
+        out = c.ours()
+        if c.name.endswith("inference"):
+            theirs = c.torch()
+            assert out.dtype == theirs.dtype == torch.bfloat16
+            torch.testing.assert_close(out, theirs, rtol=2e-2, atol=2e-2)
+    r = _run("bench", "--dtype", "bfloat16", "--ops", "matmul", "--budget", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert "has no bfloat16 cases: skipped" in r.stdout + r.stderr

@@ -7,6 +7,7 @@ benchmarks/bench_<op>.py runs one suite through the same entry point.
 
 import argparse
 import importlib
+import inspect
 import pkgutil
 
 import torch
@@ -57,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: the suites that have bfloat16 cases (models: forward and loss under "
+        "torch.autocast on both sides); the others are skipped",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="instead of timing, profile each case of suites that support it (models) and show "
@@ -99,7 +107,13 @@ def run(args) -> int:
     info = harness.machine_info(args.device)
     results, all_cases = [], []
     for op in ops:
-        cases = SUITES[op](args.device, args.quick)
+        if args.dtype == "float32":
+            cases = SUITES[op](args.device, args.quick)
+        elif "dtype" in inspect.signature(SUITES[op]).parameters:
+            cases = SUITES[op](args.device, args.quick, dtype=args.dtype)
+        else:
+            harness.progress(f"[{op}] has no {args.dtype} cases: skipped")
+            continue
         for i, case in enumerate(cases, 1):
             harness.progress(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype} ...")
             results.append(harness.run_case(case, args.device, budget))

@@ -5,6 +5,8 @@ these are the measure of the package's speed.
 
     training step   zero_grad, forward, torch's cross-entropy on the output, backward, SGD step
     inference       eval mode, forward under torch.no_grad()
+With dtype "bfloat16" (bench --dtype bfloat16) both run the forward (and the loss) under
+torch.autocast(device, bfloat16), as torch's mixed-precision recipe does, on both sides.
 
 GFLOP/s are torch's flop count of the model (torch.utils.flop_counter) per step.
 
@@ -19,6 +21,7 @@ Linear(200, 1000)) on 35 steps of 20 sequences, and the course's MLP (64-300-100
 torch.profiler and sums the time by layer kind, to show which swapped layers lose and by how much.
 """
 
+import contextlib
 import copy
 
 import torch
@@ -195,7 +198,7 @@ def _lstm_flops(T, B, hidden, layers, vocab, train):
     return (rnn + head) * (3 if train else 1)
 
 
-def _case(name, build, x, target, train, device, flops=None):
+def _case(name, build, x, target, train, device, flops=None, dtype="float32"):
     torch.manual_seed(0)
     theirs = build().to(device)
     ours = copy.deepcopy(theirs)
@@ -203,12 +206,17 @@ def _case(name, build, x, target, train, device, flops=None):
     if flops is None:
         flops = _flops(copy.deepcopy(theirs), x, target, train)
 
+    def precision():  # the autocast region of torch's recipe, or none
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=getattr(torch, dtype))
+
     def make(model):
         if not train:
             model.eval()
 
             def infer():
-                with torch.no_grad():
+                with torch.no_grad(), precision():
                     return model(x)
 
             return infer
@@ -217,7 +225,9 @@ def _case(name, build, x, target, train, device, flops=None):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), target).backward()
+            with precision():
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
             opt.step()
 
         return step
@@ -225,7 +235,7 @@ def _case(name, build, x, target, train, device, flops=None):
     return Case(
         op="models",
         name=f"{name} {'train step' if train else 'inference'}",
-        dtype="float32",
+        dtype=dtype,
         ours=make(ours),
         torch=make(theirs),
         flops=flops,
@@ -235,8 +245,9 @@ def _case(name, build, x, target, train, device, flops=None):
 IMAGE_MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "vgg11_bn": vgg11_bn}
 
 
-def cases(device: str, quick: bool):
-    """--quick: the training steps at 64x64 and of the LSTM LM only."""
+def cases(device: str, quick: bool, dtype: str = "float32"):
+    """--quick: the training steps at 64x64 and of the LSTM LM only. dtype "bfloat16": under
+    torch.autocast (see the module docstring)."""
     torch.manual_seed(0)
     out = []
     for batch, size in ((8, 64), (2, 224)):
@@ -247,19 +258,30 @@ def cases(device: str, quick: bool):
                 if quick and (size == 224 or not train):
                     continue
                 out.append(
-                    _case(f"{name} {batch}x3x{size}x{size}", build, x, target, train, device)
+                    _case(
+                        f"{name} {batch}x3x{size}x{size}",
+                        build,
+                        x,
+                        target,
+                        train,
+                        device,
+                        None,
+                        dtype,
+                    )
                 )
     T, B = 35, 20
     tokens = torch.randint(0, 1000, (T, B), device=device)
     target = torch.randint(0, 1000, (T * B,), device=device)
     for train in (True, False) if not quick else (True,):
         flops = _lstm_flops(T, B, 200, 2, 1000, train)
-        out.append(_case("LSTM LM T35 B20", LanguageModel, tokens, target, train, device, flops))
+        out.append(
+            _case("LSTM LM T35 B20", LanguageModel, tokens, target, train, device, flops, dtype)
+        )
     digits = torch.rand(64, 1, 8, 8, device=device)
     target = torch.randint(0, 10, (64,), device=device)
     for name, build in (("course MLP", course_mlp), ("course CNN", course_cnn)):
         for train in (True, False) if not quick else (True,):
-            out.append(_case(f"{name} 64x1x8x8", build, digits, target, train, device))
+            out.append(_case(f"{name} 64x1x8x8", build, digits, target, train, device, None, dtype))
     return out
 
 
