@@ -116,6 +116,21 @@ def test_cross_entropy_low_precision_weight_must_match():
     with pytest.raises(TypeError, match="weight"):
         NF.cross_entropy(x, t, weight=torch.rand(5))
     assert NF.cross_entropy(x, t, weight=torch.rand(5).bfloat16()).dtype == torch.bfloat16
+    p = torch.rand(4, 5, dtype=torch.float64).softmax(-1)  # promotes to float64, as in torch
+    ours, theirs = NF.cross_entropy(x, p), F.cross_entropy(x, p)
+    assert ours.dtype == theirs.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2)  # torch rounds to bfloat16
+
+
+def test_batch_norm_low_precision_mixed_params_refused():
+    """torch takes a bfloat16 input with all-float32 or all-bfloat16 weight, bias and statistics,
+    and refuses a mix; so do we, naming what it got."""
+    x, w32 = torch.randn(2, 3, 4).bfloat16(), torch.ones(3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, rm, rv, w32.bfloat16(), None, True)
+    with pytest.raises(TypeError, match="weight torch.bfloat16"):
+        NF.batch_norm(x, rm, rv, w32.bfloat16(), None, True)
 
 
 def _swapped(module):
@@ -214,13 +229,14 @@ def test_low_precision_model_after_swap(dtype, case):
     theirs = copy.deepcopy(layer).to(dtype)
     ref = copy.deepcopy(layer).double()
     ref.load_state_dict({k: v.to(dtype).double() for k, v in theirs.state_dict().items()})
+    try:
+        theirs(x.to(dtype))
+    except RuntimeError:  # torch has no kernel for this dtype on this CPU: nothing to match
+        pytest.skip(f"torch's {name} does not run in {dtype} here")
     results = []
     for m, dt in ((ours, dtype), (theirs, dtype), (ref, torch.float64)):
         xx = x.to(dtype).to(dt).requires_grad_()
-        try:
-            out = _first(m(xx))
-        except RuntimeError:  # torch has no kernel for this dtype on this CPU: nothing to match
-            pytest.skip(f"torch's {name} does not run in {dtype} here")
+        out = _first(m(xx))
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(dt)
         grads = torch.autograd.grad(out, [xx, *m.parameters()], g)
         results.append((out.detach(), grads))

@@ -1,6 +1,10 @@
 """nnkernels.functional.matmul against torch.matmul: forward and both gradients, every ISA path,
 tile and block edges, strides, batching and broadcasting, gradcheck."""
 
+import os
+import subprocess
+import sys
+
 import nnkernels.functional as NF
 import pytest
 import torch
@@ -130,6 +134,23 @@ def test_matmul_skinny(isa, M, N, K, layout, dtype):
 )
 def test_matmul_own_b_panels(isa, threads, M, N, K):
     _check_mm(torch.randn(M, K), torch.randn(N, K).mT, K)
+
+
+def test_matmul_short_omp_team():
+    """A team shorter than planned (OMP_THREAD_LIMIT=1 under set_num_threads(2)): thread 0 runs
+    the whole plan alone, packing every B panel, for own-B, shared-B and whole-K plans."""
+    code = """
+import torch, nnkernels, nnkernels.functional as NF
+nnkernels.set_num_threads(2)
+for M, N, K in [(29, 512, 300), (29, 512, 3000), (64, 100, 300), (600, 400, 3000), (128, 96, 300)]:
+    a, w = torch.randn(M, K, dtype=torch.float64), torch.randn(N, K, dtype=torch.float64)
+    err = (NF.matmul(a.float(), w.float().mT).double() - a @ w.mT).abs().max().item()
+    assert err < 1e-2 * K ** 0.5, (M, N, K, err)
+print("ok")
+"""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
 
 
 # A row-major B that fits L2, with rows at most 4 KiB apart, is read in place at any M (no pack, no

@@ -915,8 +915,14 @@ void run(const Gemm<T>& g, const GemmUKernel<T>& uk, const Plan& p, T* ws) {
     if (team == p.nt) {
       run_thread(g, uk, p, ws, tid);
     } else if (tid == 0) {
+      // One thread packs every panel: own_b's buffer holds one column share only; the shared
+      // layout fits the workspace (nt own buffers hold at least all nc columns).
       Plan one = p;
       one.nt = one.tm = one.tn = 1;
+      if (one.own_b) {
+        one.own_b = false;
+        one.bsize = size_t((p.whole_k ? g.K : p.kc) * p.nc);
+      }
       run_thread(g, uk, one, ws, 0);
     }
   });

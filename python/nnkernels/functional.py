@@ -195,7 +195,16 @@ def batch_norm(
 
 def _batch_norm_widened(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """batch_norm of a float16 / bfloat16 input on float32 copies; running statistics held in
-    the input's dtype are updated through float32 copies and rounded back."""
+    the input's dtype are updated through float32 copies and rounded back. As in torch, the
+    other tensors are all float32 or all the input's dtype."""
+    named = dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    dtypes = {t.dtype for t in named.values() if isinstance(t, torch.Tensor)}
+    if len(dtypes) > 1 or dtypes - {torch.float32, input.dtype}:
+        found = ", ".join(f"{k} {v.dtype}" for k, v in named.items() if v is not None)
+        raise TypeError(
+            f"batch_norm: with a {input.dtype} input, weight, bias and the running statistics "
+            f"must all be float32 or all {input.dtype}; got {found}"
+        )
     stats = (running_mean, running_var)
     wide = [_f32(t) for t in stats]
     out = batch_norm(
@@ -235,16 +244,18 @@ def cross_entropy(
 
 
 def _cross_entropy_widened(input, target, weight, ignore_index, reduction, smoothing):
-    """cross_entropy of float16 / bfloat16 logits on float32 copies, in torch's result dtype."""
+    """cross_entropy of float16 / bfloat16 logits on float32 copies (float64 ones with a float64
+    probability target), in torch's result dtype."""
     if isinstance(weight, torch.Tensor) and weight.dtype != input.dtype:
         raise TypeError(  # torch refuses these too; a float32 copy would hide the mismatch
             f"cross_entropy: weight has dtype {weight.dtype} but input has {input.dtype}"
         )
     soft = isinstance(target, torch.Tensor) and target.dtype.is_floating_point
     dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
-    loss = _ce.cross_entropy(
-        input.float(), _f32(target), _f32(weight), ignore_index, reduction, smoothing
-    )
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    target = target.to(work) if soft else target
+    weight = weight.to(work) if isinstance(weight, torch.Tensor) else weight
+    loss = _ce.cross_entropy(input.to(work), target, weight, ignore_index, reduction, smoothing)
     return loss.to(dtype)
 
 
