@@ -43,8 +43,7 @@ def _autocast_on(x) -> bool:
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
 
-_LOW = (torch.float16, torch.bfloat16)
-_LOW_SET = frozenset(_LOW)
+_LOW = frozenset((torch.float16, torch.bfloat16))
 _KERNEL_DTYPES = {}  # (device type, logits) -> the dtypes the kernels compute there
 
 
@@ -53,7 +52,7 @@ def _widens(x, logits=False) -> bool:
     then computes in float32 on float32 copies and rounds its result to x's dtype (torch computes
     these in float32 internally too: its mixed-dtype batch norm keeps float32 statistics, its
     low-precision cross-entropy accumulates in float32)."""
-    if getattr(x, "dtype", None) not in _LOW_SET or not isinstance(x, torch.Tensor):
+    if getattr(x, "dtype", None) not in _LOW or not isinstance(x, torch.Tensor):
         return False  # the common case first (about 0.1 us a call)
     dev = x.device.type
     if dev not in ("cpu", "cuda"):
@@ -76,9 +75,9 @@ def _tree(fn, x):
     return fn(x) if isinstance(x, torch.Tensor) else x
 
 
-def _widened(op, dtype, call, **named):
-    """call(**named) on float32 copies of float16 / bfloat16 operands that all have `dtype` (torch
-    refuses mixed dtypes in these ops; so do we, naming the argument), result rounded to dtype."""
+def _same_dtype(op, dtype, **named):
+    """TypeError naming the first floating tensor in named (tensors, or tuples / lists of them)
+    whose dtype is not `dtype`: torch refuses such mixes, and a float32 copy would hide them."""
 
     def same(t, name):
         if t.dtype.is_floating_point and t.dtype != dtype:
@@ -87,6 +86,12 @@ def _widened(op, dtype, call, **named):
 
     for name, v in named.items():
         _tree(lambda t, name=name: same(t, name), v)
+
+
+def _widened(op, dtype, call, **named):
+    """call(**named) on float32 copies of float16 / bfloat16 operands that all have `dtype`
+    (_same_dtype), result rounded to dtype."""
+    _same_dtype(op, dtype, **named)
     out = call(**{name: _tree(_f32, v) for name, v in named.items()})
     return _tree(lambda t: t.to(dtype) if t.dtype == torch.float32 else t, out)
 
@@ -246,10 +251,7 @@ def cross_entropy(
 def _cross_entropy_widened(input, target, weight, ignore_index, reduction, smoothing):
     """cross_entropy of float16 / bfloat16 logits on float32 copies (float64 ones with a float64
     probability target), in torch's result dtype."""
-    if isinstance(weight, torch.Tensor) and weight.dtype != input.dtype:
-        raise TypeError(  # torch refuses these too; a float32 copy would hide the mismatch
-            f"cross_entropy: weight has dtype {weight.dtype} but input has {input.dtype}"
-        )
+    _same_dtype("cross_entropy", input.dtype, weight=weight)
     soft = isinstance(target, torch.Tensor) and target.dtype.is_floating_point
     dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32

@@ -265,8 +265,7 @@ def cases(device: str, quick: bool, dtype: str = "float32"):
                         target,
                         train,
                         device,
-                        None,
-                        dtype,
+                        dtype=dtype,
                     )
                 )
     T, B = 35, 20
@@ -281,7 +280,7 @@ def cases(device: str, quick: bool, dtype: str = "float32"):
     target = torch.randint(0, 10, (64,), device=device)
     for name, build in (("course MLP", course_mlp), ("course CNN", course_cnn)):
         for train in (True, False) if not quick else (True,):
-            out.append(_case(f"{name} 64x1x8x8", build, digits, target, train, device, None, dtype))
+            out.append(_case(f"{name} 64x1x8x8", build, digits, target, train, device, dtype=dtype))
     return out
 
 

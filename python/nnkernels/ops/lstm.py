@@ -130,7 +130,7 @@ def _backward(dy, dhn, dcn, x, h0, c0, y, weights, saved, D, has_bias, needs):
             db,
             d == 1,
             d == 1,
-            needs[1],
+            grad_h0=needs[1],
         )
         out += [dw_ih, dw_hh, *_bias_grads(db, n_bih, n_bhh)]
     return [x.new_empty(0) if g is None else g for g in out]
@@ -256,24 +256,7 @@ def _cell_backward(dh1, dc1, x, h, c, w_ih, w_hh, h1, c1, gates, needs):
         for s, n in zip((x.shape, w_ih.shape, w_hh.shape, w_ih.shape[:1]), needs[:1] + needs[3:])
     )
     N.lstm_backward(
-        x,
-        w_ih,
-        w_hh,
-        h,
-        c,
-        h1,
-        gates,
-        c1,
-        None,
-        dh,
-        dc,
-        dx,
-        dw_ih,
-        dw_hh,
-        db,
-        False,
-        False,
-        needs[1],
+        x, w_ih, w_hh, h, c, h1, gates, c1, None, dh, dc, dx, dw_ih, dw_hh, db, grad_h0=needs[1]
     )
     grads = (dx, dh if needs[1] else None, dc if needs[2] else None, dw_ih, dw_hh, db)
     return [x.new_empty(0) if g is None else g for g in grads]
