@@ -16,8 +16,10 @@
 // (x86 semantics: max(a, b) = a > b ? a : b, so a NaN in b comes through), div,
 // select_abs_lt(x, lim, a, b) (a where |x| < lim, else b; NaN x gives b), zero_below(x, lo, r)
 // (r where x >= lo or x is NaN, else 0) and pow2_bits(t) (2^n, for t = n + magic as in exp(),
-// simd_math.h). On AVX2 and AVX-512, BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4
-// double) with 256-bit shuffles: the AVX-512 unit uses the very same code as the AVX2 one.
+// simd_math.h), load_part(p, n, fill) (the first n < W lanes from p, the rest fill; no read past
+// p + n), reduce_add and reduce_max (across the lanes, as a tree). On AVX2 and AVX-512,
+// BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double) with 256-bit shuffles: the
+// AVX-512 unit uses the very same code as the AVX2 one.
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -115,6 +117,11 @@ struct Simd<float> {
     const __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
+  static NNK_INLINE V load_part(const float* p, int n, float fill) {
+    return _mm512_mask_loadu_ps(set1(fill), __mmask16((1u << n) - 1), p);
+  }
+  static NNK_INLINE float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+  static NNK_INLINE float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
 };
 
 template <>
@@ -143,6 +150,11 @@ struct Simd<double> {
     const __m512i e = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023));
     return _mm512_castsi512_pd(_mm512_slli_epi64(e, 52));
   }
+  static NNK_INLINE V load_part(const double* p, int n, double fill) {
+    return _mm512_mask_loadu_pd(set1(fill), __mmask8((1u << n) - 1), p);
+  }
+  static NNK_INLINE double reduce_add(V v) { return _mm512_reduce_add_pd(v); }
+  static NNK_INLINE double reduce_max(V v) { return _mm512_reduce_max_pd(v); }
 };
 
 #elif defined(NNK_ISA_AVX2)
@@ -174,6 +186,21 @@ struct Simd<float> {
     const __m256i e = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
+  static NNK_INLINE V load_part(const float* p, int n, float fill) {
+    const __m256i m =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_blendv_ps(set1(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  }
+  static NNK_INLINE float reduce_add(V v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+  }
+  static NNK_INLINE float reduce_max(V v) {
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+  }
 };
 
 template <>
@@ -202,6 +229,18 @@ struct Simd<double> {
   static NNK_INLINE V pow2_bits(V t) {
     const __m256i e = _mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023));
     return _mm256_castsi256_pd(_mm256_slli_epi64(e, 52));
+  }
+  static NNK_INLINE V load_part(const double* p, int n, double fill) {
+    const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    return _mm256_blendv_pd(set1(fill), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
+  }
+  static NNK_INLINE double reduce_add(V v) {
+    const __m128d r = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(r, _mm_unpackhi_pd(r, r)));
+  }
+  static NNK_INLINE double reduce_max(V v) {
+    const __m128d r = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(r, _mm_unpackhi_pd(r, r)));
   }
 };
 
@@ -352,6 +391,21 @@ struct Simd {
     V r;
     __builtin_memcpy(&r, &e, sizeof(V));
     return r;
+  }
+  static NNK_INLINE V load_part(const T* p, int n, T fill) {
+    V v = set1(fill);
+    for (int l = 0; l < n; ++l) v[l] = p[l];
+    return v;
+  }
+  static NNK_INLINE T reduce_add(V v) {
+    T s = v[0];
+    for (int l = 1; l < W; ++l) s += v[l];
+    return s;
+  }
+  static NNK_INLINE T reduce_max(V v) {
+    T m = v[0];
+    for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
+    return m;
   }
 };
 

@@ -104,11 +104,7 @@ NNK_INLINE typename Simd<T>::V vtanh(typename Simd<T>::V x) {
 
 template <class T>
 NNK_INLINE T hsum(typename Simd<T>::V v) {
-  T lanes[Simd<T>::W];
-  Simd<T>::store(lanes, v);
-  T s = 0;
-  for (int l = 0; l < Simd<T>::W; ++l) s += lanes[l];
-  return s;
+  return Simd<T>::reduce_add(v);
 }
 
 }  // namespace NNK_ISA_NS

@@ -108,10 +108,28 @@ struct CrossEntropyLoops {
     }
   }
 
+  // A row shorter than one vector (C < W: the 10 classes of a digits classifier): one padded
+  // vector, no per-lane state. The pad is -inf, whose exp is 0.
+  template <bool HW, bool HT, bool WX>
+  static void short_stats(const T* x, int64_t n, const T* w, const T* t, T shift,
+                          cpu::RowStats* out) {
+    const V xv = S::load_part(x, int(n), -std::numeric_limits<T>::infinity());
+    const T m = hi(-std::numeric_limits<T>::max(), S::reduce_max(xv));
+    const double s = double(S::reduce_add(vexp<T>(S::sub(xv, S::set1(m)))));
+    double wx = 0, wtx = 0, wt = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double xj = double(x[j]) - shift, wj = HW ? double(w[j]) : 1.0;
+      if constexpr (WX) wx += wj * xj;
+      if constexpr (HT) wtx += wj * double(t[j]) * xj, wt += wj * double(t[j]);
+    }
+    *out = cpu::RowStats{double(m), s, double(shift), wx, wtx, wt};
+  }
+
   template <bool HW, bool HT, bool WX>
   static void stats(const T* x, int64_t n, const T* w, const T* t, cpu::RowStats* out) {
-    Acc acc;
     const T shift = n > 0 && std::isfinite(x[0]) ? x[0] : T(0);
+    if (n < W) return short_stats<HW, HT, WX>(x, n, w, t, shift, out);
+    Acc acc;
     const V H = S::set1(shift);
     int64_t i = 0;
     const int64_t nvec = n - n % W;
@@ -219,17 +237,14 @@ struct CrossEntropyLoops {
       }
     }
     for (; i + W <= n; i += W) S::store(g + i, vec(i));  // short rows: no scalar exps
-    if (i < n) {  // the last n % W values through the same vector code, on padded copies
-      alignas(64) T px[W] = {}, pt[W] = {}, pw[W] = {}, pg[W];
-      for (int64_t j = i; j < n; ++j) {
-        px[j - i] = x[j];
-        if (HT) pt[j - i] = t[j];
-        if (HW) pw[j - i] = w[j];
-      }
-      V b = HT ? S::fma(K1, S::load(pt), K0) : K0;
-      if (HW) b = S::mul(b, S::load(pw));
-      S::store(pg, S::sub(S::mul(vexp<T>(S::sub(S::sub(S::load(px), M), LS)), A), b));
-      for (int64_t j = i; j < n; ++j) g[j] = pg[j - i];
+    if (i < n) {  // the last n % W values through the same vector code, on padded loads
+      const int r = int(n - i);
+      V b = HT ? S::fma(K1, S::load_part(t + i, r, T(0)), K0) : K0;
+      if (HW) b = S::mul(b, S::load_part(w + i, r, T(0)));
+      const V xv = S::load_part(x + i, r, T(0));
+      alignas(64) T pg[W];
+      S::store(pg, S::sub(S::mul(vexp<T>(S::sub(S::sub(xv, M), LS)), A), b));
+      for (int j = 0; j < r; ++j) g[i + j] = pg[j];
     }
   }
 
