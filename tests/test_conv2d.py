@@ -66,6 +66,19 @@ CASES = [
     # 16+ channels, stride 1 and K <= N*PQ: the data gradient is the transposed forward, merged
     ("merged: wide, transposed data gradient", 6, 16, 7, 7, 8, 3, 3, dict(padding=1)),
     ("merged: 1x1 stride 2", 4, 18, 8, 8, 10, 1, 1, dict(stride=2)),
+    # 20 stride phases: the forward gathers im2col through the tap table (no padded copies),
+    # its one-image offsets moved image by image
+    (
+        "merged: stride (5, 4), dilated, table gather",
+        6,
+        3,
+        11,
+        13,
+        5,
+        3,
+        3,
+        dict(stride=(5, 4), padding=1, dilation=2),
+    ),
     # 41 x 81 = 3321 columns: forward chunks of 2048 end inside an image
     ("merged: chunks split images", 41, 3, 9, 9, 5, 3, 3, dict(padding=1)),
     # CRS = 1440: the weight gradient's chunks of 1456 pixels (7 x 225 = 1575 columns)

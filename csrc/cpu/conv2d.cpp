@@ -1142,13 +1142,17 @@ constexpr int64_t kMergedColBudget = int64_t(1) << 21;
 inline bool merged(int64_t PQ) { return PQ < kMergeBelow; }
 
 struct TapTable {
-  int64_t J0 = 0, len = 0;   // merged columns [J0, J0 + len)
-  std::vector<int64_t> tap;  // (R*S) x len: offset of x[n, 0, ih, iw] under tap (r, t), or -1
+  int64_t J0 = 0, len = 0;  // merged columns [J0, J0 + len)
+  // (R*S) x PQ: offset of x[img, 0, ih, iw] - img * xs[0] under tap (r, t) of pixel pq of any
+  // image, or -1 (padding). One image's worth: a chunk's column J0 + j reads it at pixel
+  // (J0 + j) % PQ, offset by image (J0 + j) / PQ (segments()). Building it per column instead
+  // (9 x 4096 entries for the course CNN's first conv) cost more than that layer's GEMM.
+  std::vector<int64_t> tap;
   std::vector<int64_t> pix;  // len: offset of y[n, 0, p, q] (in the strides of y / dy)
   // y / dy planes contiguous (q unit-stride, rows Q apart): a chunk is runs of whole or partial
   // planes, copied as such (table_rows).
   bool flat = false;
-  int64_t PQ = 0, ys0 = 0;
+  int64_t PQ = 0, ys0 = 0, xs0 = 0;
 
   // taps: false when only the output pixels are needed (the stride-1 forward packs from
   // zero-bordered copies).
@@ -1156,25 +1160,39 @@ struct TapTable {
            bool taps = true)
       : J0(j0),
         len(n),
-        tap(taps ? size_t(s.R * s.S * n) : 0),
+        tap(taps ? size_t(s.R * s.S * s.P * s.Q) : 0),
         pix(size_t(n)),
         flat(ys[3] == 1 && (s.P <= 1 || ys[2] == s.Q)),
         PQ(s.P * s.Q),
-        ys0(ys[0]) {
+        ys0(ys[0]),
+        xs0(xs[0]) {
     // Column J0 + j is pixel (p, q) of image img, stepped without divisions.
     int64_t img = J0 / PQ, p = J0 % PQ / s.Q, q = J0 % s.Q;
     for (int64_t j = 0; j < n; ++j, ++q) {
       if (q == s.Q) q = 0, ++p;
       if (p == s.P) p = 0, ++img;
       pix[size_t(j)] = img * ys[0] + p * ys[2] + q * ys[3];
-      for (int64_t r = 0; r < (taps ? s.R : 0); ++r) {
-        const int64_t ih = p * s.sh - s.ph + r * s.dh;
-        for (int64_t t = 0; t < s.S; ++t) {
-          const int64_t iw = q * s.sw - s.pw + t * s.dw;
-          const bool in = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
-          tap[size_t((r * s.S + t) * n + j)] = in ? img * xs[0] + ih * xs[2] + iw * xs[3] : -1;
+    }
+    for (int64_t r = 0; r < (taps ? s.R : 0); ++r)
+      for (int64_t t = 0; t < s.S; ++t)
+        for (int64_t pp = 0; pp < s.P; ++pp) {
+          const int64_t ih = pp * s.sh - s.ph + r * s.dh;
+          for (int64_t qq = 0; qq < s.Q; ++qq) {
+            const int64_t iw = qq * s.sw - s.pw + t * s.dw;
+            const bool in = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+            tap[size_t((r * s.S + t) * PQ + pp * s.Q + qq)] = in ? ih * xs[2] + iw * xs[3] : -1;
+          }
         }
-      }
+  }
+
+  // fn(k, xoff, pq, m) for the runs of chunk columns [j0, j0 + n) within one image: columns
+  // j0 + k .. j0 + k + m - 1 are pixels pq .. pq + m - 1 of the image at x offset xoff.
+  template <class F>
+  void segments(int64_t j0, int64_t n, F&& fn) const {
+    for (int64_t k = 0; k < n;) {
+      const int64_t J = J0 + j0 + k, pq = J % PQ, m = min64(PQ - pq, n - k);
+      fn(k, J / PQ * xs0, pq, m);
+      k += m;
     }
   }
 };
@@ -1199,14 +1217,16 @@ void table_im2col(const Conv2dShape& s, const TapTable& tt,
         for (int64_t c = c0; c < c1; ++c) {
           auto* xc = x + (g * Cg + c) * xs1;
           for (int64_t rt = 0; rt < RS; ++rt) {
-            const int64_t* o = tt.tap.data() + rt * ld;
+            const int64_t* o = tt.tap.data() + rt * tt.PQ;
             auto* row = col + (c * RS + rt) * ld;
-            if constexpr (kCol2Im) {
-              for (int64_t j = 0; j < ld; ++j)
-                if (o[j] >= 0) xc[o[j]] += row[j];
-            } else {
-              gather_taps(row, xc, o, ld);
-            }
+            tt.segments(0, ld, [&](int64_t k, int64_t xoff, int64_t pq, int64_t m) {
+              if constexpr (kCol2Im) {
+                for (int64_t j = 0; j < m; ++j)
+                  if (o[pq + j] >= 0) xc[xoff + o[pq + j]] += row[k + j];
+              } else {
+                gather_taps(row + k, xc + xoff, o + pq, m);
+              }
+            });
           }
         }
       },
@@ -1261,7 +1281,10 @@ struct TablePacker {
     alignas(64) T row[ColPacker<T>::kMaxCols];
     for (int64_t kk = 0; kk < k; ++kk) {
       const int64_t c = (p0 + kk) / RS, rt = (p0 + kk) % RS;
-      gather_taps(row, tp.xg + c * tp.xs1, tp.tt->tap.data() + rt * tp.tt->len + j0, ncols);
+      const int64_t* o = tp.tt->tap.data() + rt * tp.tt->PQ;
+      tp.tt->segments(j0, ncols, [&](int64_t k, int64_t xoff, int64_t pq, int64_t m) {
+        gather_taps(row + k, tp.xg + c * tp.xs1 + xoff, o + pq, m);
+      });
       row_to_panels(dst + kk * nr, row, ncols, nr, int64_t(nr) * k);
     }
   }
