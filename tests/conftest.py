@@ -31,6 +31,15 @@ def isa(request):
 
 
 @pytest.fixture
+def stream_stores():
+    """Outputs of 64 KiB and more written with non-temporal stores (by default only those larger
+    than the last-level cache are, which tests would rarely reach), then back to the default."""
+    _native.set_stream_min_bytes(64 << 10)
+    yield
+    _native.set_stream_min_bytes(0)
+
+
+@pytest.fixture
 def threads(request):
     """Runs with nnkernels.set_num_threads(request.param), then back to following torch."""
     n = request.param

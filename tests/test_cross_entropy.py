@@ -98,6 +98,15 @@ def test_every_isa_and_float64(isa, shape, soft):
         _check(NF.cross_entropy, F.cross_entropy, x, t, w, kw, k=shape[1])
 
 
+@pytest.mark.parametrize("shape", [(9, 4099), (40, 1000)], ids=str)
+@pytest.mark.parametrize("soft", [False, True], ids=["class", "probs"])
+def test_streamed_gradient(isa, stream_stores, shape, soft):
+    """Gradients above the streaming threshold (64 KiB here) go out with non-temporal stores:
+    rows that start unaligned (C = 4099, a scalar head first) and aligned."""
+    x, t, w, kw = _inputs(shape, dict(weight=True, label_smoothing=0.1), soft=soft)
+    _check(NF.cross_entropy, F.cross_entropy, x, t, w, kw, k=shape[1])
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_thread_splits(threads):
     x, t, w, kw = _inputs((37, 2100), dict(ignore=True, label_smoothing=0.1))

@@ -10,6 +10,7 @@
 #include "bindings/binding.h"
 #include "common/isa.h"
 #include "common/threading.h"
+#include "common/workspace.h"
 #include "cpu/gemm.h"
 #include "cpu/peak.h"
 #include "cuda/cuda_api.h"
@@ -68,6 +69,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "on"_a, "Test hook: on an AVX2 CPU, run the GEMM at the AVX-512 kernels' tiles and blocks.");
+
+  m.def(
+      "_set_stream_min_bytes", [](long long bytes) { set_stream_min_bytes(bytes); }, "bytes"_a,
+      "Test hook: write outputs of at least `bytes` with non-temporal stores (0: the last-level "
+      "cache's size, the default), so that tests reach those paths on any machine.");
 
   // Threads
   m.def(

@@ -1,5 +1,8 @@
 #include "common/workspace.h"
 
+#include <unistd.h>
+
+#include <atomic>
 #include <cstdlib>
 #include <new>
 
@@ -26,6 +29,27 @@ void* thread_scratch(Scratch slot, size_t bytes) {
     b.bytes = rounded;
   }
   return b.p;
+}
+
+namespace {
+std::atomic<long long> g_stream_min{0};  // 0: not overridden
+}  // namespace
+
+long long stream_min_bytes() {
+  static const long long cache = [] {
+    long long b = 32ll << 20;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0) b = l3;
+#endif
+    return b > (8ll << 20) ? b : 8ll << 20;
+  }();
+  const long long set = g_stream_min.load(std::memory_order_relaxed);
+  return set > 0 ? set : cache;
+}
+
+void set_stream_min_bytes(long long bytes) {
+  g_stream_min.store(bytes > 0 ? bytes : 0, std::memory_order_relaxed);
 }
 
 }  // namespace nnk

@@ -24,4 +24,12 @@ T* thread_scratch(Scratch slot, size_t elems) {
   return static_cast<T*>(thread_scratch(slot, elems * sizeof(T)));
 }
 
+// The smallest output (bytes) worth writing with non-temporal stores: the last-level cache's size
+// (at least 8 MiB; 32 MiB where the system does not say). A smaller output stays in that cache for
+// the next layer, which a non-temporal store would send to DRAM: MobileNetV2's 9.6 MB batch norm
+// at 224x224 ran 1160 us against torch's 864 with them, on a 2-vCPU Xeon whose L3 is 480 MiB.
+long long stream_min_bytes();
+// Overrides it (0: back to the default). A test hook.
+void set_stream_min_bytes(long long bytes);
+
 }  // namespace nnk

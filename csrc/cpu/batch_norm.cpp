@@ -33,7 +33,7 @@
 //            threads take ranges of pixels and vectorise across channels.
 //   strided  anything else (non-contiguous views): plain loops, one channel per iteration.
 // Partial sums are float64 per thread and added in thread order, so results depend on the thread
-// count only through float64 rounding. Outputs larger than kStreamBytes are written with
+// count only through float64 rounding. Outputs larger than the last-level cache are written with
 // non-temporal stores (no read-for-ownership of lines that are overwritten whole).
 //
 // Row loops take n unit-stride values of one channel (a row of the (N, C, S) view, S = H*W).
@@ -429,6 +429,7 @@ NNK_ISA_TABLE(batch_norm_kernels, cpu::BatchNormKernels, BatchNormLoops)
 
 #include "common/isa.h"
 #include "common/threading.h"
+#include "common/workspace.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -443,7 +444,6 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
 constexpr int64_t kMinParallel = int64_t(1) << 15;  // elements; below, fork/join would dominate
 
 enum class Layout { rows, pixels, strided };
@@ -472,7 +472,7 @@ inline T& at(const View3<T>& v, int64_t n, int64_t c, int64_t s) {
 
 template <class T>
 bool stream_output(const View3<T>& y) {
-  return y.p && y.N * y.C * y.S * int64_t(sizeof(T)) >= kStreamBytes;
+  return y.p && y.N * y.C * y.S * int64_t(sizeof(T)) >= stream_min_bytes();
 }
 
 inline void stream_fence() {

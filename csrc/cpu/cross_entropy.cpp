@@ -274,6 +274,7 @@ NNK_ISA_TABLE(cross_entropy_kernels, cpu::CrossEntropyKernels, CrossEntropyLoops
 
 #include "common/isa.h"
 #include "common/threading.h"
+#include "common/workspace.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -337,10 +338,6 @@ TypedArgs<T> typed(const CrossEntropyArgs& a) {
           a.grad_scale};
 }
 
-// Gradients larger than this go out with non-temporal stores: they will not be read back from
-// cache before they are evicted anyway.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
-
 template <class T>
 void forward_rows(const TypedArgs<T>& a, const CrossEntropyKernels<T>& k, double wsum, bool stream,
                   int64_t r0, int64_t r1) {
@@ -398,7 +395,7 @@ void cross_entropy_forward(const CrossEntropyArgs& args) {
     for (int64_t c = 0; c < a.C; ++c) wsum += double(a.weight[c]);
   }
   const auto& k = NNK_ISA_CALL(cross_entropy_kernels<T>());
-  const bool stream = a.grad && a.rows * a.C * int64_t(sizeof(T)) > kStreamBytes;
+  const bool stream = a.grad && a.rows * a.C * int64_t(sizeof(T)) >= stream_min_bytes();
   // A row is C exps or so: about 16K values per task keeps the split worth its cost.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(a.C, 1));
   parallel_for(a.rows, grain,

@@ -34,6 +34,7 @@ best_isa = _C.best_isa
 available_isas = _C.available_isas
 set_isa = _C.set_isa
 emulate_avx512_tiles = _C._emulate_avx512_tiles
+set_stream_min_bytes = _C._set_stream_min_bytes
 openmp = _C.openmp
 cuda_compiled = _C.cuda_compiled
 cuda_device_count = _C.cuda_device_count
