@@ -17,7 +17,8 @@
 // select_abs_lt(x, lim, a, b) (a where |x| < lim, else b; NaN x gives b), zero_below(x, lo, r)
 // (r where x >= lo or x is NaN, else 0) and pow2_bits(t) (2^n, for t = n + magic as in exp(),
 // simd_math.h), load_part(p, n, fill) (the first n < W lanes from p, the rest fill; no read past
-// p + n), reduce_add and reduce_max (across the lanes, as a tree). On AVX2 and AVX-512,
+// p + n), reduce_add and reduce_max (across the lanes, as a tree) and reduce_add_f64 (the lanes
+// widened to float64, then added as a tree). On AVX2 and AVX-512,
 // BlockTranspose<T> transposes TB x TB blocks (8x8 float, 4x4 double) with 256-bit shuffles: the
 // AVX-512 unit uses the very same code as the AVX2 one.
 #pragma once
@@ -122,6 +123,12 @@ struct Simd<float> {
   }
   static NNK_INLINE float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
   static NNK_INLINE float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
+  static NNK_INLINE double reduce_add_f64(V v) {
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi =
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  }
 };
 
 template <>
@@ -155,6 +162,7 @@ struct Simd<double> {
   }
   static NNK_INLINE double reduce_add(V v) { return _mm512_reduce_add_pd(v); }
   static NNK_INLINE double reduce_max(V v) { return _mm512_reduce_max_pd(v); }
+  static NNK_INLINE double reduce_add_f64(V v) { return reduce_add(v); }
 };
 
 #elif defined(NNK_ISA_AVX2)
@@ -201,6 +209,12 @@ struct Simd<float> {
     r = _mm_max_ps(r, _mm_movehl_ps(r, r));
     return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
   }
+  static NNK_INLINE double reduce_add_f64(V v) {
+    const __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                                    _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    const __m128d r = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(r, _mm_unpackhi_pd(r, r)));
+  }
 };
 
 template <>
@@ -242,6 +256,7 @@ struct Simd<double> {
     const __m128d r = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_max_sd(r, _mm_unpackhi_pd(r, r)));
   }
+  static NNK_INLINE double reduce_add_f64(V v) { return reduce_add(v); }
 };
 
 #endif
@@ -406,6 +421,11 @@ struct Simd {
     T m = v[0];
     for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
     return m;
+  }
+  static NNK_INLINE double reduce_add_f64(V v) {
+    double s = double(v[0]);
+    for (int l = 1; l < W; ++l) s += double(v[l]);
+    return s;
   }
 };
 

@@ -99,13 +99,10 @@ struct BatchNormLoops {
   // Pixel sums accumulate in T over at most kMaxBlock pixels, then flush to float64.
   static constexpr int64_t kMaxBlock = 256;
 
-  static NNK_INLINE double total(V v) {
-    alignas(64) T lanes[W];
-    S::store(lanes, v);
-    double s = 0;
-    for (int l = 0; l < W; ++l) s += double(lanes[l]);
-    return s;
-  }
+  // The lanes of v added in float64 (a tree of widened halves: a row of 49 or 64 values, as in
+  // ResNet's 7x7 and the course CNN's 8x8 maps, ran its two lane-by-lane totals longer than its
+  // arithmetic).
+  static NNK_INLINE double total(V v) { return S::reduce_add_f64(v); }
 
   // lanes of v added to out[0..W) in float64
   static NNK_INLINE void flush(V v, double* out) {

@@ -46,7 +46,7 @@ struct ReduceLoops {
     V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
     int64_t in_block = 0;
     auto flush = [&] {
-      total += double(S::reduce_add(S::add(S::add(a0, a1), S::add(a2, a3))));
+      total += S::reduce_add_f64(S::add(S::add(a0, a1), S::add(a2, a3)));
       a0 = a1 = a2 = a3 = S::zero();
       in_block = 0;
     };
