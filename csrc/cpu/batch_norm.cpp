@@ -177,6 +177,10 @@ struct BatchNormLoops {
       q0 = S::fma(d0, w0, q0);
       q1 = S::fma(d1, w1, q1);
     }
+    NNK_INLINE void add(V d, V w) {  // one vector (a row's last n % 2W values)
+      a0 = S::add(a0, d);
+      q0 = S::fma(d, w, q0);
+    }
     NNK_INLINE void add(T d, T w) {
       t1 += double(d);
       t2 += double(d * w);
@@ -227,6 +231,11 @@ struct BatchNormLoops {
       put<kStream>(out + i + W, r1);
       if (kNext) op.next_vec(next, i);
     }
+    if (i + W <= n) {  // one more vector: a row of 49 (7x7) left 17 values to the scalar loop
+      put<kStream>(out + i, op.vec(i));
+      if (kNext) op.next_vec1(next, i);
+      i += W;
+    }
     for (; i < n; ++i) {
       out[i] = op.one(i);
       if (kNext) op.next_one(next, i);
@@ -250,6 +259,10 @@ struct BatchNormLoops {
       prefetch_ahead(nx + i);
       const V d0 = S::sub(S::load(nx + i), h), d1 = S::sub(S::load(nx + i + W), h);
       s.add(d0, d1, d0, d1);
+    }
+    NNK_INLINE void next_vec1(NextSums& s, int64_t i) const {
+      const V d = S::sub(S::load(nx + i), h);
+      s.add(d, d);
     }
   };
 
@@ -286,6 +299,9 @@ struct BatchNormLoops {
       prefetch_ahead(nx + i);
       s.add(S::load(ndy + i), S::load(ndy + i + W), S::sub(S::load(nx + i), nm),
             S::sub(S::load(nx + i + W), nm));
+    }
+    NNK_INLINE void next_vec1(NextSums& s, int64_t i) const {
+      s.add(S::load(ndy + i), S::sub(S::load(nx + i), nm));
     }
   };
 
