@@ -141,7 +141,14 @@ def test_batch_norm_large_offset_is_stable():
 
 @pytest.mark.parametrize(
     "shape,channels_last",
-    [((8, 16, 27, 31), False), ((8, 16, 28, 30), True), ((8, 17, 27, 20), True)],
+    [
+        ((8, 16, 27, 31), False),
+        ((8, 16, 28, 30), True),
+        ((8, 17, 27, 20), True),
+        # rows of 49 and 25 values: one vector after the two-vector loop (AVX-512, AVX2)
+        ((64, 16, 7, 7), False),
+        ((3, 300, 5, 5), False),
+    ],
 )
 def test_batch_norm_streamed_outputs(isa, stream_stores, shape, channels_last):
     """Outputs above the streaming threshold (the last-level cache's size; 64 KiB here) are
