@@ -1,5 +1,5 @@
-// Vector math written once against Simd<T> (simd.h): exp, sigmoid and tanh for float and double,
-// horizontal sum. Include after simd.h, inside the same ISA translation unit.
+// Vector math written once against Simd<T> (simd.h): exp, sigmoid and tanh for float and double.
+// Include after simd.h, inside the same ISA translation unit.
 //
 // exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a polynomial in r and
 // 2^n built in the exponent bits. n comes from the "magic number" rounding t = x log2e + 1.5 2^p
@@ -100,11 +100,6 @@ NNK_INLINE typename Simd<T>::V vtanh(typename Simd<T>::V x) {
   const auto one = S::set1(T(1));
   const auto large = S::sub(one, S::div(S::set1(T(2)), S::add(vexp<T>(S::add(x, x)), one)));
   return S::select_abs_lt(x, S::set1(T(0.625)), tanh_small<T>(x, S::mul(x, x)), large);
-}
-
-template <class T>
-NNK_INLINE T hsum(typename Simd<T>::V v) {
-  return Simd<T>::reduce_add(v);
 }
 
 }  // namespace NNK_ISA_NS

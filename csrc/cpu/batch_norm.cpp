@@ -104,13 +104,6 @@ struct BatchNormLoops {
   // arithmetic).
   static NNK_INLINE double total(V v) { return S::reduce_add_f64(v); }
 
-  // lanes of v added to out[0..W) in float64
-  static NNK_INLINE void flush(V v, double* out) {
-    alignas(64) T lanes[W];
-    S::store(lanes, v);
-    for (int l = 0; l < W; ++l) out[l] += double(lanes[l]);
-  }
-
   static NNK_INLINE bool aligned(const T* p) {
     return (reinterpret_cast<uintptr_t>(p) % sizeof(V)) == 0;
   }

@@ -158,8 +158,8 @@ struct CrossEntropyLoops {
         M = Mn;
       }
       acc.join(M, Sum);
-      if constexpr (WX) acc.wx += double(hsum<T>(awx));
-      if constexpr (HT) acc.wtx += double(hsum<T>(awtx)), acc.wt += double(hsum<T>(awt));
+      if constexpr (WX) acc.wx += S::reduce_add_f64(awx);
+      if constexpr (HT) acc.wtx += S::reduce_add_f64(awtx), acc.wt += S::reduce_add_f64(awt);
     }
     double m = acc.m[0];
     for (int l = 1; l < W; ++l) m = hi(m, acc.m[l]);
@@ -173,8 +173,8 @@ struct CrossEntropyLoops {
       tail[l] = i + l < n ? x[i + l] : -std::numeric_limits<T>::infinity();
     }
     const V Mv = S::set1(T(m));
-    double s = double(hsum<T>(S::mul(S::load(ls), vexp<T>(S::sub(S::load(lm), Mv)))));
-    if (i < n) s += double(hsum<T>(vexp<T>(S::sub(S::load(tail), Mv))));
+    double s = S::reduce_add_f64(S::mul(S::load(ls), vexp<T>(S::sub(S::load(lm), Mv))));
+    if (i < n) s += S::reduce_add_f64(vexp<T>(S::sub(S::load(tail), Mv)));
     for (int64_t j = i; j < n; ++j) {
       const double xj = double(x[j]) - shift, wj = HW ? double(w[j]) : 1.0;
       if constexpr (WX) acc.wx += wj * xj;
