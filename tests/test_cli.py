@@ -1,5 +1,6 @@
 """python -m nnkernels {info,check,bench}: exit codes and output on a machine without a GPU."""
 
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,10 @@ def test_check_every_op_passes():
     assert r.returncode == 0, r.stdout + r.stderr
     for op in ("matmul", "linear", "conv2d", "batch_norm", "cross_entropy", "lstm_cell", "lstm"):
         assert f"\n{op} " in r.stdout
-    assert "16/16 op/dtype rows pass" in r.stdout
+    # float32 and float64 for the 8 ops, bfloat16 for matmul and linear (the CPU's bfloat16 GEMM)
+    assert "18/18 op/dtype rows pass" in r.stdout
+    for op in ("matmul", "linear"):
+        assert re.search(rf"\n{op} +bfloat16 .* pass", r.stdout), op
 
 
 def test_check_every_isa():
@@ -36,7 +40,8 @@ def test_check_every_isa():
     assert r.returncode == 0, r.stdout + r.stderr
     for isa in nnkernels.available_isas():
         assert f"CPU path {isa}," in r.stdout
-    assert r.stdout.count("4/4 op/dtype rows pass") == len(nnkernels.available_isas())
+    # linear in float32, float64 and bfloat16 (the widening kernel off AVX-512), lstm_cell in two
+    assert r.stdout.count("5/5 op/dtype rows pass") == len(nnkernels.available_isas())
 
 
 def test_check_reports_a_failure(monkeypatch):
@@ -121,8 +126,8 @@ def test_bench_models_cases_run_and_agree():
 
 def test_bench_bfloat16_runs_models_under_autocast():
     """bench --dtype bfloat16: the models suite's cases under torch.autocast on both sides (the
-    inference outputs in bfloat16 and within its rounding of torch's); suites without bfloat16
-    cases are skipped, not run in float32."""
+    inference outputs in bfloat16 and within its rounding of torch's) and matmul's bfloat16 GEMM
+    cases; suites without bfloat16 cases are skipped, not run in float32."""
     from nnkernels.bench import models
 
     cases = models.cases("cpu", quick=True, dtype="bfloat16")
@@ -134,6 +139,18 @@ def test_bench_bfloat16_runs_models_under_autocast():
             theirs = c.torch()
             assert out.dtype == theirs.dtype == torch.bfloat16
             torch.testing.assert_close(out, theirs, rtol=2e-2, atol=2e-2)
-    r = _run("bench", "--dtype", "bfloat16", "--ops", "matmul", "--budget", "0.05")
+    # matmul has bfloat16 cases (the CPU's bfloat16 GEMM); batch_norm none
+    r = _run(
+        "bench",
+        "--dtype",
+        "bfloat16",
+        "--ops",
+        "matmul",
+        "batch_norm",
+        "--quick",
+        "--budget",
+        "0.05",
+    )
     assert r.returncode == 0, r.stderr
-    assert "has no bfloat16 cases: skipped" in r.stdout + r.stderr
+    assert "[batch_norm] has no bfloat16 cases: skipped" in r.stdout + r.stderr
+    assert "1024x1024x1024" in r.stdout and "bfloat16" in r.stdout

@@ -108,6 +108,15 @@ struct CudaStream {
 // (its check_float already rejected CUDA views); pass no_cuda for a CPU-only entry point.
 constexpr double kReleaseGilWork = 1 << 15;
 
+// fn() on the CPU with the call's thread count, without the GIL when `work` is large enough.
+template <class F>
+void run_cpu(double work, F&& fn) {
+  const ThreadsForCall threads;
+  if (work < kReleaseGilWork) return fn();
+  py::gil_scoped_release nogil;
+  fn();
+}
+
 template <class Cpu, class Cuda>
 void run(const TensorView& ref, double work, Cpu&& cpu, Cuda&& cuda) {
   if (ref.device == Device::cuda) {
@@ -120,16 +129,12 @@ void run(const TensorView& ref, double work, Cpu&& cpu, Cuda&& cuda) {
 #endif
     return;
   }
-  const ThreadsForCall threads;
-  auto body = [&] {
+  run_cpu(work, [&] {
     if (ref.dtype == DType::f32)
       cpu(float());
     else
       cpu(double());
-  };
-  if (work < kReleaseGilWork) return body();
-  py::gil_scoped_release nogil;
-  body();
+  });
 }
 
 inline constexpr auto no_cuda = [](auto) {};

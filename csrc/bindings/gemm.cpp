@@ -1,6 +1,8 @@
 // Bindings of the GEMM-based entry points: gemm (matmul), linear and sum_rows (a bias gradient).
 #include "cpu/gemm.h"
 
+#include <vector>
+
 #include "bindings/binding.h"
 #include "cpu/reduce.h"
 #include "cuda/cuda_api.h"
@@ -21,10 +23,41 @@ Gemm<T> gemm_of(const TensorView& a, const TensorView& b, const TensorView& out,
   return g;
 }
 
+// The bfloat16 products (CPU only: the gemm dtype table): a bfloat16 bias is widened to float32
+// once, the products run one after another, each on all threads.
+void run_gemm_bf16(const TensorView& a, const TensorView& b, const TensorView& out, int64_t M,
+                   int64_t N, int64_t K, double alpha, double beta, const TensorView& bias,
+                   int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
+  std::vector<float> bias_f32;
+  if (bias.data) {
+    const uint16_t* bp = bias.ptr<const uint16_t>();
+    bias_f32.resize(size_t(N));
+    for (int64_t j = 0; j < N; ++j) bias_f32[size_t(j)] = cpu::bf16_to_f32(bp[j * bias.stride(-1)]);
+  }
+  cpu::GemmBf16 g;
+  g.M = M, g.N = N, g.K = K;
+  g.rsa = a.stride(-2), g.csa = a.stride(-1);
+  g.rsb = b.stride(-2), g.csb = b.stride(-1);
+  g.rsc = out.stride(-2), g.csc = out.stride(-1);
+  g.c_bf16 = true;
+  g.alpha = float(alpha), g.beta = float(beta);
+  g.bias_n = bias.data ? bias_f32.data() : nullptr;
+  run_cpu(double(batch) * double(M) * double(N) * double(K), [&] {
+    for (int64_t i = 0; i < batch; ++i) {
+      g.A = a.ptr<const uint16_t>() + i * sa;
+      g.B = b.ptr<const uint16_t>() + i * sb;
+      g.C = out.ptr<uint16_t>() + i * sc;
+      cpu::gemm_bf16(g);
+    }
+  });
+}
+
 // `batch` products: item i at a + i*sa, b + i*sb, out + i*sc (sa or sb 0: shared operand).
 void run_gemm(const TensorView& a, const TensorView& b, const TensorView& out, int64_t M, int64_t N,
               int64_t K, double alpha, double beta, const TensorView& bias, int64_t batch,
               int64_t sa, int64_t sb, int64_t sc) {
+  if (a.dtype == DType::bf16)
+    return run_gemm_bf16(a, b, out, M, N, K, alpha, beta, bias, batch, sa, sb, sc);
   run(
       a, double(batch) * double(M) * double(N) * double(K),
       [&](auto t) {
@@ -48,7 +81,7 @@ py::object gemm(Call& c) {
   const TensorView bias = c.tensor_or_none(5);
   if (c.flag(6, false)) a = transposed(a);
   if (c.flag(7, false)) b = transposed(b);
-  check_float(a, "a");
+  check_float(a, "a", Dtypes::gemm);
   check_like(b, "b", a, "a");
   check_like(out, "out", a, "a");
   check_ndim(a, "a", {2, 3});
@@ -123,7 +156,7 @@ TensorView rows_of(const TensorView& v, const char* name) {
 py::object linear(Call& c) {
   const TensorView x = c.tensor(0), w = c.tensor(1);
   const TensorView bias = c.tensor_or_none(2), out = c.output(3);
-  check_float(x, "input");
+  check_float(x, "input", Dtypes::gemm);
   check_like(w, "weight", x, "input");
   NNK_CHECK_VALUE(x.ndim >= 1,
                   "linear: input must be at least 1-D (*, in_features), got a 0-D "
@@ -167,6 +200,11 @@ NNK_BINDING(linear, "input, weight, bias, out",
 // out[j] = sum_i x[i, j] for a checked (R, N) view x and (N,) out.
 void run_sum_rows(const TensorView& x, const TensorView& out) {
   const int64_t R = x.shape[0], N = x.shape[1];
+  if (x.dtype == DType::bf16)
+    return run_cpu(double(R) * double(N), [&] {
+      cpu::sum_rows_bf16(R, N, x.ptr<const uint16_t>(), x.strides[0], x.strides[1],
+                         out.ptr<uint16_t>(), out.strides[0]);
+    });
   run(
       x, double(R) * double(N),
       [&](auto t) {
@@ -186,7 +224,7 @@ void run_sum_rows(const TensorView& x, const TensorView& out) {
 // the three: a tiny layer's backward is mostly the cost of each call.
 py::object linear_backward(Call& c) {
   const TensorView dy = c.tensor(0);
-  check_float(dy, "grad_output");
+  check_float(dy, "grad_output", Dtypes::gemm);
   const TensorView g = rows_of(dy, "grad_output");
   const int64_t M = g.shape[0], N = g.shape[1];
   const TensorView none;
@@ -250,7 +288,7 @@ NNK_BINDING(linear_backward, "grad_output, input, weight, grad_input, grad_weigh
 // out[j] = sum_i x[i, j] for a 2-D x (R, N) and out (N,).
 py::object sum_rows(Call& c) {
   const TensorView x = c.tensor(0), out = c.output(1);
-  check_float(x, "x");
+  check_float(x, "x", Dtypes::gemm);
   check_like(out, "out", x, "x");
   check_ndim(x, "x", {2});
   check_shape(out, "out", {x.shape[1]});

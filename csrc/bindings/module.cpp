@@ -134,16 +134,19 @@ PYBIND11_MODULE(_C, m) {
         "Called once by nnkernels/_native.py: the torch objects the kernels' hand-off reads.");
   m.def(
       "supported_dtypes",
-      [](const std::string& device, bool logits) {
+      [](const std::string& device, const std::string& ops) {
+        Dtypes set;
+        NNK_CHECK_VALUE(dtypes_from_name(ops, &set),
+                        "ops must be 'floating', 'logits' or 'gemm', got '", ops, "'");
         std::vector<std::string> out;
         const Device dev = device_arg(device);
         for (DType d : {DType::f16, DType::bf16, DType::f32, DType::f64})
-          if (supported(logits ? Dtypes::logits : Dtypes::floating, dev, d))
-            out.push_back(dtype_name(d));
+          if (supported(set, dev, d)) out.push_back(dtype_name(d));
         return out;
       },
-      "device"_a, "logits"_a = false,
-      "The dtypes the kernels compute on 'cpu' or 'cuda' (logits: cross-entropy's inputs).");
+      "device"_a, "ops"_a = "floating",
+      "The dtypes the kernels compute on 'cpu' or 'cuda': 'floating' every op, 'logits' "
+      "cross-entropy's inputs, 'gemm' matmul's and linear's operands.");
 
   // Kernels: one entry point per bindings/<op>.cpp registration
   define_bindings(m);
@@ -157,6 +160,16 @@ PYBIND11_MODULE(_C, m) {
                                               : cpu::gemm_kernel_name<double>());
       },
       "dtype"_a = "float32");
+  m.def(
+      "gemm_bf16_kernel_name", [] { return std::string(cpu::gemm_bf16_kernel_name()); },
+      "The kernel bfloat16 products run: amx, avx512bf16 or widen_f32 (float32 copies).");
+  m.def(
+      "_set_gemm_bf16_kernel",
+      [](const std::string& name) {
+        NNK_CHECK_VALUE(cpu::set_gemm_bf16_kernel(name.c_str()), "bfloat16 GEMM kernel '", name,
+                        "' is unknown or not supported by this CPU");
+      },
+      "name"_a, "Test hook: run bfloat16 products on at most the named kernel ('': the best).");
   m.def(
       "fma_peak_gflops",
       [](bool fp64, int threads, double seconds) {

@@ -311,13 +311,25 @@ std::string shape_str(const TensorView& v) {
 bool supported(Dtypes set, Device device, DType dtype) {
   switch (device) {
     case Device::cpu:
-      return dtype == DType::f32 || dtype == DType::f64;
+      return dtype == DType::f32 || dtype == DType::f64 ||
+             (set == Dtypes::gemm && dtype == DType::bf16);
     case Device::cuda:
       return dtype == DType::f32 ||
              (set == Dtypes::logits && (dtype == DType::f16 || dtype == DType::bf16));
     default:
       return false;
   }
+}
+
+bool dtypes_from_name(const std::string& name, Dtypes* out) {
+  const std::pair<const char*, Dtypes> names[] = {
+      {"floating", Dtypes::floating}, {"logits", Dtypes::logits}, {"gemm", Dtypes::gemm}};
+  for (const auto& [n, set] : names)
+    if (name == n) {
+      *out = set;
+      return true;
+    }
+  return false;
 }
 
 std::string supported_names(Dtypes set, Device device) {

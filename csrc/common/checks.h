@@ -60,8 +60,12 @@ std::string dtype_str(const TensorView& v);
 std::string device_str(const TensorView& v);
 
 // The one table of what the kernels compute, per device. Every op computes `floating`; the
-// cross-entropy logits also `logits` (float16 / bfloat16 storage with float32 math, CUDA only).
-enum class Dtypes { floating, logits };
+// cross-entropy logits also `logits` (float16 / bfloat16 storage with float32 math, CUDA only);
+// the GEMM's entry points (gemm, linear, linear_backward, sum_rows) `gemm`, which on the CPU adds
+// bfloat16 (cpu::gemm_bf16).
+enum class Dtypes { floating, logits, gemm };
+// "floating", "logits" or "gemm" -> the set (false when the name is none of them).
+bool dtypes_from_name(const std::string& name, Dtypes* out);
 bool supported(Dtypes set, Device device, DType dtype);
 // "float32 and float64"
 std::string supported_names(Dtypes set, Device device);

@@ -32,7 +32,7 @@ bool isa_from_name(const char* name, Isa* out) {
 }
 
 #if defined(NNK_X86)
-static unsigned long long xgetbv0() {
+unsigned long long xcr0() {
   unsigned eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return (static_cast<unsigned long long>(edx) << 32) | eax;
@@ -43,7 +43,7 @@ static Isa detect() {
   if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::baseline;
   const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
   if (!(osxsave && avx && fma)) return Isa::baseline;
-  const unsigned long long xcr0 = xgetbv0();
+  const unsigned long long xcr0 = ::nnk::xcr0();
   if ((xcr0 & 0x6) != 0x6) return Isa::baseline;  // OS saves XMM and YMM state
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::baseline;
   const bool avx2 = b & (1u << 5);

@@ -20,6 +20,10 @@ Isa best_isa();
 Isa active_isa();
 // Returns false (and changes nothing) when `isa` is above best_isa().
 bool set_isa(Isa isa);
+#if defined(NNK_X86)
+// XCR0: the register states the OS saves (xgetbv 0); callers check it holds AVX / AVX-512 / AMX.
+unsigned long long xcr0();
+#endif
 
 }  // namespace nnk
 

@@ -35,6 +35,17 @@ namespace {
 std::atomic<long long> g_stream_min{0};  // 0: not overridden
 }  // namespace
 
+long long l2_cache_bytes() {
+  static const long long bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (b > 0) return (long long)b;
+#endif
+    return 512ll << 10;
+  }();
+  return bytes;
+}
+
 long long stream_min_bytes() {
   static const long long cache = [] {
     long long b = 32ll << 20;

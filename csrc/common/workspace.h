@@ -12,7 +12,8 @@ enum class Scratch : int {
   conv_weight = 2,
   lstm_weight = 3,
   winograd_filter = 4,
-  count = 5
+  gemm_bf16 = 5,
+  count = 6
 };
 
 // At least `bytes` of this thread's scratch in `slot`; throws std::bad_alloc when it cannot grow.
@@ -23,6 +24,9 @@ template <class T>
 T* thread_scratch(Scratch slot, size_t elems) {
   return static_cast<T*>(thread_scratch(slot, elems * sizeof(T)));
 }
+
+// The level-2 cache of a core in bytes (512 KiB where the system does not say): the GEMMs' blocks.
+long long l2_cache_bytes();
 
 // The smallest output (bytes) worth writing with non-temporal stores: the last-level cache's size
 // (at least 8 MiB; 32 MiB where the system does not say). A smaller output stays in that cache for

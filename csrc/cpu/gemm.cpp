@@ -446,8 +446,6 @@ template const cpu::GemmUKernel<double>& gemm_ukernel_avx512_tiles<double>();
 
 // ======================================================================== driver (compiled once)
 #if NNK_BASELINE_PASS
-#include <unistd.h>
-
 #include <atomic>
 #include <cstdlib>
 #include <new>
@@ -527,24 +525,13 @@ constexpr int64_t kDotMinK = 64;
 struct Blocks {
   int64_t kc, nc;
 };
-// The level-2 cache of a core in bytes (512 KiB where the system does not say).
-inline int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (b > 0) return int64_t(b);
-#endif
-    return int64_t(512) << 10;
-  }();
-  return bytes;
-}
 
 // Rows of an A block (mc x kc, packed per thread, re-read from L2 for every B micro-panel): the
 // kernel's mc, or fewer so that it fills at most 2/3 of L2 beside the streaming B micro-panel (the
 // AVX-512 float kernel at kc = 1024 on a 1 MiB L2: 168 rows, 672 KiB).
 template <class T>
 int64_t plan_mc(const GemmUKernel<T>& uk, int64_t kc) {
-  const int64_t fit = 2 * l2_bytes() / 3 / (kc * int64_t(sizeof(T))) / uk.mr * uk.mr;
+  const int64_t fit = 2 * l2_cache_bytes() / 3 / (kc * int64_t(sizeof(T))) / uk.mr * uk.mr;
   return fit < uk.mr ? uk.mr : fit < uk.mc ? fit : uk.mc;
 }
 
@@ -658,7 +645,8 @@ Plan make_plan(const Gemm<T>& g, const GemmUKernel<T>& uk, int max_threads) {
   // 1.03-1.08 -> 1.11-1.45; 1 thread 1.0-1.05x better). Not past kInPlaceMaxB, where K blocks
   // would shrink to kStreamKc: on a 2 MiB L2 (the Xeon with AMX) 512 x 4608 x 98 (1.8 MB of B)
   // ran in place at 0.67x torch, packed at 0.97x.
-  const bool small_b = g.K * g.N <= kInPlaceMaxB && g.K * g.N * int64_t(sizeof(T)) <= l2_bytes() &&
+  const bool small_b = g.K * g.N <= kInPlaceMaxB &&
+                       g.K * g.N * int64_t(sizeof(T)) <= l2_cache_bytes() &&
                        g.rsb * int64_t(sizeof(T)) <= kInPlaceMaxRowBytes;
   if ((mtiles <= kSmallMTiles || small_b) && g.csb == 1 && !g.packed_b && !g.pack_b_fn) {
     p.pack_b = false;

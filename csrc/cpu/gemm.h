@@ -51,6 +51,36 @@ const char* gemm_kernel_name();
 
 constexpr int kMaxMR = 14;  // largest mr of any kernel
 
+// ------------------------------------------------------------------------ bfloat16 operands
+// C (M x N) = alpha * A (M x K) . B (K x N) + beta * C + bias_n[j] on bfloat16 A and B (raw
+// 16-bit words), float32 accumulation, C float32 or bfloat16 (rounded to nearest even), any
+// strides (gemm_bf16.cpp: an AMX, an AVX512_BF16 and a widening kernel).
+struct GemmBf16 {
+  int64_t M = 0, N = 0, K = 0;
+  const uint16_t* A = nullptr;
+  int64_t rsa = 0, csa = 0;
+  const uint16_t* B = nullptr;
+  int64_t rsb = 0, csb = 0;
+  void* C = nullptr;  // float* or, when c_bf16, uint16_t*
+  int64_t rsc = 0, csc = 0;
+  bool c_bf16 = false;
+  float alpha = 1, beta = 0;
+  const float* bias_n = nullptr;  // (N,) added to column j, or null
+};
+// Call outside parallel regions (packing workspace: thread_scratch).
+void gemm_bf16(const GemmBf16& g, int nthreads = 0);
+// out[j * so] = sum_i x[i * rsx + j * csx] (R x N bfloat16, float32 sums).
+void sum_rows_bf16(int64_t R, int64_t N, const uint16_t* x, int64_t rsx, int64_t csx, uint16_t* out,
+                   int64_t so);
+float bf16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);  // round to nearest even
+// "bf16gemm_amx_32x32", "bf16gemm_avx512bf16_8x32" or "bf16gemm_widen_f32": what gemm_bf16 runs
+// (widen unless the active ISA is avx512).
+const char* gemm_bf16_kernel_name();
+// Test hook: run at most the named kernel (false, nothing changed, when the CPU lacks it); ""
+// goes back to the best.
+bool set_gemm_bf16_kernel(const char* name);
+
 // ----------------------------------------------------------------- the micro-kernel contract
 // Only this differs per ISA: block sizes plus the function pointers below. Blocking, threading and
 // edge handling are written once in the driver.

@@ -40,15 +40,18 @@ cuda_compiled = _C.cuda_compiled
 cuda_device_count = _C.cuda_device_count
 cuda_archs = _C.cuda_archs
 gemm_kernel_name = _C.gemm_kernel_name
+gemm_bf16_kernel_name = _C.gemm_bf16_kernel_name
+set_gemm_bf16_kernel = _C._set_gemm_bf16_kernel
 fma_peak_gflops = _C.fma_peak_gflops
 copy_bandwidth_gbs = _C.copy_bandwidth_gbs
 
 
-def supported_dtypes(device: str, logits: bool = False) -> list:
-    """The dtypes the kernels compute on 'cpu' or 'cuda', as torch dtypes (logits: the inputs of
-    cross-entropy, which on CUDA also take float16 / bfloat16). The one table lives in the
-    extension (common/checks.cpp); every check and message derives from it."""
-    return [getattr(torch, name) for name in _C.supported_dtypes(device, logits)]
+def supported_dtypes(device: str, ops: str = "floating") -> list:
+    """The dtypes the kernels compute on 'cpu' or 'cuda', as torch dtypes: ops "floating" those of
+    every op, "logits" the inputs of cross-entropy (on CUDA also float16 / bfloat16), "gemm" the
+    operands of matmul and linear (on the CPU also bfloat16). The one table lives in the extension
+    (common/checks.cpp); every check and message derives from it."""
+    return [getattr(torch, name) for name in _C.supported_dtypes(device, ops)]
 
 
 # ------------------------------------------------------------------------------------ threads

@@ -31,8 +31,10 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 def _autocast_on(x) -> bool:
     """Whether torch.autocast is active for x's device. Under autocast torch computes matmul,
-    linear, conv2d and the LSTMs in float16 / bfloat16, which nnkernels does not: those ops then
-    return torch's own result rather than a float32 one (a silently different dtype)."""
+    linear, conv2d and the LSTMs in float16 / bfloat16: matmul and linear then compute on the
+    operands autocast would give them (bfloat16 on the CPU's bfloat16 GEMM, float16 on float32
+    copies); conv2d and the LSTMs, which have no such kernels yet, return torch's own result
+    rather than a float32 one (a silently different dtype)."""
     if not _any_autocast():
         return False  # the common case: one call
     if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
@@ -44,10 +46,35 @@ def _autocast_on(x) -> bool:
 
 
 _LOW = frozenset((torch.float16, torch.bfloat16))
-_KERNEL_DTYPES = {}  # (device type, logits) -> the dtypes the kernels compute there
+if hasattr(torch, "get_autocast_dtype"):
+    _autocast_dtype = torch.get_autocast_dtype
+else:  # torch < 2.4
+
+    def _autocast_dtype(device):
+        return torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
 
 
-def _widens(x, logits=False) -> bool:
+def _autocast_gemm_args(*tensors):
+    """The operands of a matmul-like op as torch.autocast gives them on the CPU: every floating
+    tensor but float64 cast to the autocast dtype (torch's lower_precision_fp policy), or None on
+    CUDA, whose kernels have no float16 / bfloat16 GEMM (the op then returns torch's result)."""
+    first = tensors[0]
+    if first.device.type != "cpu":
+        return None
+    low = _autocast_dtype("cpu")
+
+    def cast(t):
+        if t is None or not t.dtype.is_floating_point or t.dtype in (low, torch.float64):
+            return t
+        return t.to(low)
+
+    return tuple(cast(t) for t in tensors)
+
+
+_KERNEL_DTYPES = {}  # (device type, ops) -> the dtypes the kernels compute there
+
+
+def _widens(x, ops="floating") -> bool:
     """Whether x is a float16 / bfloat16 tensor on a device whose kernels lack its dtype: the op
     then computes in float32 on float32 copies and rounds its result to x's dtype (torch computes
     these in float32 internally too: its mixed-dtype batch norm keeps float32 statistics, its
@@ -57,9 +84,9 @@ def _widens(x, logits=False) -> bool:
     dev = x.device.type
     if dev not in ("cpu", "cuda"):
         return False  # the binding names the device
-    key = (dev, logits)
+    key = (dev, ops)
     if key not in _KERNEL_DTYPES:
-        _KERNEL_DTYPES[key] = tuple(_native.supported_dtypes(dev, logits))
+        _KERNEL_DTYPES[key] = tuple(_native.supported_dtypes(dev, ops))
     return x.dtype not in _KERNEL_DTYPES[key]
 
 
@@ -111,10 +138,13 @@ def matmul(a, b):
     operands are treated as a row (a) or a column (b) vector and that dimension is dropped, as in
     torch. float32/float64 on CPU, float32 on CUDA.
     """
-    if _autocast_on(a):  # torch computes it in float16 / bfloat16 there: torch's result
-        return torch.matmul(a, b)
-    if _widens(a):
-        return _widened("matmul", a.dtype, matmul, a=a, b=b)
+    if _autocast_on(a):
+        cast = _autocast_gemm_args(a, b)
+        if cast is None:
+            return torch.matmul(a, b)
+        a, b = cast
+    if _widens(a, "gemm"):
+        return _widened("matmul", a.dtype, _mm.matmul, a=a, b=b)
     try:
         return _mm.matmul(a, b)
     except AttributeError:
@@ -130,9 +160,12 @@ def linear(input, weight, bias=None):
     into the GEMM's M dimension.
     """
     if _any_autocast() and _autocast_on(input):
-        return torch.nn.functional.linear(input, weight, bias)
-    if _widens(input):
-        return _widened("linear", input.dtype, linear, input=input, weight=weight, bias=bias)
+        cast = _autocast_gemm_args(input, weight, bias)
+        if cast is None:
+            return torch.nn.functional.linear(input, weight, bias)
+        input, weight, bias = cast
+    if _widens(input, "gemm"):
+        return _widened("linear", input.dtype, _mm.linear, input=input, weight=weight, bias=bias)
     try:
         return _mm.linear(input, weight, bias)
     except AttributeError:
@@ -239,7 +272,7 @@ def cross_entropy(
     smoothing = _ce.options(reduction, label_smoothing, ignore_index)
     if _any_autocast() and _autocast_on(input):
         input, target, weight = _f32(input), _f32(target), _f32(weight)
-    elif _widens(input, logits=True):
+    elif _widens(input, "logits"):
         return _cross_entropy_widened(input, target, weight, ignore_index, reduction, smoothing)
     try:
         return _ce.cross_entropy(input, target, weight, ignore_index, reduction, smoothing)

@@ -34,7 +34,27 @@ def _case(M, N, K, device, dtype=torch.float32, ta=False, tb=False, batch=None):
     )
 
 
-def cases(device: str, quick: bool):
+def cases(device: str, quick: bool, dtype: str = "float32"):
+    if dtype == "bfloat16":  # the bfloat16 GEMM (CPU): square sizes, edges, layouts, skinny
+        if device != "cpu":
+            return []
+        bf = torch.bfloat16
+        sizes = (
+            [(512,) * 3, (1024,) * 3]
+            if quick
+            else [(n,) * 3 for n in (64, 128, 256, 512, 1024, 2048)]
+        )
+        out = [_case(*s, device, dtype=bf) for s in sizes]
+        if not quick:
+            out += [
+                _case(1000, 1000, 1000, device, dtype=bf),
+                _case(1024, 1024, 1024, device, dtype=bf, ta=True),
+                _case(1024, 1024, 1024, device, dtype=bf, tb=True),
+                _case(4096, 64, 1024, device, dtype=bf),
+                _case(64, 4096, 4096, device, dtype=bf),
+                _case(128, 128, 128, device, dtype=bf, batch=64),
+            ]
+        return out
     if quick:
         sizes = [(512, 512, 512), (1024, 1024, 1024)]
         return [_case(*s, device) for s in sizes]

@@ -1,0 +1,581 @@
+// The GEMM on bfloat16 operands (gemm.h, GemmBf16): float32 accumulation, a float32 or bfloat16 C.
+//
+// Three kernels, the best the CPU has first (gemm_bf16_kernel_name):
+//   amx     AMX-BF16 tile registers (Xeon Sapphire Rapids and later). C in 32 x 32 blocks held in
+//           four 16 x 16 float32 tiles; per 32 values of k two A tiles (16 rows x 32 k) and two B
+//           tiles (16 k pairs x 16 columns) feed four tdpbf16ps, 32 K multiply-adds each.
+//   avx512  AVX512_BF16 (Zen 4, Cooper Lake and later): vdpbf16ps on the same packed panels, a
+//           block as four 8 x 32 register tiles (16 accumulators; per k pair two B vectors and one
+//           broadcast A pair per row).
+//   widen   every other CPU (and the AVX2 / baseline paths): A and B widened to float32 copies and
+//           multiplied by the float32 GEMM, so every ISA computes bfloat16 products.
+// Products of two bfloat16 values are exact in float32, so the three differ only in the order of
+// the float32 sums (and amx / avx512 treat float32-denormal partial sums as zero, as oneDNN's
+// kernels on the same instructions do).
+//
+// Packed layout (amx and avx512): K padded to a multiple of 32 with zeros, M and N to 32.
+//   A panel (32 rows): for each 32-k block, two 16 x 32 subtiles (rows 0-15, 16-31), row-major,
+//     1 KiB each - an AMX A tile, and for vdpbf16ps the pair (k, k+1) of a row is one 32-bit word.
+//   B panel (32 columns): for each 32-k block, two subtiles (columns 0-15, 16-31) of 16 rows, row
+//     p holding the pairs (B[2p][j], B[2p+1][j]) of its 16 columns - AMX's "VNNI" B tile, and one
+//     vdpbf16ps operand per row.
+// The whole of A and B is packed first (each panel once, threads splitting them), then threads
+// split the 32 x 32 blocks of C column panel by column panel, so a thread re-reads one B panel
+// from L2 while the A panels stream.
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <utility>
+
+#include "common/isa.h"
+#include "common/threading.h"
+#include "common/workspace.h"
+#include "cpu/gemm.h"
+
+#if defined(NNK_X86)
+// GCC 12's avx512fintrin.h trips these on its own self-initialised pass-through values (the
+// per-ISA AVX-512 pass turns them off in CMake for the same reason).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <cpuid.h>
+#include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
+namespace nnk {
+namespace cpu {
+
+// ------------------------------------------------------------------------ bfloat16 conversion
+float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet (torch's c10::BFloat16 conversion).
+uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+constexpr int kBlk = 32;               // C block, and the k block, in elements
+constexpr int64_t kSub = 16 * 32;      // bfloat16 elements of one subtile (1 KiB)
+constexpr int64_t kPanelK = 2 * kSub;  // elements of a panel per 32-k block
+constexpr double kMinFlopsPerThread = 1 << 19;
+
+enum class Kernel : int { widen = 0, avx512 = 1, amx = 2 };
+
+// ------------------------------------------------------------------------------ kernel choice
+#if defined(NNK_X86)
+// AMX tile data is off until the process asks Linux for it (arch_prctl ARCH_REQ_XCOMP_PERM).
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+Kernel detect() {
+  if (best_isa() != Isa::avx512) return Kernel::widen;  // also: the OS saves the AVX-512 state
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Kernel::widen;
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
+  unsigned a1 = 0, b1, c1, d1;
+  __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+  const bool bf16 = a1 & (1u << 5);  // AVX512_BF16
+  if (!bf16) return Kernel::widen;
+  if (amx && (xcr0() & (3ull << 17)) == (3ull << 17) && amx_permitted()) return Kernel::amx;
+  return Kernel::avx512;
+}
+#else
+Kernel detect() { return Kernel::widen; }
+#endif
+
+Kernel best_kernel() {
+  static const Kernel k = detect();
+  return k;
+}
+std::atomic<int> g_limit{int(Kernel::amx)};  // set_gemm_bf16_kernel's ceiling
+
+// The kernel this call runs: the best the CPU has, at most the test hook's, and widen unless the
+// active ISA is AVX-512 (NNKERNELS_ISA=avx2 then sees what an AVX2-only machine runs).
+Kernel active_kernel() {
+  if (active_isa() != Isa::avx512) return Kernel::widen;
+  const int k = int(best_kernel()), lim = g_limit.load(std::memory_order_relaxed);
+  return Kernel(k < lim ? k : lim);
+}
+
+const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::amx:
+      return "bf16gemm_amx_32x32";
+    case Kernel::avx512:
+      return "bf16gemm_avx512bf16_8x32";
+    default:
+      return "bf16gemm_widen_f32";
+  }
+}
+
+// ------------------------------------------------------------------------------------ packing
+// A rows [i0, i0 + 32) -> one panel (zeros past M and K).
+void pack_a_panel(const GemmBf16& g, int64_t i0, int64_t kblocks, uint16_t* dst) {
+  std::memset(dst, 0, size_t(kblocks * kPanelK) * 2);
+  const int64_t rows = min64(kBlk, g.M - i0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* a = g.A + (i0 + r) * g.rsa;
+    uint16_t* d = dst + (r / 16) * kSub + (r % 16) * 32;
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const int64_t k0 = kb * kBlk, n = min64(kBlk, g.K - k0);
+      uint16_t* dk = d + kb * kPanelK;
+      if (g.csa == 1) {
+        std::memcpy(dk, a + k0, size_t(n) * 2);
+      } else {
+        for (int64_t k = 0; k < n; ++k) dk[k] = a[(k0 + k) * g.csa];
+      }
+    }
+  }
+}
+
+// B columns [j0, j0 + 32) -> one panel of (k pair, column) words (zeros past N and K).
+void pack_b_panel(const GemmBf16& g, int64_t j0, int64_t kblocks, uint16_t* dst) {
+  std::memset(dst, 0, size_t(kblocks * kPanelK) * 2);
+  const int64_t cols = min64(kBlk, g.N - j0);
+  if (g.rsb == 1) {  // B = W^T (Linear): a pair is one 32-bit word of W's row
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint16_t* b = g.B + (j0 + c) * g.csb;
+      uint16_t* d = dst + (c / 16) * kSub + (c % 16) * 2;
+      for (int64_t k = 0; k < g.K; ++k)
+        d[(k / 32) * kPanelK + ((k % 32) / 2) * 32 + (k & 1)] = b[k];
+    }
+    return;
+  }
+  for (int64_t k = 0; k < g.K; ++k) {
+    const uint16_t* b = g.B + k * g.rsb + j0 * g.csb;
+    uint16_t* d = dst + (k / 32) * kPanelK + ((k % 32) / 2) * 32 + (k & 1);
+    for (int64_t c = 0; c < cols; ++c) d[(c / 16) * kSub + (c % 16) * 2] = b[c * g.csb];
+  }
+}
+
+// ----------------------------------------------------------------------------------- epilogue
+// C block rows [i0, i0 + m) x columns [j0, j0 + n) from the float32 block acc (32 x 32):
+// alpha * acc + beta * C + bias_n[j], stored as C's dtype.
+void store_block_scalar(const GemmBf16& g, const float* acc, int64_t i0, int64_t j0, int64_t m,
+                        int64_t n) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* ai = acc + i * kBlk;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t off = (i0 + i) * g.rsc + (j0 + j) * g.csc;
+      float r = g.alpha * ai[j];
+      if (g.beta != 0.0f)
+        r += g.beta * (g.c_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(g.C)[off])
+                                : static_cast<const float*>(g.C)[off]);
+      if (g.bias_n) r += g.bias_n[j0 + j];
+      if (g.c_bf16)
+        static_cast<uint16_t*>(g.C)[off] = f32_to_bf16(r);
+      else
+        static_cast<float*>(g.C)[off] = r;
+    }
+  }
+}
+
+#if defined(NNK_X86)
+// The same for a unit-stride C, 16 columns per vector (a mask for the last), rounding as
+// f32_to_bf16 does.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void store_block_avx512(const GemmBf16& g,
+                                                                             const float* acc,
+                                                                             int64_t i0, int64_t j0,
+                                                                             int64_t m, int64_t n) {
+  const __m512 alpha = _mm512_set1_ps(g.alpha), beta = _mm512_set1_ps(g.beta);
+  const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  const __m512i quiet = _mm512_set1_epi32(0x40), abs = _mm512_set1_epi32(0x7fffffff);
+  const __m512i inf = _mm512_set1_epi32(0x7f800000);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __m512 bias =
+        g.bias_n ? _mm512_maskz_loadu_ps(k, g.bias_n + j0 + j) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < m; ++i) {
+      __m512 r = _mm512_mul_ps(alpha, _mm512_loadu_ps(acc + i * kBlk + j));
+      const int64_t off = (i0 + i) * g.rsc + j0 + j;
+      if (g.c_bf16) {
+        uint16_t* c = static_cast<uint16_t*>(g.C) + off;
+        if (g.beta != 0.0f) {
+          const __m512i old = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, c));
+          r = _mm512_fmadd_ps(beta, _mm512_castsi512_ps(_mm512_slli_epi32(old, 16)), r);
+        }
+        const __m512i u = _mm512_castps_si512(_mm512_add_ps(r, bias));
+        const __m512i rounded = _mm512_srli_epi32(
+            _mm512_add_epi32(
+                u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))),
+            16);
+        const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, abs), inf);
+        const __m512i h = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), quiet);
+        _mm256_mask_storeu_epi16(c, k, _mm512_cvtepi32_epi16(h));
+      } else {
+        float* c = static_cast<float*>(g.C) + off;
+        if (g.beta != 0.0f) r = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(k, c), r);
+        _mm512_mask_storeu_ps(c, k, _mm512_add_ps(r, bias));
+      }
+    }
+  }
+}
+#endif
+
+void store_block(const GemmBf16& g, const float* acc, int64_t i0, int64_t j0, int64_t m, int64_t n,
+                 bool simd) {
+#if defined(NNK_X86)
+  if (simd && g.csc == 1) return store_block_avx512(g, acc, i0, j0, m, n);
+#endif
+  store_block_scalar(g, acc, i0, j0, m, n);
+}
+
+// ------------------------------------------------------------------------------ the kernels
+// Both add the product of one K chunk (kblocks blocks of 32 k) of an A panel and a B panel to the
+// 32 x 32 float32 block acc (row-major), or overwrite it when `first`.
+#if defined(NNK_X86)
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3: the C block's 16 x 16 float32 quarters; 4-5: A (16 rows x 32 k); 6-7: B.
+__attribute__((target("amx-tile"))) void amx_begin() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // Not _tile_loadconfig: GCC 12's tells the compiler the instruction reads 8 bytes, which lets it
+  // drop the stores to rows and colsb above.
+  __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+}
+__attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
+
+__attribute__((target("amx-tile,amx-bf16,sse"))) void amx_block(const uint16_t* a,
+                                                                const uint16_t* b, int64_t kblocks,
+                                                                float* acc, bool first,
+                                                                const uint16_t* next_a) {
+  constexpr int ld = kBlk * 4;  // bytes between rows of acc
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, ld);
+    _tile_loadd(1, acc + 16, ld);
+    _tile_loadd(2, acc + 16 * kBlk, ld);
+    _tile_loadd(3, acc + 16 * kBlk + 16, ld);
+  }
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint16_t* ak = a + kb * kPanelK;
+    const uint16_t* bk = b + kb * kPanelK;
+    // The next block's A chunk into L1 meanwhile (a tile load from L2 stalls the tile unit).
+    const char* pf = reinterpret_cast<const char*>(next_a + kb * kPanelK);
+    for (int l = 0; l < 32; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+    _tile_loadd(4, ak, 64);
+    _tile_loadd(6, bk, 64);
+    _tile_loadd(5, ak + kSub, 64);
+    _tile_loadd(7, bk + kSub, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, acc, ld);
+  _tile_stored(1, acc + 16, ld);
+  _tile_stored(2, acc + 16 * kBlk, ld);
+  _tile_stored(3, acc + 16 * kBlk + 16, ld);
+}
+
+// Rows in groups of 8: 8 x 32 accumulators, one broadcast pair of A per row and k pair.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(const uint16_t* a,
+                                                                         const uint16_t* b,
+                                                                         int64_t kblocks,
+                                                                         float* acc, bool first) {
+  __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71;
+  if (first) {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm512_setzero_ps();
+    c40 = c41 = c50 = c51 = c60 = c61 = c70 = c71 = _mm512_setzero_ps();
+  } else {
+#define NNK_LOAD_ROW(r) \
+  c##r##0 = _mm512_loadu_ps(acc + r * kBlk), c##r##1 = _mm512_loadu_ps(acc + r * kBlk + 16)
+    NNK_LOAD_ROW(0), NNK_LOAD_ROW(1), NNK_LOAD_ROW(2), NNK_LOAD_ROW(3);
+    NNK_LOAD_ROW(4), NNK_LOAD_ROW(5), NNK_LOAD_ROW(6), NNK_LOAD_ROW(7);
+#undef NNK_LOAD_ROW
+  }
+  const int32_t* a32 = reinterpret_cast<const int32_t*>(a);  // row r, pair p at r * 16 + p
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint16_t* bk = b + kb * kPanelK;
+    const int32_t* ak = a32 + kb * (kPanelK / 2);
+    for (int p = 0; p < 16; ++p) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk + p * 32);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bk + kSub + p * 32);
+#define NNK_ROW(r)                                                   \
+  {                                                                  \
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(ak[r * 16 + p]); \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, av, b0);                     \
+    c##r##1 = _mm512_dpbf16_ps(c##r##1, av, b1);                     \
+  }
+      NNK_ROW(0) NNK_ROW(1) NNK_ROW(2) NNK_ROW(3) NNK_ROW(4) NNK_ROW(5) NNK_ROW(6) NNK_ROW(7)
+#undef NNK_ROW
+    }
+  }
+#define NNK_STORE_ROW(r) \
+  _mm512_storeu_ps(acc + r * kBlk, c##r##0), _mm512_storeu_ps(acc + r * kBlk + 16, c##r##1)
+  NNK_STORE_ROW(0), NNK_STORE_ROW(1), NNK_STORE_ROW(2), NNK_STORE_ROW(3);
+  NNK_STORE_ROW(4), NNK_STORE_ROW(5), NNK_STORE_ROW(6), NNK_STORE_ROW(7);
+#undef NNK_STORE_ROW
+}
+
+void avx512_block(const uint16_t* a, const uint16_t* b, int64_t kblocks, float* acc, bool first) {
+  for (int g8 = 0; g8 < 4; ++g8)  // rows 8 * g8...: subtile g8 / 2, its rows from (g8 % 2) * 8
+    avx512_rows8(a + (g8 / 2) * kSub + (g8 % 2) * 8 * 32, b, kblocks, acc + 8 * g8 * kBlk, first);
+}
+
+// B rows k, k + 1 (csb == 1) -> one row of pairs for 16 columns: dst[2c + e] = B[k + e][c].
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_rows16(const uint16_t* r0,
+                                                                      const uint16_t* r1, int64_t n,
+                                                                      uint16_t* dst) {
+  const __mmask16 k = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, r0));
+  const __m512i hi =
+      r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, r1)) : _mm512_setzero_si512();
+  _mm512_storeu_si512(dst, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+}
+#endif
+
+// ------------------------------------------------------------------------- B packing (fast)
+// B columns [j0, j0 + 32) -> one panel (pack_b_panel's layout) for a row-major B, two rows at
+// a time into 16-column pair rows.
+void pack_b_panel_rows(const GemmBf16& g, int64_t j0, int64_t kblocks, uint16_t* dst) {
+#if defined(NNK_X86)
+  const int64_t cols = min64(kBlk, g.N - j0);
+  for (int64_t kb = 0; kb < kblocks; ++kb)
+    for (int64_t p = 0; p < 16; ++p) {
+      const int64_t k = kb * kBlk + 2 * p;
+      for (int h = 0; h < 2; ++h) {
+        uint16_t* d = dst + kb * kPanelK + h * kSub + p * 32;
+        const int64_t n = cols - 16 * h;
+        if (k >= g.K || n <= 0) {
+          std::memset(d, 0, 64);
+          continue;
+        }
+        const uint16_t* r0 = g.B + k * g.rsb + j0 + 16 * h;
+        pair_rows16(r0, k + 1 < g.K ? r0 + g.rsb : nullptr, n, d);
+      }
+    }
+#else
+  pack_b_panel(g, j0, kblocks, dst);
+#endif
+}
+
+// A K chunk: at most this many 32-k blocks, so that a B panel's chunk (16 KiB at 8) stays in L1
+// while the A panels of a column pass it.
+constexpr int64_t kChunkBlocks = 8;
+// Rows of C (in 32-row panels) one work item accumulates: at most 16 (64 KiB of float32 blocks),
+// and A panels of at most half the L2 in all, which every column panel of the item re-reads
+// (2048^3 on the 2 MiB L2 of the Xeon with AMX: 16 panels of 128 KiB ran 1060 GFLOP/s, 8 ran ...).
+inline int64_t item_panels_max(int64_t panel_bytes) {
+  const int64_t l2 = l2_cache_bytes();
+  const int64_t fit = l2 / 2 / panel_bytes;
+  return fit < 1 ? 1 : fit < 16 ? fit : 16;
+}
+
+void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
+  const int64_t kblocks = ceil_div(g.K, kBlk);
+  const int64_t mp = ceil_div(g.M, kBlk), np = ceil_div(g.N, kBlk);
+  const int64_t panel = kblocks * kPanelK;  // elements of one packed panel
+  const double flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
+  int nt = nthreads;
+  if (flops < nt * kMinFlopsPerThread) nt = flops < 2 * kMinFlopsPerThread ? 1 : 2;
+  // Work items: a column panel x up to kItemPanels row panels, with their float32 blocks.
+  const int64_t row_items = ceil_div(mp, item_panels_max(panel * 2)), items = np * row_items;
+  const int64_t item_panels = ceil_div(mp, row_items);
+  if (items < nt) nt = int(items);
+  const size_t acc_floats = size_t(item_panels * kBlk * kBlk);
+  const size_t packed = size_t((mp + np) * panel);
+  char* ws = static_cast<char*>(
+      thread_scratch(Scratch::gemm_bf16, packed * 2 + size_t(nt) * acc_floats * 4 + 64));
+  uint16_t* pa = reinterpret_cast<uint16_t*>(ws);
+  uint16_t* pb = pa + mp * panel;
+  float* accs = reinterpret_cast<float*>(ws + (packed * 2 + 63) / 64 * 64);
+  const bool fast_b = g.csb == 1 && g.rsb != 1;
+  parallel_for(
+      mp + np, 1,
+      [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          if (p < mp)
+            pack_a_panel(g, p * kBlk, kblocks, pa + p * panel);
+          else if (fast_b)
+            pack_b_panel_rows(g, (p - mp) * kBlk, kblocks, pb + (p - mp) * panel);
+          else
+            pack_b_panel(g, (p - mp) * kBlk, kblocks, pb + (p - mp) * panel);
+        }
+      },
+      nt);
+  team_run(nt, [&](int tid, int team) {
+    float* acc = accs + size_t(tid) * acc_floats;
+    int64_t w0, w1;
+    split_range(items, team, tid, &w0, &w1);
+#if defined(NNK_X86)
+    if (kernel == Kernel::amx) amx_begin();
+#endif
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t jb = w / row_items, ib0 = (w % row_items) * item_panels;
+      const int64_t ib1 = min64(mp, ib0 + item_panels);
+      for (int64_t kb = 0; kb < kblocks; kb += kChunkBlocks) {
+        const int64_t kn = min64(kChunkBlocks, kblocks - kb);
+        const uint16_t* b = pb + jb * panel + kb * kPanelK;
+        for (int64_t ib = ib0; ib < ib1; ++ib) {
+          const uint16_t* a = pa + ib * panel + kb * kPanelK;
+          float* blk = acc + (ib - ib0) * kBlk * kBlk;
+#if defined(NNK_X86)
+          if (kernel == Kernel::amx)
+            amx_block(a, b, kn, blk, kb == 0, ib + 1 < ib1 ? a + panel : a);
+          else
+            avx512_block(a, b, kn, blk, kb == 0);
+#endif
+        }
+      }
+      for (int64_t ib = ib0; ib < ib1; ++ib)
+        store_block(g, acc + (ib - ib0) * kBlk * kBlk, ib * kBlk, jb * kBlk,
+                    min64(kBlk, g.M - ib * kBlk), min64(kBlk, g.N - jb * kBlk), true);
+    }
+#if defined(NNK_X86)
+    if (kernel == Kernel::amx) amx_end();
+#endif
+  });
+}
+
+// float32 copy of a bfloat16 matrix (rows x cols, strides rs, cs) in the orientation of its
+// smaller stride: row-major (ld = cols) when |cs| <= |rs|, else column-major (ld = rows). Returns
+// the copy's (row stride, column stride).
+std::pair<int64_t, int64_t> widen(const uint16_t* src, int64_t rows, int64_t cols, int64_t rs,
+                                  int64_t cs, float* dst, int nt) {
+  const bool row_major = (cs < 0 ? -cs : cs) <= (rs < 0 ? -rs : rs);
+  const int64_t outer = row_major ? rows : cols, inner = row_major ? cols : rows;
+  const int64_t so = row_major ? rs : cs, si = row_major ? cs : rs;
+  parallel_for(
+      outer, 64,
+      [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t i = 0; i < inner; ++i)
+            dst[o * inner + i] = bf16_to_f32(src[o * so + i * si]);
+      },
+      nt);
+  return row_major ? std::make_pair(cols, int64_t(1)) : std::make_pair(int64_t(1), rows);
+}
+
+// The widening kernel: the float32 GEMM on float32 copies of A and B (and of a bfloat16 C).
+void widened_gemm(const GemmBf16& g, int nt) {
+  const size_t na = size_t(g.M * g.K), nb = size_t(g.K * g.N);
+  const size_t nc = g.c_bf16 ? size_t(g.M * g.N) : 0;
+  float* ws = thread_scratch<float>(Scratch::gemm_bf16, na + nb + nc);
+  Gemm<float> f;
+  f.M = g.M, f.N = g.N, f.K = g.K;
+  f.A = ws;
+  std::tie(f.rsa, f.csa) = widen(g.A, g.M, g.K, g.rsa, g.csa, ws, nt);
+  f.B = ws + na;
+  std::tie(f.rsb, f.csb) = widen(g.B, g.K, g.N, g.rsb, g.csb, ws + na, nt);
+  f.alpha = g.alpha, f.beta = g.beta;
+  f.bias_n = g.bias_n;
+  if (!g.c_bf16) {
+    f.C = static_cast<float*>(g.C), f.rsc = g.rsc, f.csc = g.csc;
+    gemm(f, nt);
+    return;
+  }
+  float* c = ws + na + nb;  // (M, N) row-major
+  const uint16_t* cb = static_cast<const uint16_t*>(g.C);
+  if (g.beta != 0.0f)
+    for (int64_t i = 0; i < g.M; ++i)
+      for (int64_t j = 0; j < g.N; ++j) c[i * g.N + j] = bf16_to_f32(cb[i * g.rsc + j * g.csc]);
+  f.C = c, f.rsc = g.N, f.csc = 1;
+  gemm(f, nt);
+  uint16_t* out = static_cast<uint16_t*>(g.C);
+  parallel_for(
+      g.M, 64,
+      [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = 0; j < g.N; ++j)
+            out[i * g.rsc + j * g.csc] = f32_to_bf16(c[i * g.N + j]);
+      },
+      nt);
+}
+
+}  // namespace
+
+void gemm_bf16(const GemmBf16& g, int nthreads) {
+  if (g.M <= 0 || g.N <= 0) return;
+  const int nt = in_parallel_region() ? 1 : nthreads > 0 ? nthreads : num_threads();
+  if (g.K <= 0 || g.alpha == 0.0f) {  // C = beta * C + bias
+    static const float zero[kBlk * kBlk] = {};
+    for (int64_t i0 = 0; i0 < g.M; i0 += kBlk)
+      for (int64_t j0 = 0; j0 < g.N; j0 += kBlk)
+        store_block(g, zero, i0, j0, min64(kBlk, g.M - i0), min64(kBlk, g.N - j0), false);
+    return;
+  }
+  const Kernel k = active_kernel();
+  if (k == Kernel::widen)
+    widened_gemm(g, nt);
+  else
+    packed_gemm(g, k, nt);
+}
+
+void sum_rows_bf16(int64_t R, int64_t N, const uint16_t* x, int64_t rsx, int64_t csx, uint16_t* out,
+                   int64_t so) {
+  constexpr int64_t kCols = 256;  // float32 partial sums of one column chunk, on the stack
+  parallel_for(
+      ceil_div(N, kCols), 1,
+      [&](int64_t c0, int64_t c1) {
+        float acc[kCols];
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t j0 = c * kCols, n = min64(kCols, N - j0);
+          for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
+          for (int64_t i = 0; i < R; ++i) {
+            const uint16_t* xi = x + i * rsx + j0 * csx;
+            for (int64_t j = 0; j < n; ++j) acc[j] += bf16_to_f32(xi[j * csx]);
+          }
+          for (int64_t j = 0; j < n; ++j) out[(j0 + j) * so] = f32_to_bf16(acc[j]);
+        }
+      },
+      R * N < (1 << 16) ? 1 : 0);
+}
+
+const char* gemm_bf16_kernel_name() { return kernel_name(active_kernel()); }
+
+bool set_gemm_bf16_kernel(const char* name) {
+  if (!*name) {  // back to the best
+    g_limit.store(int(Kernel::amx), std::memory_order_relaxed);
+    return true;
+  }
+  for (Kernel k : {Kernel::widen, Kernel::avx512, Kernel::amx})
+    if (std::strcmp(name, kernel_name(k)) == 0) {
+      if (int(k) > int(best_kernel())) return false;
+      g_limit.store(int(k), std::memory_order_relaxed);
+      return true;
+    }
+  return false;
+}
+
+}  // namespace cpu
+}  // namespace nnk
