@@ -75,6 +75,8 @@ SHAPES = [
     (3, 301, 2),
     (17, 600, 40),
     (600, 40, 70),
+    (45, 64, 7),  # K a multiple of 32: a full panel read in place, the edge one packed
+    (5, 640, 96),  # and W^T read in place as C^T = W . X^T when B is transposed
 ]
 
 
@@ -88,10 +90,12 @@ def test_matmul_bf16(kernel, M, K, N, la, lb):
     assert_matches_reference(ours, a @ b, a.double() @ b.double(), k=K)
 
 
-@pytest.mark.parametrize("M,K,N", [(5, 9, 3), (40, 70, 33)])
-def test_gemm_bf16_alpha_beta_bias(kernel, M, K, N):
-    """The binding's whole contract: out = alpha * a @ b + beta * out + bias, bfloat16 out."""
-    a, b, bias = _bf16(M, K), _bf16(K, N), _bf16(N)
+@pytest.mark.parametrize("M,K,N", [(5, 9, 3), (40, 70, 33), (5, 64, 40)])
+@pytest.mark.parametrize("lb", ["contiguous", "transposed"])
+def test_gemm_bf16_alpha_beta_bias(kernel, M, K, N, lb):
+    """The binding's whole contract: out = alpha * a @ b + beta * out + bias, bfloat16 out (a
+    transposed b at M < N and K = 64 runs as the transposed product, the bias per row there)."""
+    a, b, bias = _bf16(M, K), _layout(_bf16(K, N), lb), _bf16(N)
     c0 = _bf16(M, N)
     out = c0.clone()
     _native.gemm(a, b, out, alpha=0.5, beta=-2.0, bias=bias)

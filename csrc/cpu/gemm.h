@@ -52,7 +52,7 @@ const char* gemm_kernel_name();
 constexpr int kMaxMR = 14;  // largest mr of any kernel
 
 // ------------------------------------------------------------------------ bfloat16 operands
-// C (M x N) = alpha * A (M x K) . B (K x N) + beta * C + bias_n[j] on bfloat16 A and B (raw
+// C (M x N) = alpha * A (M x K) . B (K x N) + beta * C + biases on bfloat16 A and B (raw
 // 16-bit words), float32 accumulation, C float32 or bfloat16 (rounded to nearest even), any
 // strides (gemm_bf16.cpp: an AMX, an AVX512_BF16 and a widening kernel).
 struct GemmBf16 {
@@ -66,6 +66,7 @@ struct GemmBf16 {
   bool c_bf16 = false;
   float alpha = 1, beta = 0;
   const float* bias_n = nullptr;  // (N,) added to column j, or null
+  const float* bias_m = nullptr;  // (M,) added to row i, or null
 };
 // Call outside parallel regions (packing workspace: thread_scratch).
 void gemm_bf16(const GemmBf16& g, int nthreads = 0);

@@ -14,11 +14,16 @@
 // kernels on the same instructions do).
 //
 // Packed layout (amx and avx512): K padded to a multiple of 32 with zeros, M and N to 32.
-//   A panel (32 rows): for each 32-k block, two 16 x 32 subtiles (rows 0-15, 16-31), row-major,
-//     1 KiB each - an AMX A tile, and for vdpbf16ps the pair (k, k+1) of a row is one 32-bit word.
+//   A panel (32 rows): row-major, rows lda apart (an AMX A tile is 16 rows x 32 k at any row
+//     stride, and for vdpbf16ps the pair (k, k+1) of a row is one 32-bit word). A row-major A
+//     whose K is a multiple of 32 is read in place (lda = its row stride); edge panels and other
+//     layouts are packed with lda = K rounded up to 32, zeros past M and K.
 //   B panel (32 columns): for each 32-k block, two subtiles (columns 0-15, 16-31) of 16 rows, row
 //     p holding the pairs (B[2p][j], B[2p+1][j]) of its 16 columns - AMX's "VNNI" B tile, and one
 //     vdpbf16ps operand per row.
+// Linear at a small batch (B = W^T, M <= kSwapMaxRows) runs as C^T = W . X^T: W is then the A
+// operand, read in place, and only the small X^T is packed (packing all of W for a few rows was
+// VGG-11's 25088 -> 4096 classifier at 0.3x torch).
 // The whole of A and B is packed first (each panel once, threads splitting them), then threads
 // split the 32 x 32 blocks of C column panel by column panel, so a thread re-reads one B panel
 // from L2 while the A panels stream.
@@ -134,22 +139,23 @@ const char* kernel_name(Kernel k) {
 }
 
 // ------------------------------------------------------------------------------------ packing
-// A rows [i0, i0 + 32) -> one panel (zeros past M and K).
-void pack_a_panel(const GemmBf16& g, int64_t i0, int64_t kblocks, uint16_t* dst) {
-  std::memset(dst, 0, size_t(kblocks * kPanelK) * 2);
+// A rows [i0, i0 + 32) -> one row-major panel, rows lda (>= K, a multiple of 32) apart, zeros
+// past M and K.
+void pack_a_panel(const GemmBf16& g, int64_t i0, int64_t lda, uint16_t* dst) {
   const int64_t rows = min64(kBlk, g.M - i0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* a = g.A + (i0 + r) * g.rsa;
-    uint16_t* d = dst + (r / 16) * kSub + (r % 16) * 32;
-    for (int64_t kb = 0; kb < kblocks; ++kb) {
-      const int64_t k0 = kb * kBlk, n = min64(kBlk, g.K - k0);
-      uint16_t* dk = d + kb * kPanelK;
-      if (g.csa == 1) {
-        std::memcpy(dk, a + k0, size_t(n) * 2);
-      } else {
-        for (int64_t k = 0; k < n; ++k) dk[k] = a[(k0 + k) * g.csa];
-      }
+  for (int64_t r = 0; r < kBlk; ++r) {
+    uint16_t* d = dst + r * lda;
+    if (r >= rows) {
+      std::memset(d, 0, size_t(lda) * 2);
+      continue;
     }
+    const uint16_t* a = g.A + (i0 + r) * g.rsa;
+    if (g.csa == 1) {
+      std::memcpy(d, a, size_t(g.K) * 2);
+    } else {
+      for (int64_t k = 0; k < g.K; ++k) d[k] = a[k * g.csa];
+    }
+    std::memset(d + g.K, 0, size_t(lda - g.K) * 2);
   }
 }
 
@@ -175,7 +181,7 @@ void pack_b_panel(const GemmBf16& g, int64_t j0, int64_t kblocks, uint16_t* dst)
 
 // ----------------------------------------------------------------------------------- epilogue
 // C block rows [i0, i0 + m) x columns [j0, j0 + n) from the float32 block acc (32 x 32):
-// alpha * acc + beta * C + bias_n[j], stored as C's dtype.
+// alpha * acc + beta * C + bias_n[j] + bias_m[i], stored as C's dtype.
 void store_block_scalar(const GemmBf16& g, const float* acc, int64_t i0, int64_t j0, int64_t m,
                         int64_t n) {
   for (int64_t i = 0; i < m; ++i) {
@@ -187,6 +193,7 @@ void store_block_scalar(const GemmBf16& g, const float* acc, int64_t i0, int64_t
         r += g.beta * (g.c_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(g.C)[off])
                                 : static_cast<const float*>(g.C)[off]);
       if (g.bias_n) r += g.bias_n[j0 + j];
+      if (g.bias_m) r += g.bias_m[i0 + i];
       if (g.c_bf16)
         static_cast<uint16_t*>(g.C)[off] = f32_to_bf16(r);
       else
@@ -212,6 +219,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_block_avx512(con
         g.bias_n ? _mm512_maskz_loadu_ps(k, g.bias_n + j0 + j) : _mm512_setzero_ps();
     for (int64_t i = 0; i < m; ++i) {
       __m512 r = _mm512_mul_ps(alpha, _mm512_loadu_ps(acc + i * kBlk + j));
+      if (g.bias_m) r = _mm512_add_ps(r, _mm512_set1_ps(g.bias_m[i0 + i]));
       const int64_t off = (i0 + i) * g.rsc + j0 + j;
       if (g.c_bf16) {
         uint16_t* c = static_cast<uint16_t*>(g.C) + off;
@@ -270,10 +278,10 @@ __attribute__((target("amx-tile"))) void amx_begin() {
 }
 __attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
 
-__attribute__((target("amx-tile,amx-bf16,sse"))) void amx_block(const uint16_t* a,
-                                                                const uint16_t* b, int64_t kblocks,
-                                                                float* acc, bool first,
-                                                                const uint16_t* next_a) {
+constexpr int64_t kAhead = 8;  // blocks of 32 k (512 bytes of a row)
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* a, int64_t lda,
+                                                            const uint16_t* b, int64_t kblocks,
+                                                            float* acc, bool first) {
   constexpr int ld = kBlk * 4;  // bytes between rows of acc
   if (first) {
     _tile_zero(0);
@@ -286,15 +294,17 @@ __attribute__((target("amx-tile,amx-bf16,sse"))) void amx_block(const uint16_t* 
     _tile_loadd(2, acc + 16 * kBlk, ld);
     _tile_loadd(3, acc + 16 * kBlk + 16, ld);
   }
+  const uint16_t* a1 = a + 16 * lda;  // rows 16-31
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const uint16_t* ak = a + kb * kPanelK;
     const uint16_t* bk = b + kb * kPanelK;
-    // The next block's A chunk into L1 meanwhile (a tile load from L2 stalls the tile unit).
-    const char* pf = reinterpret_cast<const char*>(next_a + kb * kPanelK);
-    for (int l = 0; l < 32; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
-    _tile_loadd(4, ak, 64);
+    // The 32 rows are 32 streams lda apart (a weight read in place: 50 KB apart in VGG's
+    // classifier), more than the hardware prefetchers follow: fetch each row kAhead blocks ahead
+    // (a prefetch past the end of A does not fault). 8 x 25088 -> 4096 ran at 2.8 GB/s without.
+    for (int r = 0; r < 32; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + (kb + kAhead) * kBlk), _MM_HINT_T0);
+    _tile_loadd(4, a + kb * kBlk, lda * 2);
     _tile_loadd(6, bk, 64);
-    _tile_loadd(5, ak + kSub, 64);
+    _tile_loadd(5, a1 + kb * kBlk, lda * 2);
     _tile_loadd(7, bk + kSub, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -308,10 +318,8 @@ __attribute__((target("amx-tile,amx-bf16,sse"))) void amx_block(const uint16_t* 
 }
 
 // Rows in groups of 8: 8 x 32 accumulators, one broadcast pair of A per row and k pair.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(const uint16_t* a,
-                                                                         const uint16_t* b,
-                                                                         int64_t kblocks,
-                                                                         float* acc, bool first) {
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(
+    const uint16_t* a, int64_t lda, const uint16_t* b, int64_t kblocks, float* acc, bool first) {
   __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71;
   if (first) {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm512_setzero_ps();
@@ -323,18 +331,19 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(const u
     NNK_LOAD_ROW(4), NNK_LOAD_ROW(5), NNK_LOAD_ROW(6), NNK_LOAD_ROW(7);
 #undef NNK_LOAD_ROW
   }
-  const int32_t* a32 = reinterpret_cast<const int32_t*>(a);  // row r, pair p at r * 16 + p
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint16_t* bk = b + kb * kPanelK;
-    const int32_t* ak = a32 + kb * (kPanelK / 2);
+    const uint16_t* ak = a + kb * kBlk;  // row r's pair p: the 32-bit word at ak + r * lda + 2p
     for (int p = 0; p < 16; ++p) {
       const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk + p * 32);
       const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bk + kSub + p * 32);
-#define NNK_ROW(r)                                                   \
-  {                                                                  \
-    const __m512bh av = (__m512bh)_mm512_set1_epi32(ak[r * 16 + p]); \
-    c##r##0 = _mm512_dpbf16_ps(c##r##0, av, b0);                     \
-    c##r##1 = _mm512_dpbf16_ps(c##r##1, av, b1);                     \
+#define NNK_ROW(r)                                         \
+  {                                                        \
+    int32_t pair;                                          \
+    std::memcpy(&pair, ak + r * lda + 2 * p, 4);           \
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(pair); \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, av, b0);           \
+    c##r##1 = _mm512_dpbf16_ps(c##r##1, av, b1);           \
   }
       NNK_ROW(0) NNK_ROW(1) NNK_ROW(2) NNK_ROW(3) NNK_ROW(4) NNK_ROW(5) NNK_ROW(6) NNK_ROW(7)
 #undef NNK_ROW
@@ -347,9 +356,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(const u
 #undef NNK_STORE_ROW
 }
 
-void avx512_block(const uint16_t* a, const uint16_t* b, int64_t kblocks, float* acc, bool first) {
-  for (int g8 = 0; g8 < 4; ++g8)  // rows 8 * g8...: subtile g8 / 2, its rows from (g8 % 2) * 8
-    avx512_rows8(a + (g8 / 2) * kSub + (g8 % 2) * 8 * 32, b, kblocks, acc + 8 * g8 * kBlk, first);
+void avx512_block(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t kblocks, float* acc,
+                  bool first) {
+  for (int g8 = 0; g8 < 4; ++g8)
+    avx512_rows8(a + 8 * g8 * lda, lda, b, kblocks, acc + 8 * g8 * kBlk, first);
 }
 
 // B rows k, k + 1 (csb == 1) -> one row of pairs for 16 columns: dst[2c + e] = B[k + e][c].
@@ -404,7 +414,10 @@ inline int64_t item_panels_max(int64_t panel_bytes) {
 void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
   const int64_t kblocks = ceil_div(g.K, kBlk);
   const int64_t mp = ceil_div(g.M, kBlk), np = ceil_div(g.N, kBlk);
-  const int64_t panel = kblocks * kPanelK;  // elements of one packed panel
+  const int64_t panel = kblocks * kPanelK;  // elements of one packed panel (A: lda = 32 kblocks)
+  // A read in place: row-major with K a multiple of 32; its last panel when M fills it.
+  const bool a_in_place = g.csa == 1 && g.K % kBlk == 0;
+  const int64_t full_a = a_in_place ? g.M / kBlk : 0;  // panels [0, full_a) read in place
   const double flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
   int nt = nthreads;
   if (flops < nt * kMinFlopsPerThread) nt = flops < 2 * kMinFlopsPerThread ? 1 : 2;
@@ -413,23 +426,29 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
   const int64_t item_panels = ceil_div(mp, row_items);
   if (items < nt) nt = int(items);
   const size_t acc_floats = size_t(item_panels * kBlk * kBlk);
-  const size_t packed = size_t((mp + np) * panel);
+  const size_t packed = size_t((mp - full_a + np) * panel);
   char* ws = static_cast<char*>(
       thread_scratch(Scratch::gemm_bf16, packed * 2 + size_t(nt) * acc_floats * 4 + 64));
   uint16_t* pa = reinterpret_cast<uint16_t*>(ws);
-  uint16_t* pb = pa + mp * panel;
+  uint16_t* pb = pa + (mp - full_a) * panel;
   float* accs = reinterpret_cast<float*>(ws + (packed * 2 + 63) / 64 * 64);
   const bool fast_b = g.csb == 1 && g.rsb != 1;
+  auto a_panel = [&](int64_t ib) {  // (row 0 of panel ib, its lda)
+    return ib < full_a ? std::make_pair(g.A + ib * kBlk * g.rsa, g.rsa)
+                       : std::make_pair(static_cast<const uint16_t*>(pa) + (ib - full_a) * panel,
+                                        kblocks * kBlk);
+  };
+  const int64_t mp_packed = mp - full_a;
   parallel_for(
-      mp + np, 1,
+      mp_packed + np, 1,
       [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
-          if (p < mp)
-            pack_a_panel(g, p * kBlk, kblocks, pa + p * panel);
+          if (p < mp_packed)
+            pack_a_panel(g, (full_a + p) * kBlk, kblocks * kBlk, pa + p * panel);
           else if (fast_b)
-            pack_b_panel_rows(g, (p - mp) * kBlk, kblocks, pb + (p - mp) * panel);
+            pack_b_panel_rows(g, (p - mp_packed) * kBlk, kblocks, pb + (p - mp_packed) * panel);
           else
-            pack_b_panel(g, (p - mp) * kBlk, kblocks, pb + (p - mp) * panel);
+            pack_b_panel(g, (p - mp_packed) * kBlk, kblocks, pb + (p - mp_packed) * panel);
         }
       },
       nt);
@@ -447,13 +466,13 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
         const int64_t kn = min64(kChunkBlocks, kblocks - kb);
         const uint16_t* b = pb + jb * panel + kb * kPanelK;
         for (int64_t ib = ib0; ib < ib1; ++ib) {
-          const uint16_t* a = pa + ib * panel + kb * kPanelK;
+          const auto [a, lda] = a_panel(ib);
           float* blk = acc + (ib - ib0) * kBlk * kBlk;
 #if defined(NNK_X86)
           if (kernel == Kernel::amx)
-            amx_block(a, b, kn, blk, kb == 0, ib + 1 < ib1 ? a + panel : a);
+            amx_block(a + kb * kBlk, lda, b, kn, blk, kb == 0);
           else
-            avx512_block(a, b, kn, blk, kb == 0);
+            avx512_block(a + kb * kBlk, lda, b, kn, blk, kb == 0);
 #endif
         }
       }
@@ -499,6 +518,7 @@ void widened_gemm(const GemmBf16& g, int nt) {
   std::tie(f.rsb, f.csb) = widen(g.B, g.K, g.N, g.rsb, g.csb, ws + na, nt);
   f.alpha = g.alpha, f.beta = g.beta;
   f.bias_n = g.bias_n;
+  f.bias_m = g.bias_m;
   if (!g.c_bf16) {
     f.C = static_cast<float*>(g.C), f.rsc = g.rsc, f.csc = g.csc;
     gemm(f, nt);
@@ -535,10 +555,18 @@ void gemm_bf16(const GemmBf16& g, int nthreads) {
     return;
   }
   const Kernel k = active_kernel();
-  if (k == Kernel::widen)
-    widened_gemm(g, nt);
-  else
-    packed_gemm(g, k, nt);
+  if (k == Kernel::widen) return widened_gemm(g, nt);
+  // Linear's B = W^T with fewer rows than outputs: C^T = W . X^T, W read in place (see the top).
+  if (g.rsb == 1 && g.csb != 1 && g.M < g.N && g.K % kBlk == 0) {
+    GemmBf16 t = g;
+    t.M = g.N, t.N = g.M;
+    t.A = g.B, t.rsa = g.csb, t.csa = 1;
+    t.B = g.A, t.rsb = g.csa, t.csb = g.rsa;
+    t.rsc = g.csc, t.csc = g.rsc;
+    t.bias_m = g.bias_n, t.bias_n = g.bias_m;
+    return packed_gemm(t, k, nt);
+  }
+  packed_gemm(g, k, nt);
 }
 
 void sum_rows_bf16(int64_t R, int64_t N, const uint16_t* x, int64_t rsx, int64_t csx, uint16_t* out,
