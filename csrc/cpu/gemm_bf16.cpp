@@ -278,7 +278,6 @@ __attribute__((target("amx-tile"))) void amx_begin() {
 }
 __attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
 
-constexpr int64_t kAhead = 8;  // blocks of 32 k (512 bytes of a row)
 __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* a, int64_t lda,
                                                             const uint16_t* b, int64_t kblocks,
                                                             float* acc, bool first) {
@@ -297,11 +296,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* a, i
   const uint16_t* a1 = a + 16 * lda;  // rows 16-31
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint16_t* bk = b + kb * kPanelK;
-    // The 32 rows are 32 streams lda apart (a weight read in place: 50 KB apart in VGG's
-    // classifier), more than the hardware prefetchers follow: fetch each row kAhead blocks ahead
-    // (a prefetch past the end of A does not fault). 8 x 25088 -> 4096 ran at 2.8 GB/s without.
-    for (int r = 0; r < 32; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + (kb + kAhead) * kBlk), _MM_HINT_T0);
     _tile_loadd(4, a + kb * kBlk, lda * 2);
     _tile_loadd(6, bk, 64);
     _tile_loadd(5, a1 + kb * kBlk, lda * 2);
@@ -403,8 +397,8 @@ void pack_b_panel_rows(const GemmBf16& g, int64_t j0, int64_t kblocks, uint16_t*
 // while the A panels of a column pass it.
 constexpr int64_t kChunkBlocks = 8;
 // Rows of C (in 32-row panels) one work item accumulates: at most 16 (64 KiB of float32 blocks),
-// and A panels of at most half the L2 in all, which every column panel of the item re-reads
-// (2048^3 on the 2 MiB L2 of the Xeon with AMX: 16 panels of 128 KiB ran 1060 GFLOP/s, 8 ran ...).
+// and A panels of at most half the L2 in all, so that they stay there while every column panel of
+// the item re-reads them.
 inline int64_t item_panels_max(int64_t panel_bytes) {
   const int64_t l2 = l2_cache_bytes();
   const int64_t fit = l2 / 2 / panel_bytes;
