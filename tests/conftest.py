@@ -30,6 +30,44 @@ def isa(request):
     _native.set_isa(before)
 
 
+BF16_KERNELS = ["bf16gemm_amx_32x32", "bf16gemm_avx512bf16_8x32", "bf16gemm_widen_f32"]
+
+
+def _bf16_cases():
+    """(ISA, kernel) pairs: each bfloat16 kernel the CPU has on the AVX-512 path, and the widening
+    kernel on every other path (the one an AVX2-only machine runs)."""
+    out = []
+    for isa in ISAS:
+        if isa == "avx512":
+            _native.set_isa("avx512")
+            for k in BF16_KERNELS:
+                try:
+                    _native.set_gemm_bf16_kernel(k)
+                except ValueError:
+                    continue
+                out.append((isa, k))
+            _native.set_gemm_bf16_kernel("")
+        elif isa in ("avx2", "baseline"):
+            out.append((isa, "bf16gemm_widen_f32"))
+    return out
+
+
+BF16_CASES = _bf16_cases()
+
+
+@pytest.fixture(params=BF16_CASES, ids=[f"{i}-{k.split('_')[1]}" for i, k in BF16_CASES])
+def bf16_kernel(request):
+    """Runs the test once per (ISA, bfloat16 GEMM kernel) this machine has."""
+    isa, name = request.param
+    before = _native.isa()
+    _native.set_isa(isa)
+    _native.set_gemm_bf16_kernel(name)
+    assert _native.gemm_bf16_kernel_name() == name
+    yield name
+    _native.set_gemm_bf16_kernel("")
+    _native.set_isa(before)
+
+
 @pytest.fixture
 def stream_stores():
     """Outputs of 64 KiB and more written with non-temporal stores (by default only those larger

@@ -10,44 +10,8 @@ import nnkernels.functional as NF
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ISAS, assert_matches_reference
+from conftest import BF16_KERNELS, assert_matches_reference
 from nnkernels import _native
-
-KERNELS = ["bf16gemm_amx_32x32", "bf16gemm_avx512bf16_8x32", "bf16gemm_widen_f32"]
-
-
-def _cases():
-    """(ISA, kernel) pairs: each bfloat16 kernel the CPU has on the AVX-512 path, and the widening
-    kernel on every other path (the one an AVX2-only machine runs)."""
-    out = []
-    for isa in ISAS:
-        if isa == "avx512":
-            _native.set_isa("avx512")
-            for k in KERNELS:
-                try:
-                    _native.set_gemm_bf16_kernel(k)
-                except ValueError:
-                    continue
-                out.append((isa, k))
-            _native.set_gemm_bf16_kernel("")
-        elif isa in ("avx2", "baseline"):
-            out.append((isa, "bf16gemm_widen_f32"))
-    return out
-
-
-CASES = _cases()
-
-
-@pytest.fixture(params=CASES, ids=[f"{i}-{k.split('_')[1]}" for i, k in CASES])
-def kernel(request):
-    isa, name = request.param
-    before = _native.isa()
-    _native.set_isa(isa)
-    _native.set_gemm_bf16_kernel(name)
-    assert _native.gemm_bf16_kernel_name() == name
-    yield name
-    _native.set_gemm_bf16_kernel("")
-    _native.set_isa(before)
 
 
 def _bf16(*shape, scale=1.0):
@@ -83,7 +47,7 @@ SHAPES = [
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("la", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("lb", ["contiguous", "transposed", "strided"])
-def test_matmul_bf16(kernel, M, K, N, la, lb):
+def test_matmul_bf16(bf16_kernel, M, K, N, la, lb):
     a, b = _layout(_bf16(M, K), la), _layout(_bf16(K, N), lb)
     ours = NF.matmul(a, b)
     assert ours.dtype == torch.bfloat16
@@ -92,7 +56,7 @@ def test_matmul_bf16(kernel, M, K, N, la, lb):
 
 @pytest.mark.parametrize("M,K,N", [(5, 9, 3), (40, 70, 33), (5, 64, 40)])
 @pytest.mark.parametrize("lb", ["contiguous", "transposed"])
-def test_gemm_bf16_alpha_beta_bias(kernel, M, K, N, lb):
+def test_gemm_bf16_alpha_beta_bias(bf16_kernel, M, K, N, lb):
     """The binding's whole contract: out = alpha * a @ b + beta * out + bias, bfloat16 out (a
     transposed b at M < N and K = 64 runs as the transposed product, the bias per row there)."""
     a, b, bias = _bf16(M, K), _layout(_bf16(K, N), lb), _bf16(N)
@@ -104,7 +68,7 @@ def test_gemm_bf16_alpha_beta_bias(kernel, M, K, N, lb):
     assert_matches_reference(out, theirs, ref, k=K)
 
 
-def test_gemm_bf16_empty_dims(kernel):
+def test_gemm_bf16_empty_dims(bf16_kernel):
     """K = 0: out = beta * out + bias; M = 0 or N = 0: nothing to write."""
     out = _bf16(3, 4)
     bias = _bf16(4)
@@ -115,7 +79,7 @@ def test_gemm_bf16_empty_dims(kernel):
     assert NF.matmul(_bf16(4, 5), _bf16(5, 0)).shape == (4, 0)
 
 
-def test_batched_matmul_bf16(kernel):
+def test_batched_matmul_bf16(bf16_kernel):
     a, b = _bf16(3, 1, 9, 17), _bf16(2, 17, 6)  # broadcast batch dims
     ours = NF.matmul(a, b)
     assert_matches_reference(ours, a @ b, a.double() @ b.double(), k=17)
@@ -123,7 +87,7 @@ def test_batched_matmul_bf16(kernel):
 
 @pytest.mark.parametrize("shape,out_features", [((1, 1), 1), ((7, 37), 29), ((2, 5, 64), 300)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_bf16_gradients(kernel, shape, out_features, bias):
+def test_linear_bf16_gradients(bf16_kernel, shape, out_features, bias):
     """bfloat16 input, weight and bias (what autocast gives linear): output and every gradient in
     bfloat16, each within the rule (the bias gradient sums over the batch in float32)."""
     x = _bf16(*shape)
@@ -146,7 +110,7 @@ def test_linear_bf16_gradients(kernel, shape, out_features, bias):
         assert_matches_reference(a_, b_, c_, k=k, name=f"grad {name}")
 
 
-def test_linear_bf16_double_backward(kernel):
+def test_linear_bf16_double_backward(bf16_kernel):
     """create_graph: the gradients from the differentiable bfloat16 ops (mm, sum_rows)."""
     x = _bf16(6, 5).requires_grad_()
     w = _bf16(4, 5).requires_grad_()
@@ -162,7 +126,7 @@ def test_linear_bf16_double_backward(kernel):
 
 
 @pytest.mark.parametrize("op", ["linear", "matmul"])
-def test_autocast_runs_our_bf16_kernels(kernel, op, monkeypatch):
+def test_autocast_runs_our_bf16_kernels(bf16_kernel, op, monkeypatch):
     """Under torch.autocast("cpu", bfloat16), linear and matmul cast their operands as autocast
     does (float32 -> bfloat16), compute on nnkernels' bfloat16 GEMM (torch's own ops are made to
     fail here) and return bfloat16; the float32 parameters get float32 gradients as torch's."""
@@ -211,7 +175,7 @@ def test_bf16_mixed_dtypes_name_the_argument():
 
 
 def test_bf16_kernel_names():
-    assert _native.gemm_bf16_kernel_name() in KERNELS
+    assert _native.gemm_bf16_kernel_name() in BF16_KERNELS
     assert torch.bfloat16 in _native.supported_dtypes("cpu", "gemm")
     assert torch.bfloat16 not in _native.supported_dtypes("cpu")
     with pytest.raises(ValueError, match="unknown"):

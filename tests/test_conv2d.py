@@ -511,3 +511,17 @@ def test_size_one_spatial_dims_with_any_stride():
         outs.append((y, *torch.autograd.grad(y, leaves, g)))
     for a, r in zip(*outs):
         torch.testing.assert_close(a, r)
+
+
+def test_input_whose_pixels_do_not_flatten():
+    """A strided view of the input (every other row and column): copied for the kernels, not
+    refused (torch accepts it)."""
+    x = torch.randn(2, 6, 18, 10, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    view = x[:, ::2, ::2, ::2]
+    ours = NF.conv2d(view, w, padding=1)
+    theirs = F.conv2d(view, w, padding=1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(theirs)
+    for a, b in zip(torch.autograd.grad(ours, [x, w], g), torch.autograd.grad(theirs, [x, w], g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -137,6 +137,14 @@ void run(const TensorView& ref, double work, Cpu&& cpu, Cuda&& cuda) {
   });
 }
 
+// run() for an entry point that also has a bfloat16 CPU kernel (check_float's gemm set): bf16()
+// on the CPU for a bfloat16 ref.
+template <class Bf16, class Cpu, class Cuda>
+void run(const TensorView& ref, double work, Bf16&& bf16, Cpu&& cpu, Cuda&& cuda) {
+  if (ref.device == Device::cpu && ref.dtype == DType::bf16) return run_cpu(work, bf16);
+  run(ref, work, cpu, cuda);
+}
+
 inline constexpr auto no_cuda = [](auto) {};
 
 // v with its last two dims swapped (a transposed view, no copy).

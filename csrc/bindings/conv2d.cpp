@@ -24,6 +24,14 @@ void conv2d_backward_data(const Conv2dArgs& a, const T* dy, const T* w, T* dx);
 template <class T>
 void conv2d_backward_weight(const Conv2dArgs& a, const T* x, const T* dy, T* dw, T* dbias);
 
+// The same on bfloat16 words (raw uint16) with float32 accumulation.
+void conv2d_forward_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w,
+                         const uint16_t* bias, uint16_t* y);
+void conv2d_backward_data_bf16(const Conv2dArgs& a, const uint16_t* dy, const uint16_t* w,
+                               uint16_t* dx);
+void conv2d_backward_weight_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* dy,
+                                 uint16_t* dw, uint16_t* dbias);
+
 }  // namespace cpu
 
 // The CUDA backend (cuda/conv2d.cu): implicit-GEMM passes with the same arguments, float32, on
@@ -100,7 +108,7 @@ double conv_work(const Conv2dArgs& a) {
 // out = conv2d(input, weight) + bias.
 py::object conv2d_forward(Call& c) {
   const TensorView x = c.tensor(0), w = c.tensor(1), bias = c.tensor_or_none(2), y = c.output(3);
-  check_float(x, "input");
+  check_float(x, "input", Dtypes::gemm);
   check_like(w, "weight", x, "input");
   check_like(y, "out", x, "input");
   const Conv2dArgs a = conv_args(c, 4, x, "input", w, "weight", y, "out");
@@ -113,6 +121,10 @@ py::object conv2d_forward(Call& c) {
   }
   run(
       x, conv_work(a),
+      [&] {
+        cpu::conv2d_forward_bf16(a, x.ptr<const uint16_t>(), w.ptr<const uint16_t>(),
+                                 bias.ptr<const uint16_t>(), y.ptr<uint16_t>());
+      },
       [&](auto t) {
         using T = decltype(t);
         cpu::conv2d_forward<T>(a, x.ptr<const T>(), w.ptr<const T>(), bias.ptr<const T>(),
@@ -130,7 +142,7 @@ NNK_BINDING(conv2d_forward, "input, weight, bias, out, stride, padding, dilation
 // grad_input = the adjoint of the forward in the input.
 py::object conv2d_backward_data(Call& c) {
   const TensorView dy = c.tensor(0), w = c.tensor(1), dx = c.output(2);
-  check_float(dy, "grad_output");
+  check_float(dy, "grad_output", Dtypes::gemm);
   check_like(w, "weight", dy, "grad_output");
   check_like(dx, "grad_input", dy, "grad_output");
   const Conv2dArgs a = conv_args(c, 3, dx, "grad_input", w, "weight", dy, "grad_output");
@@ -139,6 +151,10 @@ py::object conv2d_backward_data(Call& c) {
   check_no_overlap(dx, "grad_input", w, "weight");
   run(
       dy, conv_work(a),
+      [&] {
+        cpu::conv2d_backward_data_bf16(a, dy.ptr<const uint16_t>(), w.ptr<const uint16_t>(),
+                                       dx.ptr<uint16_t>());
+      },
       [&](auto t) {
         using T = decltype(t);
         cpu::conv2d_backward_data<T>(a, dy.ptr<const T>(), w.ptr<const T>(), dx.ptr<T>());
@@ -157,7 +173,7 @@ NNK_BINDING(conv2d_backward_data,
 py::object conv2d_backward_weight(Call& c) {
   const TensorView x = c.tensor(0), dy = c.tensor(1), dw = c.output(2);
   const TensorView db = c.given(3) ? c.output(3) : TensorView();
-  check_float(x, "input");
+  check_float(x, "input", Dtypes::gemm);
   check_like(dy, "grad_output", x, "input");
   check_like(dw, "grad_weight", x, "input");
   const Conv2dArgs a = conv_args(c, 4, x, "input", dw, "grad_weight", dy, "grad_output");
@@ -172,6 +188,10 @@ py::object conv2d_backward_weight(Call& c) {
   }
   run(
       x, conv_work(a),
+      [&] {
+        cpu::conv2d_backward_weight_bf16(a, x.ptr<const uint16_t>(), dy.ptr<const uint16_t>(),
+                                         dw.ptr<uint16_t>(), db.ptr<uint16_t>());
+      },
       [&](auto t) {
         using T = decltype(t);
         cpu::conv2d_backward_weight<T>(a, x.ptr<const T>(), dy.ptr<const T>(), dw.ptr<T>(),
@@ -190,7 +210,7 @@ NNK_BINDING(conv2d_backward_weight,
 // out[c] = sum_{n,h,w} x[n, c, h, w] for a 4-D x whose (H, W) dims flatten.
 py::object sum_channels(Call& c) {
   const TensorView x = c.tensor(0), out = c.output(1);
-  check_float(x, "x");
+  check_float(x, "x", Dtypes::gemm);
   check_like(out, "out", x, "x");
   check_ndim(x, "x", {4});
   check_vector(out, "out", x.shape[1], x, "x");
@@ -203,6 +223,10 @@ py::object sum_channels(Call& c) {
   const int64_t si = flat_stride(x, 2, 3);
   run(
       x, double(x.numel()),
+      [&] {
+        cpu::sum_channels_bf16(N, C, HW, x.ptr<const uint16_t>(), x.strides[0], x.strides[1], si,
+                               out.ptr<uint16_t>());
+      },
       [&](auto t) {
         using T = decltype(t);
         cpu::sum_channels(N, C, HW, x.ptr<const T>(), x.strides[0], x.strides[1], si, out.ptr<T>());

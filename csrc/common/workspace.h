@@ -13,7 +13,9 @@ enum class Scratch : int {
   lstm_weight = 3,
   winograd_filter = 4,
   gemm_bf16 = 5,
-  count = 6
+  conv_bf16 = 6,
+  conv_bf16_weight = 7,
+  count = 8
 };
 
 // At least `bytes` of this thread's scratch in `slot`; throws std::bad_alloc when it cannot grow.

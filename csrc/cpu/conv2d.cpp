@@ -2282,6 +2282,567 @@ View4<T> view4(T* p, const int64_t* st) {
   return View4<T>{p, {st[0], st[1], st[2], st[3]}};
 }
 
+// ----------------------------------------------------------------------------------- bfloat16
+// bfloat16 x, w, bias and y (raw 16-bit words), float32 accumulation, each result rounded once:
+//   forward          Y_g (Kg x L)   = W_g (Kg x CRS) . col (CRS x L), bias in the store
+//   backward-data    dcol (CRS x L) = W_g^T (CRS x Kg) . dY_g (Kg x L) in float32, col2im into a
+//                    float32 copy of dx, rounded when its images are done
+//   backward-weight  dW_g (Kg x CRS) += dY_g (Kg x L) . col^T (L x CRS) in float32, rounded at the
+//   end
+// on cpu::gemm_bf16 (AMX, AVX512_BF16, or widening to float32 where the CPU has neither), over
+// chunks of L output columns of the merged column space J = n * PQ + pixel: a piece of one image
+// when an image fills a chunk (Y / dY are then read and written in place), else whole images side
+// by side (Y / dY through a buffer). col is im2col in bfloat16 (Geometry::im2col_row). Depthwise
+// layers, whose GEMMs would have one row, run the float32 direct loops on float32 copies instead.
+
+// im2col of one chunk: about CRS x L <= 2^20 bfloat16 values (2 MiB), L at least 256.
+constexpr int64_t kBf16ColBudget = int64_t(1) << 20;
+
+struct Bf16Chunks {
+  int64_t PQ, imgs, L;  // images per block (their columns one chunk when imgs > 1)
+  Bf16Chunks(const Conv2dShape& s, int64_t CRS) : PQ(s.P * s.Q) {
+    const int64_t want = max64(256, kBf16ColBudget / max64(CRS, 1) / 32 * 32);
+    imgs = PQ >= want ? 1 : max64(1, min64(s.N, want / max64(PQ, 1)));
+    L = imgs > 1 ? imgs * PQ : want;
+  }
+  // body(n0, nb, J0, len) for the chunks of images [n0, n0 + nb), then done(n0, nb) per block.
+  template <class Body, class Done>
+  void run(int64_t N, Body body, Done done) const {
+    for (int64_t n0 = 0; n0 < N; n0 += imgs) {
+      const int64_t nb = min64(imgs, N - n0), end = (n0 + nb) * PQ;
+      for (int64_t J0 = n0 * PQ; J0 < end; J0 += L) body(n0, nb, J0, min64(L, end - J0));
+      done(n0, nb);
+    }
+  }
+};
+
+// f(n, pixel, count, offset) for the pieces of columns [J0, J0 + len) that lie in one image.
+template <class F>
+void image_pieces(int64_t PQ, int64_t J0, int64_t len, F f) {
+  for (int64_t J = J0; J < J0 + len;) {
+    const int64_t n = J / PQ, pix = J % PQ, m = min64(PQ - pix, J0 + len - J);
+    f(n, pix, m, J - J0);
+    J += m;
+  }
+}
+
+// Element stride between consecutive pixels of a (N, C, P, Q) view whose pixels flatten.
+inline int64_t pixel_stride(const int64_t* st, int64_t Q) { return Q > 1 ? st[3] : st[2]; }
+// Element stride along the flattened (C/groups, R, S) of a weight view.
+inline int64_t crs_stride(const Conv2dShape& s, const int64_t* ws) {
+  return s.S > 1 ? ws[3] : s.R > 1 ? ws[2] : ws[1];
+}
+
+// buf (rows x len) <-> channels [ch0, ch0 + rows) of an activation (y or dy) over columns
+// [J0, J0 + len); kToBuf gathers, else scatters.
+template <bool kToBuf>
+void move_chunk(std::conditional_t<kToBuf, const uint16_t*, uint16_t*> act, const int64_t* st,
+                int64_t Q, int64_t PQ, int64_t ch0, int64_t rows, int64_t J0, int64_t len,
+                std::conditional_t<kToBuf, uint16_t*, const uint16_t*> buf) {
+  const int64_t ps = pixel_stride(st, Q);
+  parallel_for(rows, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      image_pieces(PQ, J0, len, [&](int64_t n, int64_t pix, int64_t m, int64_t off) {
+        const int64_t at = n * st[0] + (ch0 + r) * st[1] + pix * ps;
+        if constexpr (kToBuf)
+          copy_run(buf + r * len + off, act + at, m, ps);
+        else
+          copy_out(act + at, ps, buf + r * len + off, m);
+      });
+  });
+}
+
+// col (CRS x len) = im2col of x's group g over columns [J0, J0 + len).
+void im2col_bf16(const Geometry<uint16_t>& gm, const uint16_t* x, const int64_t* xs, int64_t g,
+                 int64_t J0, int64_t len, uint16_t* col) {
+  const Conv2dShape& s = gm.s;
+  parallel_for(gm.CRS, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t c = row / (s.R * s.S), r = row / s.S % s.R, t = row % s.S;
+      image_pieces(gm.PQ, J0, len, [&](int64_t n, int64_t pix, int64_t m, int64_t off) {
+        gm.im2col_row<false>(x, xs, n, g, c, r, t, pix, m, col + row * len + off);
+      });
+    }
+  });
+}
+
+// acc (images n0.., contiguous (nb, C, H, W) float32) += col2im of dcol (CRS x len), group g.
+void col2im_f32(const Geometry<float>& gm, float* acc, int64_t n0, int64_t g, int64_t J0,
+                int64_t len, const float* dcol) {
+  const Conv2dShape& s = gm.s;
+  const int64_t accs[4] = {s.C * s.H * s.W, s.H * s.W, s.W, 1};
+  parallel_for(gm.Cg, 1, [&](int64_t c0, int64_t c1) {  // rows of one channel add to one plane
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = 0; r < s.R; ++r)
+        for (int64_t t = 0; t < s.S; ++t) {
+          const float* row = dcol + ((c * s.R + r) * s.S + t) * len;
+          image_pieces(gm.PQ, J0, len, [&](int64_t n, int64_t pix, int64_t m, int64_t off) {
+            gm.im2col_row<true>(acc, accs, n - n0, g, c, r, t, pix, m, row + off);
+          });
+        }
+  });
+}
+
+// Contiguous float32 copy of a 4-D bfloat16 view of `shape` (the depthwise passes' operands).
+void widen4(const uint16_t* src, const int64_t* st, const int64_t* shape, float* dst) {
+  const int64_t planes = shape[0] * shape[1], hw = shape[2] * shape[3];
+  parallel_for(planes, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const uint16_t* p = src + i / shape[1] * st[0] + i % shape[1] * st[1];
+      for (int64_t h = 0; h < shape[2]; ++h)
+        for (int64_t w = 0; w < shape[3]; ++w)
+          dst[i * hw + h * shape[3] + w] = bf16_to_f32(p[h * st[2] + w * st[3]]);
+    }
+  });
+}
+
+// dst (a 4-D bfloat16 view of `shape`) = src (contiguous float32) rounded.
+void narrow4(const float* src, const int64_t* shape, uint16_t* dst, const int64_t* st) {
+  const int64_t planes = shape[0] * shape[1], hw = shape[2] * shape[3];
+  parallel_for(planes, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      uint16_t* p = dst + i / shape[1] * st[0] + i % shape[1] * st[1];
+      for (int64_t h = 0; h < shape[2]; ++h)
+        for (int64_t w = 0; w < shape[3]; ++w)
+          p[h * st[2] + w * st[3]] = f32_to_bf16(src[i * hw + h * shape[3] + w]);
+    }
+  });
+}
+
+// Float32 working copies of a pass's three operands (contiguous NCHW), carved from one scratch
+// buffer: the depthwise passes run the float32 kernels on them.
+struct WideConv {
+  Conv2dArgs a;  // the pass's geometry with the copies' strides
+  float *x, *w, *y, *bias;
+  WideConv(const Conv2dArgs& args, bool with_bias) : a(args) {
+    const int64_t xn[4] = {a.N, a.C, a.H, a.W}, wn[4] = {a.K, a.Cg, a.R, a.S};
+    const int64_t yn[4] = {a.N, a.K, a.P, a.Q};
+    for (auto [st, n] : {std::pair{a.xs, xn}, std::pair{a.ws, wn}, std::pair{a.ys, yn}}) {
+      st[3] = 1, st[2] = n[3], st[1] = n[2] * n[3], st[0] = n[1] * n[2] * n[3];
+    }
+    const size_t nx = size_t(a.N * a.C * a.H * a.W), nw = size_t(a.K * a.Cg * a.R * a.S);
+    const size_t ny = size_t(a.N * a.K * a.P * a.Q), nb = with_bias ? size_t(a.K) : 0;
+    x = thread_scratch<float>(Scratch::conv_bf16, nx + nw + ny + nb);
+    w = x + nx, y = w + nw, bias = with_bias ? y + ny : nullptr;
+  }
+};
+
+// Pixel runs (C / groups a multiple of 32): the GEMMs read the windows of zero-padded
+// channels-last copies of a block of images in place (GemmBf16::a_rows / b_rows): output pixel
+// i's window starts at xp + rows[i], its tap (r, t) and 32 channels from 32 cb at + runs[(r S + t)
+// Cg / 32 + cb]. No im2col: the copies are the padded images (the input's size), the weight in
+// (K, R, S, C/groups) order, and Y / dY through a buffer where NCHW images are merged.
+//   forward          Y^T (pixels x Kg)   = X~ (pixels x RS Cg) . W~_g^T (RS Cg x Kg)
+//   backward-weight  dW~_g (Kg x RS Cg) += dY_g (Kg x pixels) . X~ (pixels x RS Cg)
+inline bool runs_ok(const Conv2dShape& s) { return s.C > 0 && (s.C / s.groups) % 32 == 0; }
+// The forward through runs copies and re-packs the whole weight: on maps with fewer pixels in
+// all than half the output channels (ResNet's 512 channels at 2 x 2) the im2col path, which reads
+// the weight in place as its A, moves less.
+inline bool runs_pay(const Conv2dShape& s) {
+  return runs_ok(s) && 2 * s.N * s.P * s.Q >= s.K / s.groups;
+}
+
+// Elements of the padded copies of one block of images (about 4 MiB of bfloat16).
+constexpr int64_t kRunsBudget = int64_t(1) << 21;
+
+struct RunsPlan {
+  const Conv2dShape& s;
+  int64_t Cg, RSC, PQ, Hp, Wp, img, nb;  // img: elements of one padded image; nb per block
+  std::vector<int64_t> runs;
+  RunsPlan(const Conv2dShape& sh, bool merge) : s(sh) {
+    Cg = s.C / s.groups, RSC = s.R * s.S * Cg, PQ = s.P * s.Q;
+    Hp = (s.P - 1) * s.sh + (s.R - 1) * s.dh + 1;  // padded rows every window covers
+    Wp = (s.Q - 1) * s.sw + (s.S - 1) * s.dw + 1;
+    img = Hp * Wp * s.C;
+    nb = merge ? max64(1, min64(s.N, kRunsBudget / max64(img, 1))) : 1;
+    for (int64_t r = 0; r < s.R; ++r)
+      for (int64_t t = 0; t < s.S; ++t)
+        for (int64_t cb = 0; cb < Cg; cb += 32)
+          runs.push_back((r * s.dh * Wp + t * s.dw) * s.C + cb);
+  }
+  // rows[i] for the pixels of nb images, padded to a multiple of 32 with 0.
+  void rows(int64_t* out) const {
+    const int64_t M = nb * PQ, M32 = (M + 31) / 32 * 32;
+    for (int64_t i = 0; i < M32; ++i) {
+      const int64_t n = i / PQ, p = i % PQ / s.Q, q = i % s.Q;
+      out[i] = i < M ? n * img + (p * s.sh * Wp + q * s.sw) * s.C : 0;
+    }
+  }
+  // xp = padded channels-last copies of images [n0, n0 + cnt) of x: xp[n][h][w][c] =
+  // x[n0 + n, c, h - ph, w - pw], zero outside x.
+  void fill(const uint16_t* x, const int64_t* xs, int64_t n0, int64_t cnt, uint16_t* xp) const {
+    const int64_t lo = max64(0, s.pw), hi = min64(Wp, s.pw + s.W);  // columns inside x
+    parallel_for(cnt * Hp, 8, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        uint16_t* d = xp + row * Wp * s.C;
+        const int64_t n = n0 + row / Hp, ih = row % Hp - s.ph;
+        if (ih < 0 || ih >= s.H || hi <= lo) {
+          std::fill(d, d + Wp * s.C, uint16_t(0));
+          continue;
+        }
+        std::fill(d, d + lo * s.C, uint16_t(0));
+        std::fill(d + hi * s.C, d + Wp * s.C, uint16_t(0));
+        const uint16_t* src = x + n * xs[0] + ih * xs[2] + (lo - s.pw) * xs[3];
+        if (xs[1] == 1) {
+          for (int64_t v = lo; v < hi; ++v)
+            std::memcpy(d + v * s.C, src + (v - lo) * xs[3], size_t(s.C) * 2);
+        } else {
+          for (int64_t c = 0; c < s.C; ++c)
+            for (int64_t v = lo; v < hi; ++v) d[v * s.C + c] = src[c * xs[1] + (v - lo) * xs[3]];
+        }
+      }
+    });
+  }
+};
+
+// (K, R, S, C/groups) copy of a weight view with strides ws.
+void permute_weight(const Conv2dShape& s, const uint16_t* w, const int64_t* ws, uint16_t* out) {
+  const int64_t Cg = s.C / s.groups;
+  parallel_for(s.K, 4, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t r = 0; r < s.R; ++r)
+        for (int64_t t = 0; t < s.S; ++t) {
+          const uint16_t* src = w + k * ws[0] + r * ws[2] + t * ws[3];
+          uint16_t* d = out + ((k * s.R + r) * s.S + t) * Cg;
+          for (int64_t c = 0; c < Cg; ++c) d[c] = src[c * ws[1]];
+        }
+  });
+}
+
+// Whether the pixels of every image of a (N, K, P, Q) view share one stride (channels_last), so
+// that merged images are one GEMM operand in place.
+inline bool uniform_pixels(const Conv2dShape& s, const int64_t* st) {
+  return s.N <= 1 || st[0] == s.P * s.Q * pixel_stride(st, s.Q);
+}
+
+// buf (pixels x rows, row-major) <-> channels [ch0, ch0 + rows) of images [n0, n0 + cnt) of an
+// (N, K, P, Q) view: the transposes around the merged GEMMs.
+template <bool kToBuf>
+void move_pixels(std::conditional_t<kToBuf, const uint16_t*, uint16_t*> act, const int64_t* st,
+                 int64_t Q, int64_t PQ, int64_t n0, int64_t cnt, int64_t ch0, int64_t rows,
+                 std::conditional_t<kToBuf, uint16_t*, const uint16_t*> buf) {
+  const int64_t ps = pixel_stride(st, Q);
+  parallel_for(cnt * rows, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / rows, k = i % rows;
+      auto* a = act + (n0 + n) * st[0] + (ch0 + k) * st[1];
+      auto* bb = buf + n * PQ * rows + k;
+      for (int64_t pix = 0; pix < PQ; ++pix) {
+        if constexpr (kToBuf)
+          bb[pix * rows] = a[pix * ps];
+        else
+          a[pix * ps] = bb[pix * rows];
+      }
+    }
+  });
+}
+
+// The scratch of a runs pass (one block of images at a time): the pixel rows, the padded copies,
+// the Y / dY buffer of merged NCHW images, and `floats` more float32 values.
+struct RunsPass {
+  RunsPlan pl;
+  int64_t Kg, ps;
+  bool in_place;  // Y / dY read and written in place (channels_last, or NCHW image by image)
+  int64_t* rows;
+  uint16_t *xp, *buf;
+  float* extra;
+  RunsPass(const Conv2dArgs& a, const Conv2dShape& s, size_t floats)
+      : pl(s, uniform_pixels(s, a.ys) || s.P * s.Q < 256),  // NCHW 256+ pixels: image by image
+        Kg(s.K / s.groups),
+        ps(pixel_stride(a.ys, s.Q)),
+        in_place(uniform_pixels(s, a.ys) || pl.nb == 1) {
+    const int64_t M32 = (pl.nb * pl.PQ + 31) / 32 * 32;
+    const size_t xp_n = size_t(pl.nb * pl.img), buf_n = in_place ? 0 : size_t(pl.nb * pl.PQ * Kg);
+    rows = static_cast<int64_t*>(
+        thread_scratch(Scratch::conv_bf16, size_t(M32) * 8 + floats * 4 + (xp_n + buf_n) * 2 + 64));
+    extra = reinterpret_cast<float*>(rows + M32);
+    xp = reinterpret_cast<uint16_t*>(extra + floats);
+    buf = xp + xp_n;
+    pl.rows(rows);
+  }
+};
+
+void forward_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w, const float* bias,
+                  uint16_t* y) {
+  const Conv2dShape s = shape_of(a);
+  const RunsPass rp(a, s, 0);
+  const RunsPlan& pl = rp.pl;
+  const int64_t Kg = rp.Kg, ps = rp.ps;
+  const bool in_place = rp.in_place;
+  uint16_t* wp = thread_scratch<uint16_t>(Scratch::conv_bf16_weight, size_t(s.K * pl.RSC));
+  permute_weight(s, w, a.ws, wp);
+  int64_t* rows = rp.rows;
+  uint16_t *xp = rp.xp, *ybuf = rp.buf;
+  for (int64_t n0 = 0; n0 < s.N; n0 += pl.nb) {
+    const int64_t cnt = min64(pl.nb, s.N - n0);
+    pl.fill(x, a.xs, n0, cnt, xp);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      GemmBf16 gg;
+      gg.M = cnt * pl.PQ, gg.N = Kg, gg.K = pl.RSC;
+      gg.A = xp + g * pl.Cg, gg.a_rows = rows, gg.a_runs = pl.runs.data();
+      gg.B = wp + g * Kg * pl.RSC, gg.rsb = 1, gg.csb = pl.RSC;
+      if (in_place) {
+        gg.C = y + n0 * a.ys[0] + g * Kg * a.ys[1], gg.rsc = ps, gg.csc = a.ys[1];
+      } else {
+        gg.C = ybuf, gg.rsc = Kg, gg.csc = 1;
+      }
+      gg.c_bf16 = true;
+      gg.bias_n = bias ? bias + g * Kg : nullptr;
+      gemm_bf16(gg);
+      if (!in_place) move_pixels<false>(y, a.ys, s.Q, pl.PQ, n0, cnt, g * Kg, Kg, ybuf);
+    }
+  }
+}
+
+void backward_weight_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t* dy,
+                          uint16_t* dw) {
+  const Conv2dShape s = shape_of(a);
+  const RunsPass rp(a, s, size_t(s.K * (s.C / s.groups) * s.R * s.S));
+  const RunsPlan& pl = rp.pl;
+  const int64_t Kg = rp.Kg, ps = rp.ps;
+  const bool in_place = rp.in_place;
+  int64_t* rows = rp.rows;
+  float* dw32 = rp.extra;  // (K, R, S, C/groups) order
+  uint16_t *xp = rp.xp, *dybuf = rp.buf;
+  for (int64_t n0 = 0; n0 < s.N; n0 += pl.nb) {
+    const int64_t cnt = min64(pl.nb, s.N - n0);
+    pl.fill(x, a.xs, n0, cnt, xp);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      GemmBf16 gg;
+      gg.M = Kg, gg.N = pl.RSC, gg.K = cnt * pl.PQ;
+      if (in_place) {
+        gg.A = dy + n0 * a.ys[0] + g * Kg * a.ys[1], gg.rsa = a.ys[1], gg.csa = ps;
+      } else {
+        // dybuf (pixels x Kg) read as its transpose
+        move_pixels<true>(dy, a.ys, s.Q, pl.PQ, n0, cnt, g * Kg, Kg, dybuf);
+        gg.A = dybuf, gg.rsa = 1, gg.csa = Kg;
+      }
+      gg.B = xp + g * pl.Cg, gg.b_rows = rows, gg.b_runs = pl.runs.data();
+      gg.C = dw32 + g * Kg * pl.RSC, gg.rsc = pl.RSC, gg.csc = 1;
+      gg.beta = n0 > 0 ? 1.f : 0.f;
+      gemm_bf16(gg);
+    }
+  }
+  parallel_for(s.K, 4, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t r = 0; r < s.R; ++r)
+        for (int64_t t = 0; t < s.S; ++t) {
+          const float* src = dw32 + ((k * s.R + r) * s.S + t) * pl.Cg;
+          uint16_t* d = dw + k * a.ws[0] + r * a.ws[2] + t * a.ws[3];
+          for (int64_t c = 0; c < pl.Cg; ++c) d[c * a.ws[1]] = f32_to_bf16(src[c]);
+        }
+  });
+}
+
+void forward_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w, const uint16_t* bias,
+                  uint16_t* y) {
+  const Conv2dShape s = shape_of(a);
+  const Geometry<uint16_t> gm(s);
+  if (s.N == 0 || s.K == 0 || gm.PQ == 0) return;
+  const int64_t yshape[4] = {s.N, s.K, s.P, s.Q};
+  if (is_depthwise(s)) {
+    const WideConv wc(a, bias != nullptr);
+    const int64_t xshape[4] = {s.N, s.C, s.H, s.W}, wshape[4] = {s.K, gm.Cg, s.R, s.S};
+    widen4(x, a.xs, xshape, wc.x);
+    widen4(w, a.ws, wshape, wc.w);
+    for (int64_t k = 0; bias && k < s.K; ++k) wc.bias[k] = bf16_to_f32(bias[k]);
+    forward<float>(shape_of(wc.a), view4<const float>(wc.x, wc.a.xs),
+                   view4<const float>(wc.w, wc.a.ws), wc.bias, view4(wc.y, wc.a.ys));
+    return narrow4(wc.y, yshape, y, a.ys);
+  }
+  std::vector<float> b32(bias ? size_t(s.K) : 0);
+  for (int64_t k = 0; bias && k < s.K; ++k) b32[size_t(k)] = bf16_to_f32(bias[k]);
+  if (runs_pay(s)) return forward_runs(a, x, w, bias ? b32.data() : nullptr, y);
+  const Bf16Chunks ch(s, gm.CRS);
+  const int64_t wcrs = crs_stride(s, a.ws), ps = pixel_stride(a.ys, s.Q);
+  uint16_t* col = thread_scratch<uint16_t>(Scratch::conv_bf16, size_t((gm.CRS + gm.Kg) * ch.L));
+  uint16_t* ybuf = col + gm.CRS * ch.L;
+  ch.run(
+      s.N,
+      [&](int64_t n0, int64_t nb, int64_t J0, int64_t len) {
+        for (int64_t g = 0; g < s.groups; ++g) {
+          GemmBf16 gg;
+          gg.M = gm.Kg, gg.N = len, gg.K = gm.CRS;
+          gg.A = w + g * gm.Kg * a.ws[0], gg.rsa = a.ws[0], gg.csa = wcrs;
+          if (gm.CRS > 0) im2col_bf16(gm, x, a.xs, g, J0, len, col);
+          gg.B = col, gg.rsb = len, gg.csb = 1;
+          if (nb == 1) {  // in place: row k of Y_g is channel g*Kg + k of image n0
+            gg.C = y + n0 * a.ys[0] + g * gm.Kg * a.ys[1] + (J0 - n0 * gm.PQ) * ps;
+            gg.rsc = a.ys[1], gg.csc = ps;
+          } else {
+            gg.C = ybuf, gg.rsc = len, gg.csc = 1;
+          }
+          gg.c_bf16 = true;
+          gg.bias_m = bias ? b32.data() + g * gm.Kg : nullptr;
+          gemm_bf16(gg);
+          if (nb > 1) move_chunk<false>(y, a.ys, s.Q, gm.PQ, g * gm.Kg, gm.Kg, J0, len, ybuf);
+        }
+      },
+      [](int64_t, int64_t) {});
+}
+
+void backward_data_bf16(const Conv2dArgs& a, const uint16_t* dy, const uint16_t* w, uint16_t* dx) {
+  const Conv2dShape s = shape_of(a);
+  const Geometry<float> gm(s);
+  if (s.N == 0 || s.C == 0) return;
+  const int64_t xshape[4] = {s.N, s.C, s.H, s.W};
+  if (gm.PQ == 0 || s.K == 0) {  // no window: dx = 0
+    parallel_for(s.N * s.C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        for (int64_t h = 0; h < s.H; ++h)
+          for (int64_t q = 0; q < s.W; ++q)
+            dx[i / s.C * a.xs[0] + i % s.C * a.xs[1] + h * a.xs[2] + q * a.xs[3]] = 0;
+    });
+    return;
+  }
+  if (is_depthwise(s)) {
+    const WideConv wc(a, false);
+    const int64_t wshape[4] = {s.K, gm.Cg, s.R, s.S}, yshape[4] = {s.N, s.K, s.P, s.Q};
+    widen4(dy, a.ys, yshape, wc.y);
+    widen4(w, a.ws, wshape, wc.w);
+    backward_data<float>(shape_of(wc.a), view4<const float>(wc.y, wc.a.ys),
+                         view4<const float>(wc.w, wc.a.ws), view4(wc.x, wc.a.xs));
+    return narrow4(wc.x, xshape, dx, a.xs);
+  }
+  // Stride 1: the forward of dy with the flipped, channel-transposed weight w~[c, k, r', t'] =
+  // w[k, c, R-1-r', S-1-t'] per group, padded by dh - ph and (S-1) dw - pw (negative
+  // crops), as the float32 pass does: no col2im, and one GEMM shape for both directions. With
+  // pixel runs and one group w~ is a view of w (the runs path copies it once, in its order).
+  Conv2dArgs t = a;
+  t.C = a.K, t.H = a.P, t.W = a.Q, t.K = a.C, t.P = a.H, t.Q = a.W;
+  t.Cg = a.Kg, t.Kg = a.Cg;
+  t.ph = (a.R - 1) * a.dh - a.ph, t.pw = (a.S - 1) * a.dw - a.pw;
+  for (int d = 0; d < 4; ++d) t.xs[d] = a.ys[d], t.ys[d] = a.xs[d];
+  const bool view = s.groups == 1 && runs_pay(shape_of(t));
+  // (Otherwise on maps with fewer pixels in all than output channels, col2im's scatter of
+  // C R S x N P Q is cheaper than transposing the K x C R S weight.)
+  if (s.sh == 1 && s.sw == 1 && (view || (gm.Cg >= 16 && gm.Kg <= s.N * gm.PQ))) {
+    if (view) {
+      const int64_t vs[4] = {a.ws[1], a.ws[0], -a.ws[2], -a.ws[3]};
+      for (int d = 0; d < 4; ++d) t.ws[d] = vs[d];
+      return forward_runs(t, dy, w + (a.R - 1) * a.ws[2] + (a.S - 1) * a.ws[3], nullptr, dx);
+    }
+    const int64_t RS = s.R * s.S;
+    uint16_t* wt = thread_scratch<uint16_t>(Scratch::conv_weight, size_t(s.C * gm.Kg * RS) + 1);
+    // In 16 x 16 blocks of (c, k), so that both sides move whole runs of taps.
+    constexpr int64_t kB = 16;
+    parallel_for((s.C + kB - 1) / kB, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t cb = b0 * kB; cb < min64(s.C, b1 * kB); cb += kB)
+        for (int64_t kb = 0; kb < gm.Kg; kb += kB)
+          for (int64_t gc = cb; gc < min64(s.C, cb + kB); ++gc) {  // gc = g * Cg + c
+            const uint16_t* src = w + (gc / gm.Cg * gm.Kg + kb) * a.ws[0] + gc % gm.Cg * a.ws[1] +
+                                  (s.R - 1) * a.ws[2] + (s.S - 1) * a.ws[3];
+            uint16_t* dst = wt + (gc * gm.Kg + kb) * RS;
+            for (int64_t k = kb; k < min64(gm.Kg, kb + kB); ++k, src += a.ws[0])
+              for (int64_t r = 0; r < s.R; ++r)
+                for (int64_t u = 0; u < s.S; ++u) *dst++ = src[-r * a.ws[2] - u * a.ws[3]];
+          }
+    });
+    const int64_t wts[4] = {gm.Kg * RS, RS, s.S, 1};
+    for (int d = 0; d < 4; ++d) t.ws[d] = wts[d];
+    return forward_bf16(t, dy, wt, nullptr, dx);
+  }
+  const Bf16Chunks ch(s, gm.CRS);
+  const int64_t wcrs = crs_stride(s, a.ws), ps = pixel_stride(a.ys, s.Q), img = s.C * s.H * s.W;
+  // acc: the float32 dx of one block of images; dcol (CRS x L) float32; dybuf (Kg x L).
+  const size_t acc_n = size_t(ch.imgs * img), dcol_n = size_t(gm.CRS * ch.L);
+  float* acc =
+      thread_scratch<float>(Scratch::conv_bf16, acc_n + dcol_n + size_t(gm.Kg * ch.L + 1) / 2 + 16);
+  float* dcol = acc + acc_n;
+  uint16_t* dybuf = reinterpret_cast<uint16_t*>(dcol + dcol_n);
+  ch.run(
+      s.N,
+      [&](int64_t n0, int64_t nb, int64_t J0, int64_t len) {
+        if (J0 == n0 * gm.PQ)
+          parallel_for(nb * img, 1 << 14, [&](int64_t b, int64_t e) {
+            std::fill(acc + b, acc + e, 0.f);  // pixels no window covers stay zero
+          });
+        for (int64_t g = 0; g < s.groups; ++g) {
+          GemmBf16 gg;
+          gg.M = gm.CRS, gg.N = len, gg.K = gm.Kg;
+          gg.A = w + g * gm.Kg * a.ws[0], gg.rsa = wcrs, gg.csa = a.ws[0];
+          if (nb == 1) {
+            gg.B = dy + n0 * a.ys[0] + g * gm.Kg * a.ys[1] + (J0 - n0 * gm.PQ) * ps;
+            gg.rsb = a.ys[1], gg.csb = ps;
+          } else {
+            move_chunk<true>(dy, a.ys, s.Q, gm.PQ, g * gm.Kg, gm.Kg, J0, len, dybuf);
+            gg.B = dybuf, gg.rsb = len, gg.csb = 1;
+          }
+          gg.C = dcol, gg.rsc = len, gg.csc = 1;
+          gemm_bf16(gg);
+          col2im_f32(gm, acc, n0, g, J0, len, dcol);
+        }
+      },
+      [&](int64_t n0, int64_t nb) {
+        const int64_t blk[4] = {nb, s.C, s.H, s.W};
+        narrow4(acc, blk, dx + n0 * a.xs[0], a.xs);
+      });
+}
+
+void backward_weight_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* dy, uint16_t* dw,
+                          uint16_t* dbias) {
+  const Conv2dShape s = shape_of(a);
+  const Geometry<uint16_t> gm(s);
+  const int64_t ps = pixel_stride(a.ys, s.Q);
+  if (dbias) sum_channels_bf16(s.N, s.K, gm.PQ, dy, a.ys[0], a.ys[1], ps, dbias);
+  const int64_t wshape[4] = {s.K, gm.Cg, s.R, s.S};
+  if (is_depthwise(s)) {
+    const WideConv wc(a, false);
+    const int64_t xshape[4] = {s.N, s.C, s.H, s.W}, yshape[4] = {s.N, s.K, s.P, s.Q};
+    widen4(x, a.xs, xshape, wc.x);
+    widen4(dy, a.ys, yshape, wc.y);
+    backward_weight<float>(shape_of(wc.a), view4<const float>(wc.x, wc.a.xs),
+                           view4<const float>(wc.y, wc.a.ys), view4(wc.w, wc.a.ws), nullptr);
+    return narrow4(wc.w, wshape, dw, a.ws);
+  }
+  if (runs_ok(s) && s.N > 0 && gm.PQ > 0) return backward_weight_runs(a, x, dy, dw);
+  const Bf16Chunks ch(s, gm.CRS);
+  // dw32 (K x CRS) float32; col (CRS x L); dybuf (Kg x L).
+  const size_t dw_n = size_t(s.K * gm.CRS);
+  float* dw32 = thread_scratch<float>(Scratch::conv_bf16,
+                                      dw_n + size_t((gm.CRS + gm.Kg) * ch.L + 1) / 2 + 16);
+  uint16_t* col = reinterpret_cast<uint16_t*>(dw32 + dw_n);
+  uint16_t* dybuf = col + gm.CRS * ch.L;
+  // One chunk in all: each dW_g is one product, stored straight to dw in bfloat16.
+  const bool direct = s.N <= ch.imgs && gm.PQ <= ch.L;
+  std::fill(dw32, dw32 + (direct ? 0 : dw_n), 0.f);
+  if (gm.CRS > 0 && gm.PQ > 0)
+    ch.run(
+        s.N,
+        [&](int64_t n0, int64_t nb, int64_t J0, int64_t len) {
+          for (int64_t g = 0; g < s.groups; ++g) {
+            GemmBf16 gg;
+            gg.M = gm.Kg, gg.N = gm.CRS, gg.K = len;
+            if (nb == 1) {
+              gg.A = dy + n0 * a.ys[0] + g * gm.Kg * a.ys[1] + (J0 - n0 * gm.PQ) * ps;
+              gg.rsa = a.ys[1], gg.csa = ps;
+            } else {
+              move_chunk<true>(dy, a.ys, s.Q, gm.PQ, g * gm.Kg, gm.Kg, J0, len, dybuf);
+              gg.A = dybuf, gg.rsa = len, gg.csa = 1;
+            }
+            im2col_bf16(gm, x, a.xs, g, J0, len, col);
+            gg.B = col, gg.rsb = 1, gg.csb = len;
+            if (direct) {
+              gg.C = dw + g * gm.Kg * a.ws[0], gg.rsc = a.ws[0], gg.csc = crs_stride(s, a.ws);
+              gg.c_bf16 = true;
+            } else {
+              gg.C = dw32 + g * gm.Kg * gm.CRS, gg.rsc = gm.CRS, gg.csc = 1;
+              gg.beta = 1;
+            }
+            gemm_bf16(gg);
+          }
+        },
+        [](int64_t, int64_t) {});
+  if (direct && gm.CRS > 0 && gm.PQ > 0) return;
+  // dw (K, C/groups, R, S) = dw32 rounded, through its flattened (C/groups, R, S) stride.
+  const int64_t wcrs = crs_stride(s, a.ws);
+  parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t i = 0; i < gm.CRS; ++i)
+        dw[k * a.ws[0] + i * wcrs] = f32_to_bf16(dw32[k * gm.CRS + i]);
+  });
+}
+
 }  // namespace
 
 template <class T>
@@ -2305,6 +2866,19 @@ void conv2d_backward_weight(const Conv2dArgs& a, const T* x, const T* dy, T* dw,
   template void conv2d_backward_weight<T>(const Conv2dArgs&, const T*, const T*, T*, T*);
 NNK_INSTANTIATE_CONV(float)
 NNK_INSTANTIATE_CONV(double)
+
+void conv2d_forward_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w,
+                         const uint16_t* bias, uint16_t* y) {
+  forward_bf16(a, x, w, bias, y);
+}
+void conv2d_backward_data_bf16(const Conv2dArgs& a, const uint16_t* dy, const uint16_t* w,
+                               uint16_t* dx) {
+  backward_data_bf16(a, dy, w, dx);
+}
+void conv2d_backward_weight_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* dy,
+                                 uint16_t* dw, uint16_t* dbias) {
+  backward_weight_bf16(a, x, dy, dw, dbias);
+}
 
 }  // namespace cpu
 }  // namespace nnk

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "common/gemm_args.h"
 
@@ -67,14 +68,37 @@ struct GemmBf16 {
   float alpha = 1, beta = 0;
   const float* bias_n = nullptr;  // (N,) added to column j, or null
   const float* bias_m = nullptr;  // (M,) added to row i, or null
+
+  // Optional: A as runs of 32 contiguous values at offsets, A(i, k) = A[a_rows[i] + a_runs[k / 32]
+  // + k % 32] (rsa, csa ignored; K a multiple of 32; a_rows has ceil(M / 32) * 32 entries, those
+  // past M any readable offset): conv2d's windows in a zero-padded channels-last copy of the
+  // images, row i an output pixel, run (tap, 32 channels). Read in place on AVX512_BF16.
+  const int64_t* a_rows = nullptr;
+  const int64_t* a_runs = nullptr;
+  // Optional: B likewise, B(k, j) = B[b_rows[k] + b_runs[j / 32] + j % 32] (rsb, csb ignored; N a
+  // multiple of 32): the same windows as the weight gradient's B.
+  const int64_t* b_rows = nullptr;
+  const int64_t* b_runs = nullptr;
 };
 // Call outside parallel regions (packing workspace: thread_scratch).
 void gemm_bf16(const GemmBf16& g, int nthreads = 0);
 // out[j * so] = sum_i x[i * rsx + j * csx] (R x N bfloat16, float32 sums).
 void sum_rows_bf16(int64_t R, int64_t N, const uint16_t* x, int64_t rsx, int64_t csx, uint16_t* out,
                    int64_t so);
-float bf16_to_f32(uint16_t h);
-uint16_t f32_to_bf16(float f);  // round to nearest even
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Round to nearest even, NaN kept quiet (torch's c10::BFloat16 conversion).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
 // "bf16gemm_amx_32x32", "bf16gemm_avx512bf16_8x32" or "bf16gemm_widen_f32": what gemm_bf16 runs
 // (widen unless the active ISA is avx512).
 const char* gemm_bf16_kernel_name();

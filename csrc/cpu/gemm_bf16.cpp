@@ -56,23 +56,6 @@
 namespace nnk {
 namespace cpu {
 
-// ------------------------------------------------------------------------ bfloat16 conversion
-float bf16_to_f32(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even, NaN kept quiet (torch's c10::BFloat16 conversion).
-uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
 namespace {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -143,6 +126,14 @@ const char* kernel_name(Kernel k) {
 // past M and K.
 void pack_a_panel(const GemmBf16& g, int64_t i0, int64_t lda, uint16_t* dst) {
   const int64_t rows = min64(kBlk, g.M - i0);
+  if (!g.a_rows && g.rsa == 1 && g.csa != 1) {    // A^T row-major (conv2d's W^T): k outer, so
+    std::memset(dst, 0, size_t(kBlk * lda) * 2);  // each of A's lines is read once
+    for (int64_t k = 0; k < g.K; ++k) {
+      const uint16_t* a = g.A + i0 + k * g.csa;
+      for (int64_t r = 0; r < rows; ++r) dst[r * lda + k] = a[r];
+    }
+    return;
+  }
   for (int64_t r = 0; r < kBlk; ++r) {
     uint16_t* d = dst + r * lda;
     if (r >= rows) {
@@ -150,6 +141,11 @@ void pack_a_panel(const GemmBf16& g, int64_t i0, int64_t lda, uint16_t* dst) {
       continue;
     }
     const uint16_t* a = g.A + (i0 + r) * g.rsa;
+    if (g.a_rows) {  // K is a multiple of 32 (= lda)
+      for (int64_t kb = 0; kb < g.K / kBlk; ++kb)
+        std::memcpy(d + kb * kBlk, g.A + g.a_rows[i0 + r] + g.a_runs[kb], kBlk * 2);
+      continue;
+    }
     if (g.csa == 1) {
       std::memcpy(d, a, size_t(g.K) * 2);
     } else {
@@ -163,12 +159,22 @@ void pack_a_panel(const GemmBf16& g, int64_t i0, int64_t lda, uint16_t* dst) {
 void pack_b_panel(const GemmBf16& g, int64_t j0, int64_t kblocks, uint16_t* dst) {
   std::memset(dst, 0, size_t(kblocks * kPanelK) * 2);
   const int64_t cols = min64(kBlk, g.N - j0);
+  if (g.b_rows) {
+    for (int64_t k = 0; k < g.K; ++k) {
+      const uint16_t* b = g.B + g.b_rows[k] + g.b_runs[j0 / kBlk];
+      uint16_t* d = dst + (k / 32) * kPanelK + ((k % 32) / 2) * 32 + (k & 1);
+      for (int64_t c = 0; c < cols; ++c) d[(c / 16) * kSub + (c % 16) * 2] = b[c];
+    }
+    return;
+  }
   if (g.rsb == 1) {  // B = W^T (Linear): a pair is one 32-bit word of W's row
     for (int64_t c = 0; c < cols; ++c) {
       const uint16_t* b = g.B + (j0 + c) * g.csb;
       uint16_t* d = dst + (c / 16) * kSub + (c % 16) * 2;
-      for (int64_t k = 0; k < g.K; ++k)
-        d[(k / 32) * kPanelK + ((k % 32) / 2) * 32 + (k & 1)] = b[k];
+      const int64_t pairs = g.K / 2;
+      for (int64_t p = 0; p < pairs; ++p)  // pair p of k block p / 16 at row p % 16
+        std::memcpy(d + (p / 16) * kPanelK + (p % 16) * 32, b + 2 * p, 4);
+      if (g.K & 1) d[(pairs / 16) * kPanelK + (pairs % 16) * 32] = b[g.K - 1];
     }
     return;
   }
@@ -249,6 +255,15 @@ void store_block(const GemmBf16& g, const float* acc, int64_t i0, int64_t j0, in
                  bool simd) {
 #if defined(NNK_X86)
   if (simd && g.csc == 1) return store_block_avx512(g, acc, i0, j0, m, n);
+  if (simd && g.rsc == 1) {  // C^T unit-stride (the transposed product): store acc^T into it
+    float t[kBlk * kBlk];
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) t[j * kBlk + i] = acc[i * kBlk + j];
+    GemmBf16 gt = g;
+    gt.rsc = g.csc, gt.csc = 1;
+    gt.bias_m = g.bias_n, gt.bias_n = g.bias_m;
+    return store_block_avx512(gt, t, j0, i0, n, m);
+  }
 #endif
   store_block_scalar(g, acc, i0, j0, m, n);
 }
@@ -311,9 +326,11 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* a, i
   _tile_stored(3, acc + 16 * kBlk + 16, ld);
 }
 
-// Rows in groups of 8: 8 x 32 accumulators, one broadcast pair of A per row and k pair.
+// Rows in groups of 8: 8 x 32 accumulators, one broadcast pair of A per row and k pair. Row r's
+// 32-k block kb starts at rows[r] + (runs ? runs[kb] : kb * 32) (GemmBf16::a_runs).
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(
-    const uint16_t* a, int64_t lda, const uint16_t* b, int64_t kblocks, float* acc, bool first) {
+    const uint16_t* const* rows, const int64_t* runs, const uint16_t* b, int64_t kblocks,
+    float* acc, bool first) {
   __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71;
   if (first) {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm512_setzero_ps();
@@ -327,14 +344,16 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(
   }
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint16_t* bk = b + kb * kPanelK;
-    const uint16_t* ak = a + kb * kBlk;  // row r's pair p: the 32-bit word at ak + r * lda + 2p
+    const int64_t off = runs ? runs[kb] : kb * kBlk;
+    const uint16_t* ak[8];  // row r's pair p: the 32-bit word at ak[r] + 2p
+    for (int r = 0; r < 8; ++r) ak[r] = rows[r] + off;
     for (int p = 0; p < 16; ++p) {
       const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk + p * 32);
       const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bk + kSub + p * 32);
 #define NNK_ROW(r)                                         \
   {                                                        \
     int32_t pair;                                          \
-    std::memcpy(&pair, ak + r * lda + 2 * p, 4);           \
+    std::memcpy(&pair, ak[r] + 2 * p, 4);                  \
     const __m512bh av = (__m512bh)_mm512_set1_epi32(pair); \
     c##r##0 = _mm512_dpbf16_ps(c##r##0, av, b0);           \
     c##r##1 = _mm512_dpbf16_ps(c##r##1, av, b1);           \
@@ -350,10 +369,11 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(
 #undef NNK_STORE_ROW
 }
 
-void avx512_block(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t kblocks, float* acc,
-                  bool first) {
+// rows: the block's 32 row starts; runs: GemmBf16::a_runs from the chunk's first block, or null.
+void avx512_block(const uint16_t* const* rows, const int64_t* runs, const uint16_t* b,
+                  int64_t kblocks, float* acc, bool first) {
   for (int g8 = 0; g8 < 4; ++g8)
-    avx512_rows8(a + 8 * g8 * lda, lda, b, kblocks, acc + 8 * g8 * kBlk, first);
+    avx512_rows8(rows + 8 * g8, runs, b, kblocks, acc + 8 * g8 * kBlk, first);
 }
 
 // B rows k, k + 1 (csb == 1) -> one row of pairs for 16 columns: dst[2c + e] = B[k + e][c].
@@ -384,8 +404,14 @@ void pack_b_panel_rows(const GemmBf16& g, int64_t j0, int64_t kblocks, uint16_t*
           std::memset(d, 0, 64);
           continue;
         }
+        const bool two = k + 1 < g.K;
+        if (g.b_rows) {
+          const int64_t run = g.b_runs[j0 / kBlk] + 16 * h;
+          pair_rows16(g.B + g.b_rows[k] + run, two ? g.B + g.b_rows[k + 1] + run : nullptr, n, d);
+          continue;
+        }
         const uint16_t* r0 = g.B + k * g.rsb + j0 + 16 * h;
-        pair_rows16(r0, k + 1 < g.K ? r0 + g.rsb : nullptr, n, d);
+        pair_rows16(r0, two ? r0 + g.rsb : nullptr, n, d);
       }
     }
 #else
@@ -409,9 +435,11 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
   const int64_t kblocks = ceil_div(g.K, kBlk);
   const int64_t mp = ceil_div(g.M, kBlk), np = ceil_div(g.N, kBlk);
   const int64_t panel = kblocks * kPanelK;  // elements of one packed panel (A: lda = 32 kblocks)
-  // A read in place: row-major with K a multiple of 32; its last panel when M fills it.
-  const bool a_in_place = g.csa == 1 && g.K % kBlk == 0;
-  const int64_t full_a = a_in_place ? g.M / kBlk : 0;  // panels [0, full_a) read in place
+  // A read in place: row-major with K a multiple of 32 (its last panel when M fills it), or as
+  // runs (a_rows: every panel, on AVX512_BF16; AMX tiles need equally spaced rows, so packed).
+  const bool a_runs = g.a_rows && kernel == Kernel::avx512;
+  const bool a_in_place = !g.a_rows && g.csa == 1 && g.K % kBlk == 0;
+  const int64_t full_a = a_runs ? mp : a_in_place ? g.M / kBlk : 0;  // panels read in place
   const double flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
   int nt = nthreads;
   if (flops < nt * kMinFlopsPerThread) nt = flops < 2 * kMinFlopsPerThread ? 1 : 2;
@@ -426,7 +454,7 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
   uint16_t* pa = reinterpret_cast<uint16_t*>(ws);
   uint16_t* pb = pa + (mp - full_a) * panel;
   float* accs = reinterpret_cast<float*>(ws + (packed * 2 + 63) / 64 * 64);
-  const bool fast_b = g.csb == 1 && g.rsb != 1;
+  const bool fast_b = g.b_rows || (g.csb == 1 && g.rsb != 1);
   auto a_panel = [&](int64_t ib) {  // (row 0 of panel ib, its lda)
     return ib < full_a ? std::make_pair(g.A + ib * kBlk * g.rsa, g.rsa)
                        : std::make_pair(static_cast<const uint16_t*>(pa) + (ib - full_a) * panel,
@@ -460,13 +488,22 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
         const int64_t kn = min64(kChunkBlocks, kblocks - kb);
         const uint16_t* b = pb + jb * panel + kb * kPanelK;
         for (int64_t ib = ib0; ib < ib1; ++ib) {
-          const auto [a, lda] = a_panel(ib);
           float* blk = acc + (ib - ib0) * kBlk * kBlk;
 #if defined(NNK_X86)
-          if (kernel == Kernel::amx)
+          if (a_runs) {
+            const uint16_t* rows[kBlk];
+            for (int r = 0; r < kBlk; ++r) rows[r] = g.A + g.a_rows[ib * kBlk + r];
+            avx512_block(rows, g.a_runs + kb, b, kn, blk, kb == 0);
+            continue;
+          }
+          const auto [a, lda] = a_panel(ib);
+          if (kernel == Kernel::amx) {
             amx_block(a + kb * kBlk, lda, b, kn, blk, kb == 0);
-          else
-            avx512_block(a + kb * kBlk, lda, b, kn, blk, kb == 0);
+          } else {
+            const uint16_t* rows[kBlk];
+            for (int r = 0; r < kBlk; ++r) rows[r] = a + r * lda + kb * kBlk;
+            avx512_block(rows, nullptr, b, kn, blk, kb == 0);
+          }
 #endif
         }
       }
@@ -499,6 +536,19 @@ std::pair<int64_t, int64_t> widen(const uint16_t* src, int64_t rows, int64_t col
   return row_major ? std::make_pair(cols, int64_t(1)) : std::make_pair(int64_t(1), rows);
 }
 
+// The same for an operand given as runs (GemmBf16::a_rows / b_rows): row-major, ld = cols.
+void widen_runs(const uint16_t* src, int64_t rows, int64_t cols, const int64_t* row_off,
+                const int64_t* runs, float* dst, int nt) {
+  parallel_for(
+      rows, 64,
+      [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < cols; ++j)
+            dst[r * cols + j] = bf16_to_f32(src[row_off[r] + runs[j / kBlk] + j % kBlk]);
+      },
+      nt);
+}
+
 // The widening kernel: the float32 GEMM on float32 copies of A and B (and of a bfloat16 C).
 void widened_gemm(const GemmBf16& g, int nt) {
   const size_t na = size_t(g.M * g.K), nb = size_t(g.K * g.N);
@@ -507,9 +557,19 @@ void widened_gemm(const GemmBf16& g, int nt) {
   Gemm<float> f;
   f.M = g.M, f.N = g.N, f.K = g.K;
   f.A = ws;
-  std::tie(f.rsa, f.csa) = widen(g.A, g.M, g.K, g.rsa, g.csa, ws, nt);
+  if (g.a_rows) {
+    widen_runs(g.A, g.M, g.K, g.a_rows, g.a_runs, ws, nt);
+    f.rsa = g.K, f.csa = 1;
+  } else {
+    std::tie(f.rsa, f.csa) = widen(g.A, g.M, g.K, g.rsa, g.csa, ws, nt);
+  }
   f.B = ws + na;
-  std::tie(f.rsb, f.csb) = widen(g.B, g.K, g.N, g.rsb, g.csb, ws + na, nt);
+  if (g.b_rows) {
+    widen_runs(g.B, g.K, g.N, g.b_rows, g.b_runs, ws + na, nt);
+    f.rsb = g.N, f.csb = 1;
+  } else {
+    std::tie(f.rsb, f.csb) = widen(g.B, g.K, g.N, g.rsb, g.csb, ws + na, nt);
+  }
   f.alpha = g.alpha, f.beta = g.beta;
   f.bias_n = g.bias_n;
   f.bias_m = g.bias_m;
@@ -551,7 +611,7 @@ void gemm_bf16(const GemmBf16& g, int nthreads) {
   const Kernel k = active_kernel();
   if (k == Kernel::widen) return widened_gemm(g, nt);
   // Linear's B = W^T with fewer rows than outputs: C^T = W . X^T, W read in place (see the top).
-  if (g.rsb == 1 && g.csb != 1 && g.M < g.N && g.K % kBlk == 0) {
+  if (!g.a_rows && !g.b_rows && g.rsb == 1 && g.csb != 1 && g.M < g.N && g.K % kBlk == 0) {
     GemmBf16 t = g;
     t.M = g.N, t.N = g.M;
     t.A = g.B, t.rsa = g.csb, t.csa = 1;

@@ -108,6 +108,7 @@ NNK_ISA_TABLE(reduce_kernels, cpu::ReduceKernels, ReduceLoops)
 
 #include "common/isa.h"
 #include "common/threading.h"
+#include "cpu/gemm.h"
 #include "cpu/reduce.h"
 
 namespace nnk {
@@ -176,6 +177,26 @@ void sum_channels(int64_t N, int64_t C, int64_t HW, const T* x, int64_t sn, int6
       for (int64_t n = 0; n < N; ++n)
         for (int64_t i = 0; i < HW; ++i) acc += double(p[n * sn + i * si]);
       out[c] = T(acc);
+    }
+  });
+}
+
+void sum_channels_bf16(int64_t N, int64_t C, int64_t HW, const uint16_t* x, int64_t sn, int64_t sc,
+                       int64_t si, uint16_t* out) {
+  if (sc == 1 && si != 1 && C > 1 && (N <= 1 || sn == HW * si)) {
+    sum_rows_bf16(N * HW, C, x, si, int64_t(1), out, int64_t(1));
+    return;
+  }
+  parallel_for(C, N * HW >= 4096 ? 1 : 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double acc = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const uint16_t* p = x + c * sc + n * sn;
+        float part = 0;  // one image's plane in float32, the planes in float64
+        for (int64_t i = 0; i < HW; ++i) part += bf16_to_f32(p[i * si]);
+        acc += part;
+      }
+      out[c] = f32_to_bf16(float(acc));
     }
   });
 }

@@ -15,6 +15,9 @@ void sum_rows(int64_t R, int64_t N, const T* x, int64_t rsx, int64_t csx, T* out
 template <class T>
 void sum_channels(int64_t N, int64_t C, int64_t HW, const T* x, int64_t sn, int64_t sc, int64_t si,
                   T* out);
+// The same on bfloat16 words (raw uint16), sums rounded once to bfloat16.
+void sum_channels_bf16(int64_t N, int64_t C, int64_t HW, const uint16_t* x, int64_t sn, int64_t sc,
+                       int64_t si, uint16_t* out);
 
 }  // namespace cpu
 }  // namespace nnk

@@ -182,8 +182,13 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     channels_last memory format when input or weight is.
     """
     if _autocast_on(input):
-        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    if _widens(input):
+        cast = _autocast_gemm_args(input, weight, bias)
+        if cast is None:
+            return torch.nn.functional.conv2d(
+                input, weight, bias, stride, padding, dilation, groups
+            )
+        input, weight, bias = cast
+    if _widens(input, "gemm"):
         geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         return _widened(
             "conv2d",

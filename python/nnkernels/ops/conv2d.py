@@ -86,7 +86,9 @@ def forward_kernel(
     channels_last: bool,
 ) -> Tensor:
     y = _forward_out(x, w, b, stride, padding, dilation, groups, channels_last)
-    N.conv2d_forward(x, _as_kernel_weight(w), b, y, stride, padding, dilation, groups)
+    N.conv2d_forward(
+        _as_kernel_activation(x), _as_kernel_weight(w), b, y, stride, padding, dilation, groups
+    )
     return y
 
 
@@ -131,7 +133,7 @@ def backward_weight_kernel(
     """(dw, db); db is empty unless with_bias."""
     dw, db = _backward_weight_out(x, dy, w_shape, stride, padding, dilation, groups, with_bias)
     N.conv2d_backward_weight(
-        x,
+        _as_kernel_activation(x),
         _as_kernel_activation(dy),
         dw,
         db if with_bias else None,
