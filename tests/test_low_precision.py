@@ -1,7 +1,8 @@
-"""float16 / bfloat16 activations on the CPU: batch norm and cross-entropy compute them in float32
-(the kernels have no low-precision CPU path yet) and return torch's dtypes; under torch.autocast
-every swapped layer returns the dtype torch's autocast returns, and a swapped model trains under
-autocast like torch's.
+"""float16 / bfloat16 on the CPU beyond the GEMM's own tests (test_bf16_gemm, test_bf16_conv2d):
+batch norm and cross-entropy compute low-precision activations in float32 and return torch's
+dtypes; under torch.autocast every swapped layer computes on nnkernels' kernels (bfloat16 GEMMs for
+Linear and Conv2d, float32 for the LSTMs, batch norm and the loss) and returns the dtypes torch's
+autocast returns, and a swapped model trains under autocast like torch's.
 
 Parity is the project's rule (assert_matches_reference): ours within 8x torch's own error of the
 float64 reference, in the low-precision dtype."""
@@ -169,22 +170,107 @@ def test_autocast_dtypes_layer_by_layer():
             ours = call(ours_m)
         name = type(module).__name__
         assert ours.dtype == theirs.dtype, f"{name}: {ours.dtype} != torch's {theirs.dtype}"
-        tol = 2e-2 if ours.dtype == torch.bfloat16 else 1e-5
+        # (torch's float32 LSTMCell result carries its bfloat16 gate GEMMs' rounding; ours not)
+        tol = 2e-2 if ours.dtype == torch.bfloat16 or name == "LSTMCell" else 1e-5
         torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=name)
+        # every parameter's gradient in torch's dtype (float32: the casts' backward)
+        for (pn, p), q in zip(ours_m.named_parameters(), module.parameters()):
+            gp, gq = (
+                torch.autograd.grad(ours.float().sum(), p),
+                torch.autograd.grad(theirs.float().sum(), q),
+            )
+            assert gp[0].dtype == gq[0].dtype, f"{name}.{pn}: grad {gp[0].dtype} != {gq[0].dtype}"
+            break
 
 
-def test_autocast_training_loop_matches_torch():
-    """torch's autocast recipe (forward and loss under autocast, Adam, 20 steps) on the course's
-    CNN (conv -> batch norm -> ReLU -> dense) and loss, swapped and not, side by side: the same losses
-    within bfloat16 rounding, the same running statistics."""
+@pytest.mark.parametrize(
+    "xd,cd",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, None),
+        (torch.bfloat16, None),
+    ],
+)
+def test_autocast_lstm_cell_dtypes(xd, cd):
+    """torch's LSTMCell under CPU autocast returns the promotion of the autocast dtype with the
+    cell state's (the input's when hx is None); ours the same, computed in float32."""
+    cell = torch.nn.LSTMCell(8, 16)
+    ours = _swapped(cell)
+    x = torch.randn(3, 8, dtype=xd)
+    hx = None if cd is None else (torch.randn(3, 16, dtype=cd), torch.randn(3, 16, dtype=cd))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = cell(x, hx), ours(x, hx)
+    for t, o in zip(a, b):
+        assert o.dtype == t.dtype
+        torch.testing.assert_close(o.float(), t.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_lstms_run_our_kernels(monkeypatch):
+    """Under CPU autocast the swapped LSTM and LSTMCell compute with nnkernels (torch's LSTM ops
+    are made to fail), in float32 (closer to the float64 result than torch's bfloat16), and return
+    torch's dtypes; the float32 weights get float32 gradients."""
     torch.manual_seed(0)
-    theirs = course_cnn()
+    lstm, cell = torch.nn.LSTM(6, 8, num_layers=2), torch.nn.LSTMCell(6, 8)
+    ours_lstm, ours_cell = _swapped(lstm), _swapped(cell)
+    x = torch.randn(5, 3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = lstm(x)[0], cell(x[0])[0]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("handed back to torch")
+
+    for name in ("lstm", "lstm_cell"):
+        monkeypatch.setattr(torch, name, refuse)
+        monkeypatch.setattr(torch._VF, name, refuse)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ours_lstm(x)[0], ours_cell(x[0])[0]
+    grads = [
+        torch.autograd.grad(o.float().sum(), m.weight_ih_l0 if m is ours_lstm else m.weight_ih)
+        for o, m in zip(ours, (ours_lstm, ours_cell))
+    ]
+    monkeypatch.undo()
+    ref = copy.deepcopy(lstm).double()(x.double())[0]
+    for o, t in zip(ours, theirs):
+        assert o.dtype == t.dtype
+        torch.testing.assert_close(o.float(), t.float(), rtol=2e-2, atol=2e-2)
+    assert (ours[0].double() - ref).abs().max() <= (theirs[0].double() - ref).abs().max() * 8
+    assert all(g[0].dtype == torch.float32 for g in grads)
+
+
+class _RowReader(torch.nn.Module):
+    """The course's LSTM classifier (examples/lstm.py): 8x8 images read row by row."""
+
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.squeeze(1))
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("build", [course_cnn, _RowReader], ids=["cnn", "lstm"])
+def test_autocast_training_loop_matches_torch(build):
+    """torch's autocast recipe (forward and loss under autocast, Adam, 20 steps) on the course's
+    CNN (conv -> batch norm -> ReLU -> dense) and LSTM classifier, swapped and not, side by side:
+    the same losses within bfloat16 rounding, the same running statistics."""
+    torch.manual_seed(0)
+    theirs = build()
     ours = _swapped(theirs)
     x, target = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            theirs(x)
+        except RuntimeError:  # torch's own LSTM has no bfloat16 kernel on some CPUs
+            pytest.skip("torch's LSTM does not run under bfloat16 autocast here")
     losses = {}
     loss_fns = {"ours": nnkernels.nn.CrossEntropyLoss(), "torch": torch.nn.CrossEntropyLoss()}
     for name, model in (("ours", ours), ("torch", theirs)):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3 if build is course_cnn else 1e-2)
         losses[name] = []
         for _ in range(20):
             opt.zero_grad(set_to_none=True)
@@ -220,12 +306,18 @@ def _first(out):
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("case", range(5), ids=lambda i: _layer_cases()[i][0])
-def test_low_precision_model_after_swap(dtype, case):
-    """A swapped model turned to float16 / bfloat16 afterwards (model.half()) runs every layer on
-    float32 copies: torch's dtype, the output and every gradient within the rule against a float64
-    copy of the same layer."""
+@pytest.mark.parametrize("order", ["swap-then-cast", "cast-then-swap"])
+def test_low_precision_model_after_swap(dtype, case, order):
+    """A float16 / bfloat16 model, swapped before or after model.half() / .bfloat16(), runs every
+    layer (on the bfloat16 GEMM, or on float32 copies): torch's dtype, the output and every
+    gradient within the rule against a float64 copy of the same layer."""
     name, layer, x = _layer_cases()[case]
-    ours = _swapped(layer).to(dtype)
+    if order == "swap-then-cast":
+        ours = _swapped(layer).to(dtype)
+    else:
+        ours = copy.deepcopy(layer).to(dtype)
+        nnkernels.swap_layers(ours)
+        assert type(ours) is not type(layer), f"{name} in {dtype} was not swapped"
     theirs = copy.deepcopy(layer).to(dtype)
     ref = copy.deepcopy(layer).double()
     ref.load_state_dict({k: v.to(dtype).double() for k, v in theirs.state_dict().items()})

@@ -122,15 +122,16 @@ def test_swap_leaves_what_it_cannot_compute():
             return super().forward(x) * 2
 
     model = torch.nn.Sequential(
-        torch.nn.Linear(3, 4).half(),
+        torch.nn.Linear(3, 4, device="meta"),
         MyLinear(4, 4),
         torch.nn.LSTM(4, 6, proj_size=2),
         torch.nn.Linear(4, 4),
+        torch.nn.Linear(4, 4).half(),  # float16 runs (on float32 copies): swapped
     )
     r = nnkernels.swap_layers(model)
-    assert [n for n, _ in r.changed] == ["3"]
+    assert [n for n, _ in r.changed] == ["3", "4"]
     left = {n: why for n, _, why in r.left}
-    assert "float16 on cpu" in left["0"]
+    assert "is on meta" in left["0"]
     assert "subclass of torch.nn.Linear" in left["1"]
     assert "proj_size=2" in left["2"]
     assert type(model[0]) is torch.nn.Linear
@@ -174,7 +175,8 @@ def test_restore_leaves_a_layer_changed_after_the_swap():
 
 def test_swapped_layers_follow_autocast():
     """Under autocast torch computes matmul, Linear, Conv2d and the LSTMs in bfloat16; nnkernels'
-    functions and layers give torch's result there rather than a float32 one."""
+    functions and layers return torch's dtypes there (computed by nnkernels: test_bf16_gemm,
+    test_bf16_conv2d, test_low_precision), with values within bfloat16 rounding of torch's."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
     ref = copy.deepcopy(model)
@@ -191,7 +193,7 @@ def test_swapped_layers_follow_autocast():
         nnkernels.swap_layers(m)
     img, seq = torch.randn(2, 2, 6, 6), torch.randn(3, 2, 4)
 
-    def outcome(fn):  # torch's own LSTM has no bfloat16 kernel on some CPUs: then both must fail
+    def outcome(fn):  # torch's own LSTM has no bfloat16 kernel on some CPUs (ours runs there)
         try:
             return fn()
         except RuntimeError as e:
@@ -207,8 +209,8 @@ def test_swapped_layers_follow_autocast():
         ]
         results = [(outcome(a), outcome(b)) for a, b in pairs]
     for ours, theirs in results:
+        assert isinstance(ours, torch.Tensor)
         if not isinstance(theirs, torch.Tensor):
-            assert ours is theirs
             continue
         assert ours.dtype == theirs.dtype
-        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)

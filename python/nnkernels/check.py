@@ -59,9 +59,9 @@ def _suite_cases():
 
 
 CASES = _suite_cases()
-# The ops whose kernels take bfloat16 operands (the extension's "gemm" dtype set): their bfloat16
-# rows run wherever supported_dtypes(device, "gemm") has bfloat16.
-BFLOAT16_OPS = ("matmul", "linear")
+# bfloat16 rows run wherever supported_dtypes(device, "gemm") has bfloat16 (the CPU): every op
+# takes bfloat16 there (matmul, linear and conv2d on the bfloat16 GEMM, the others on float32
+# copies with float32 statistics and sums).
 
 
 def _outputs_and_grads(fn, inputs, seed):
@@ -165,7 +165,7 @@ def run(device: str = "cpu", ops=None, out=print, all_isas=False) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     dtypes = [torch.float32, torch.float64] if device == "cpu" else [torch.float32]
-    # bfloat16 rows where the kernels compute bfloat16 (on the CPU: the GEMM's ops)
+    # bfloat16 rows where the kernels compute bfloat16 (the CPU)
     low = [torch.bfloat16] if torch.bfloat16 in _native.supported_dtypes(device, "gemm") else []
     cases = [c for c in CASES if ops is None or c.op in ops]
     active = _native.isa()
@@ -180,11 +180,7 @@ def run(device: str = "cpu", ops=None, out=print, all_isas=False) -> int:
                 f"{device}{where if device == 'cpu' else ''}: outputs and gradients vs torch's "
                 "float64 result (ours within 8x torch's own error), gradcheck in float64"
             )
-            rows = [
-                check_case(case, dtype, device)
-                for case in cases
-                for dtype in dtypes + (low if case.op in BFLOAT16_OPS else [])
-            ]
+            rows = [check_case(case, dtype, device) for case in cases for dtype in dtypes + low]
             out(_table(rows))
             failed = [r for r in rows if not r.ok]
             for r in failed:

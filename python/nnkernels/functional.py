@@ -31,10 +31,11 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 def _autocast_on(x) -> bool:
     """Whether torch.autocast is active for x's device. Under autocast torch computes matmul,
-    linear, conv2d and the LSTMs in float16 / bfloat16: matmul and linear then compute on the
-    operands autocast would give them (bfloat16 on the CPU's bfloat16 GEMM, float16 on float32
-    copies); conv2d and the LSTMs, which have no such kernels yet, return torch's own result
-    rather than a float32 one (a silently different dtype)."""
+    linear, conv2d and the LSTMs in float16 / bfloat16. On the CPU, matmul, linear and conv2d
+    then compute on the operands autocast would give them (bfloat16 on the bfloat16 GEMM,
+    float16 on float32 copies); the LSTMs compute in float32 and return the dtypes torch's
+    autocast returns. On CUDA, whose kernels are float32 only, these ops return torch's own
+    result rather than a float32 one (a silently different dtype)."""
     if not _any_autocast():
         return False  # the common case: one call
     if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
@@ -307,8 +308,20 @@ def linear_cross_entropy(
     input (*, H); weight (V, H); bias (V,) or None; target (*) class indices (int64). The logits
     are formed, reduced to the loss and turned into gradients a chunk of rows at a time (about
     64 MB of logits per chunk), so memory stays bounded for any vocabulary V and batch.
+    float16 / bfloat16 operands: computed on float32 copies, the loss in their dtype (torch's).
     """
     smoothing = _ce.options(reduction, label_smoothing, ignore_index)
+    if _widens(input):  # float16 / bfloat16: float32 copies, the loss in input's dtype as torch
+        return _widened(
+            "linear_cross_entropy",
+            input.dtype,
+            lambda input, weight, bias: _ce.linear_cross_entropy(
+                input, weight, target, bias, ignore_index, reduction, smoothing
+            ),
+            input=input,
+            weight=weight,
+            bias=bias,
+        )
     try:
         return _ce.linear_cross_entropy(
             input, weight, target, bias, ignore_index, reduction, smoothing
@@ -327,11 +340,23 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     pointwise kernel; the backward is one fused kernel plus GEMMs.
     """
     h, c = _lstm.hx_pair(hx, "lstm_cell")
-    if _autocast_on(input):
-        zeros = input.new_zeros(*input.shape[:-1], w_hh.shape[-1]) if h is None else None
-        return torch.lstm_cell(
-            input, (zeros if h is None else h, zeros if c is None else c), w_ih, w_hh, b_ih, b_hh
-        )
+    if _autocast_on(input) and input.dtype != torch.float64:
+        if input.device.type != "cpu":  # no float16 / bfloat16 CUDA kernels: torch's result
+            zeros = input.new_zeros(*input.shape[:-1], w_hh.shape[-1]) if h is None else None
+            return torch.lstm_cell(
+                input,
+                (zeros if h is None else h, zeros if c is None else c),
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+            )
+        # torch's autocast computes the gate GEMMs in the autocast dtype and the cell update in
+        # the promotion of that with c's dtype (the input's when hx is None), which it returns;
+        # here all in float32, on float32 copies, rounded to that dtype.
+        dtype = torch.promote_types(_autocast_dtype("cpu"), (input if c is None else c).dtype)
+        args = [_f32(t) for t in (input, h, c, w_ih, w_hh, b_ih, b_hh)]
+        return tuple(t.to(dtype) for t in _lstm.lstm_cell(*args))
     if _widens(input):
         return _widened(
             "lstm_cell",
@@ -379,11 +404,20 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
     the whole sequence.
     """
     h0, c0 = _lstm.hx_pair(hx, "lstm")
-    if _autocast_on(input):
-        D = 2 if bidirectional else 1
-        return _lstm_autocast(
-            input, h0, c0, params, has_biases, num_layers, dropout, train, D, batch_first
+    if _autocast_on(input) and input.dtype != torch.float64:
+        if input.device.type != "cpu":  # no float16 / bfloat16 CUDA kernels: torch's result
+            D = 2 if bidirectional else 1
+            return _lstm_autocast(
+                input, h0, c0, params, has_biases, num_layers, dropout, train, D, batch_first
+            )
+        # torch's CPU autocast runs the LSTM in the autocast dtype and returns it for the output
+        # and both states; here the float32 kernels on float32 copies, each result rounded.
+        low = _autocast_dtype("cpu")
+        config = (has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        out, (h_n, c_n) = _lstm.lstm(
+            _f32(input), _f32(h0), _f32(c0), [_f32(p) for p in params], *config
         )
+        return out.to(low), (h_n.to(low), c_n.to(low))
     if _widens(input):
         config = (has_biases, num_layers, dropout, train, bidirectional, batch_first)
         return _widened(

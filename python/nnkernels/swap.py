@@ -28,6 +28,7 @@ TWINS = {
     next(b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn")): cls
     for cls in (getattr(_nnk, name) for name in _nnk.__all__)
 }
+_LOW = (torch.float16, torch.bfloat16)
 _ORIGIN = "_nnkernels_swapped_from"  # instance attribute: the torch class before the swap
 
 
@@ -45,7 +46,8 @@ def _unsupported(module) -> str | None:
             return f"{name} is on {t.device}; nnkernels runs on cpu and cuda"
         if dev == "cuda" and not _native.cuda_compiled():
             return "this nnkernels build has no CUDA kernels"
-        if t.dtype not in _native.supported_dtypes(dev):
+        # float16 / bfloat16 layers compute on the bfloat16 kernels or on float32 copies
+        if t.dtype not in _native.supported_dtypes(dev) and t.dtype not in _LOW:
             return f"{name} is {str(t.dtype).replace('torch.', '')} on {dev}"
     return None
 

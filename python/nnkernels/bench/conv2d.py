@@ -18,13 +18,15 @@ SUITE = [
 ]
 
 
-def _case(spec, device, backward):
+def _case(spec, device, backward, dtype="float32"):
     name, N, C, H, W, K, k, stride, pad, need_dx = spec
-    x = torch.randn(N, C, H, W, device=device, requires_grad=backward and need_dx)
-    w = (torch.randn(K, C, k, k, device=device) / (C * k * k) ** 0.5).requires_grad_(backward)
-    b = torch.randn(K, device=device, requires_grad=backward)
+    dt = getattr(torch, dtype)
+    x = torch.randn(N, C, H, W, device=device, dtype=dt, requires_grad=backward and need_dx)
+    w = (torch.randn(K, C, k, k, device=device) / (C * k * k) ** 0.5).to(dt)
+    w.requires_grad_(backward)
+    b = torch.randn(K, device=device, dtype=dt, requires_grad=backward)
     P, Q = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
-    g = torch.randn(N, K, P, Q, device=device)
+    g = torch.randn(N, K, P, Q, device=device, dtype=dt)
     leaves = tuple(t for t in (x, w, b) if t.requires_grad)
 
     def make(fn):
@@ -37,17 +39,20 @@ def _case(spec, device, backward):
     return Case(
         op="conv2d",
         name=f"{name} b{N} " + ("fwd+bwd" if backward else "fwd"),
-        dtype="float32",
+        dtype=dtype,
         ours=make(NF.conv2d),
         torch=make(torch.nn.functional.conv2d),
         flops=fwd * passes,
     )
 
 
-def cases(device: str, quick: bool):
+def cases(device: str, quick: bool, dtype: str = "float32"):
+    """dtype "bfloat16": the same suite on bfloat16 tensors (CPU: the bfloat16 GEMM passes)."""
+    if dtype != "float32" and device != "cpu":
+        return []
     if quick:
-        return [_case(SUITE[1], device, True), _case(SUITE[3], device, True)]
-    return [_case(s, device, bwd) for s in SUITE for bwd in (False, True)]
+        return [_case(SUITE[1], device, True, dtype), _case(SUITE[3], device, True, dtype)]
+    return [_case(s, device, bwd, dtype) for s in SUITE for bwd in (False, True)]
 
 
 # ------------------------------------------------------------------------- parity check

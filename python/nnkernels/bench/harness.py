@@ -148,8 +148,15 @@ def time_pair(ours, theirs, device: str, budget_s: float, min_samples: int = 5):
 _peaks: dict = {}
 
 
-def fma_peak_gflops(dtype: str) -> float:
-    """Measured FMA throughput of this CPU on nnkernels' threads (cached per process)."""
+def fma_peak_gflops(dtype: str) -> float | None:
+    """Measured FMA throughput of this CPU on nnkernels' threads (cached per process). bfloat16:
+    twice the float32 peak where the bfloat16 GEMM runs vdpbf16ps (two products per float32 lane
+    at the FMA's rate), the float32 peak where it widens, None for AMX (not measured)."""
+    if dtype == "bfloat16":
+        kernel = _native.gemm_bf16_kernel_name()
+        if "amx" in kernel:
+            return None
+        return fma_peak_gflops("float32") * (2 if "avx512bf16" in kernel else 1)
     threads = nnkernels.get_num_threads()
     key = ("fma", dtype, threads, _native.isa())
     if key not in _peaks:
