@@ -326,11 +326,31 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* a, i
   _tile_stored(3, acc + 16 * kBlk + 16, ld);
 }
 
+// B read in place instead of from a packed panel (a row-major B under a single row panel of A:
+// packing all of a large B for a few rows of C moved it three times, e.g. Linear's dx = dy . W at
+// batch 8): rows k, k + 1 of the block's 32 columns are interleaved into pairs in registers.
+struct BDirect {
+  const uint16_t* b;  // B row k0 (the chunk's first), column j0 (the block's first)
+  int64_t ldb;        // B's row stride
+  int64_t krows;      // rows of B from k0 (past them: zeros)
+  __mmask32 cols;     // the block's columns inside B
+};
+
 // Rows in groups of 8: 8 x 32 accumulators, one broadcast pair of A per row and k pair. Row r's
-// 32-k block kb starts at rows[r] + (runs ? runs[kb] : kb * 32) (GemmBf16::a_runs).
+// 32-k block kb starts at rows[r] + (runs ? runs[kb] : kb * 32) (GemmBf16::a_runs). kDirect: B
+// from bd (BDirect), else the packed panel b.
+template <bool kDirect>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(
-    const uint16_t* const* rows, const int64_t* runs, const uint16_t* b, int64_t kblocks,
-    float* acc, bool first) {
+    const uint16_t* const* rows, const int64_t* runs, const uint16_t* b, const BDirect* bd,
+    int64_t kblocks, float* acc, bool first) {
+  // pair (B[k][c], B[k+1][c]) of column c (lo: c < 16, hi: c >= 16) from rows k (0-31), k+1 (32-63)
+  alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
   __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71;
   if (first) {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm512_setzero_ps();
@@ -348,8 +368,20 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(
     const uint16_t* ak[8];  // row r's pair p: the 32-bit word at ak[r] + 2p
     for (int r = 0; r < 8; ++r) ak[r] = rows[r] + off;
     for (int p = 0; p < 16; ++p) {
-      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk + p * 32);
-      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bk + kSub + p * 32);
+      __m512bh b0, b1;
+      if constexpr (kDirect) {
+        const int64_t k = kb * kBlk + 2 * p;
+        if (k >= bd->krows) break;  // A's pairs there are zeros too
+        const __m512i r0 = _mm512_maskz_loadu_epi16(bd->cols, bd->b + k * bd->ldb);
+        const __m512i r1 = k + 1 < bd->krows
+                               ? _mm512_maskz_loadu_epi16(bd->cols, bd->b + (k + 1) * bd->ldb)
+                               : _mm512_setzero_si512();
+        b0 = (__m512bh)_mm512_permutex2var_epi16(r0, lo, r1);
+        b1 = (__m512bh)_mm512_permutex2var_epi16(r0, hi, r1);
+      } else {
+        b0 = (__m512bh)_mm512_loadu_si512(bk + p * 32);
+        b1 = (__m512bh)_mm512_loadu_si512(bk + kSub + p * 32);
+      }
 #define NNK_ROW(r)                                         \
   {                                                        \
     int32_t pair;                                          \
@@ -369,11 +401,16 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void avx512_rows8(
 #undef NNK_STORE_ROW
 }
 
-// rows: the block's 32 row starts; runs: GemmBf16::a_runs from the chunk's first block, or null.
+// rows: the block's 32 row starts; runs: GemmBf16::a_runs from the chunk's first block, or null;
+// bd: B in place (then b is unused), or null. Row groups past `m` rows are skipped.
 void avx512_block(const uint16_t* const* rows, const int64_t* runs, const uint16_t* b,
-                  int64_t kblocks, float* acc, bool first) {
-  for (int g8 = 0; g8 < 4; ++g8)
-    avx512_rows8(rows + 8 * g8, runs, b, kblocks, acc + 8 * g8 * kBlk, first);
+                  const BDirect* bd, int64_t kblocks, float* acc, bool first, int64_t m) {
+  for (int g8 = 0; g8 < 4 && 8 * g8 < m; ++g8) {
+    if (bd)
+      avx512_rows8<true>(rows + 8 * g8, runs, b, bd, kblocks, acc + 8 * g8 * kBlk, first);
+    else
+      avx512_rows8<false>(rows + 8 * g8, runs, b, bd, kblocks, acc + 8 * g8 * kBlk, first);
+  }
 }
 
 // B rows k, k + 1 (csb == 1) -> one row of pairs for 16 columns: dst[2c + e] = B[k + e][c].
@@ -422,6 +459,8 @@ void pack_b_panel_rows(const GemmBf16& g, int64_t j0, int64_t kblocks, uint16_t*
 // A K chunk: at most this many 32-k blocks, so that a B panel's chunk (16 KiB at 8) stays in L1
 // while the A panels of a column pass it.
 constexpr int64_t kChunkBlocks = 8;
+// Column panels a thread runs side by side when B is read in place (a 4 KiB page of each B row).
+constexpr int64_t kDirectPanels = 64;
 // Rows of C (in 32-row panels) one work item accumulates: at most 16 (64 KiB of float32 blocks),
 // and A panels of at most half the L2 in all, so that they stay there while every column panel of
 // the item re-reads them.
@@ -447,8 +486,10 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
   const int64_t row_items = ceil_div(mp, item_panels_max(panel * 2)), items = np * row_items;
   const int64_t item_panels = ceil_div(mp, row_items);
   if (items < nt) nt = int(items);
-  const size_t acc_floats = size_t(item_panels * kBlk * kBlk);
-  const size_t packed = size_t((mp - full_a + np) * panel);
+  // One row panel of C and a row-major B: B read in place (BDirect), not packed.
+  const bool b_direct = kernel == Kernel::avx512 && mp == 1 && !g.b_rows && g.csb == 1;
+  const size_t acc_floats = size_t((b_direct ? kDirectPanels : item_panels) * kBlk * kBlk);
+  const size_t packed = size_t((mp - full_a + (b_direct ? 0 : np)) * panel);
   char* ws = static_cast<char*>(
       thread_scratch(Scratch::gemm_bf16, packed * 2 + size_t(nt) * acc_floats * 4 + 64));
   uint16_t* pa = reinterpret_cast<uint16_t*>(ws);
@@ -462,7 +503,7 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
   };
   const int64_t mp_packed = mp - full_a;
   parallel_for(
-      mp_packed + np, 1,
+      mp_packed + (b_direct ? 0 : np), 1,
       [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           if (p < mp_packed)
@@ -474,6 +515,26 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
         }
       },
       nt);
+  // acc (+)= A panel ib . B panel jb over k blocks [kb, kb + kn).
+  auto block = [&](int64_t ib, int64_t jb, int64_t kb, int64_t kn, float* blk) {
+#if defined(NNK_X86)
+    const uint16_t* b = pb + jb * panel + kb * kPanelK;
+    const int64_t m = min64(kBlk, g.M - ib * kBlk);
+    const uint16_t* rows[kBlk];
+    if (a_runs) {
+      for (int r = 0; r < kBlk; ++r) rows[r] = g.A + g.a_rows[ib * kBlk + r];
+      return avx512_block(rows, g.a_runs + kb, b, nullptr, kn, blk, kb == 0, m);
+    }
+    const auto [a, lda] = a_panel(ib);
+    if (kernel == Kernel::amx) return amx_block(a + kb * kBlk, lda, b, kn, blk, kb == 0);
+    for (int r = 0; r < kBlk; ++r) rows[r] = a + r * lda + kb * kBlk;
+    if (!b_direct) return avx512_block(rows, nullptr, b, nullptr, kn, blk, kb == 0, m);
+    const int64_t n = min64(kBlk, g.N - jb * kBlk);
+    const BDirect bd{g.B + kb * kBlk * g.rsb + jb * kBlk, g.rsb, g.K - kb * kBlk,
+                     n >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << n) - 1)};
+    avx512_block(rows, nullptr, b, &bd, kn, blk, kb == 0, m);
+#endif
+  };
   team_run(nt, [&](int tid, int team) {
     float* acc = accs + size_t(tid) * acc_floats;
     int64_t w0, w1;
@@ -481,35 +542,23 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
 #if defined(NNK_X86)
     if (kernel == Kernel::amx) amx_begin();
 #endif
-    for (int64_t w = w0; w < w1; ++w) {
+    // B in place: up to kDirectPanels column panels side by side per k chunk, so that each B row
+    // is read as one run across them (one panel at a time walked B's rows a page apart).
+    const int64_t group = b_direct ? kDirectPanels : 1;
+    for (int64_t w = w0; w < w1; w += group) {
+      const int64_t wn = min64(group, w1 - w);
       const int64_t jb = w / row_items, ib0 = (w % row_items) * item_panels;
-      const int64_t ib1 = min64(mp, ib0 + item_panels);
+      const int64_t ib1 = b_direct ? 1 : min64(mp, ib0 + item_panels);
       for (int64_t kb = 0; kb < kblocks; kb += kChunkBlocks) {
         const int64_t kn = min64(kChunkBlocks, kblocks - kb);
-        const uint16_t* b = pb + jb * panel + kb * kPanelK;
-        for (int64_t ib = ib0; ib < ib1; ++ib) {
-          float* blk = acc + (ib - ib0) * kBlk * kBlk;
-#if defined(NNK_X86)
-          if (a_runs) {
-            const uint16_t* rows[kBlk];
-            for (int r = 0; r < kBlk; ++r) rows[r] = g.A + g.a_rows[ib * kBlk + r];
-            avx512_block(rows, g.a_runs + kb, b, kn, blk, kb == 0);
-            continue;
-          }
-          const auto [a, lda] = a_panel(ib);
-          if (kernel == Kernel::amx) {
-            amx_block(a + kb * kBlk, lda, b, kn, blk, kb == 0);
-          } else {
-            const uint16_t* rows[kBlk];
-            for (int r = 0; r < kBlk; ++r) rows[r] = a + r * lda + kb * kBlk;
-            avx512_block(rows, nullptr, b, kn, blk, kb == 0);
-          }
-#endif
-        }
+        for (int64_t j = 0; j < wn; ++j)
+          for (int64_t ib = ib0; ib < ib1; ++ib)
+            block(ib, jb + j, kb, kn, acc + (j + ib - ib0) * kBlk * kBlk);
       }
-      for (int64_t ib = ib0; ib < ib1; ++ib)
-        store_block(g, acc + (ib - ib0) * kBlk * kBlk, ib * kBlk, jb * kBlk,
-                    min64(kBlk, g.M - ib * kBlk), min64(kBlk, g.N - jb * kBlk), true);
+      for (int64_t j = 0; j < wn; ++j)
+        for (int64_t ib = ib0; ib < ib1; ++ib)
+          store_block(g, acc + (j + ib - ib0) * kBlk * kBlk, ib * kBlk, (jb + j) * kBlk,
+                      min64(kBlk, g.M - ib * kBlk), min64(kBlk, g.N - (jb + j) * kBlk), true);
     }
 #if defined(NNK_X86)
     if (kernel == Kernel::amx) amx_end();
