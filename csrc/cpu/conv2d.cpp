@@ -2515,28 +2515,6 @@ inline bool uniform_pixels(const Conv2dShape& s, const int64_t* st) {
   return s.N <= 1 || st[0] == s.P * s.Q * pixel_stride(st, s.Q);
 }
 
-// buf (pixels x rows, row-major) <-> channels [ch0, ch0 + rows) of images [n0, n0 + cnt) of an
-// (N, K, P, Q) view: the transposes around the merged GEMMs.
-template <bool kToBuf>
-void move_pixels(std::conditional_t<kToBuf, const uint16_t*, uint16_t*> act, const int64_t* st,
-                 int64_t Q, int64_t PQ, int64_t n0, int64_t cnt, int64_t ch0, int64_t rows,
-                 std::conditional_t<kToBuf, uint16_t*, const uint16_t*> buf) {
-  const int64_t ps = pixel_stride(st, Q);
-  parallel_for(cnt * rows, 4, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n = i / rows, k = i % rows;
-      auto* a = act + (n0 + n) * st[0] + (ch0 + k) * st[1];
-      auto* bb = buf + n * PQ * rows + k;
-      for (int64_t pix = 0; pix < PQ; ++pix) {
-        if constexpr (kToBuf)
-          bb[pix * rows] = a[pix * ps];
-        else
-          a[pix * ps] = bb[pix * rows];
-      }
-    }
-  });
-}
-
 // The scratch of a runs pass (one block of images at a time): the pixel rows, the padded copies,
 // the Y / dY buffer of merged NCHW images, and `floats` more float32 values.
 struct RunsPass {
@@ -2583,13 +2561,13 @@ void forward_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w, con
       gg.B = wp + g * Kg * pl.RSC, gg.rsb = 1, gg.csb = pl.RSC;
       if (in_place) {
         gg.C = y + n0 * a.ys[0] + g * Kg * a.ys[1], gg.rsc = ps, gg.csc = a.ys[1];
-      } else {
-        gg.C = ybuf, gg.rsc = Kg, gg.csc = 1;
+      } else {  // Y_g (Kg x pixels), stored transposed, then copied out by channel
+        gg.C = ybuf, gg.rsc = 1, gg.csc = cnt * pl.PQ;
       }
       gg.c_bf16 = true;
       gg.bias_n = bias ? bias + g * Kg : nullptr;
       gemm_bf16(gg);
-      if (!in_place) move_pixels<false>(y, a.ys, s.Q, pl.PQ, n0, cnt, g * Kg, Kg, ybuf);
+      if (!in_place) move_chunk<false>(y, a.ys, s.Q, pl.PQ, g * Kg, Kg, n0 * pl.PQ, gg.M, ybuf);
     }
   }
 }
@@ -2613,9 +2591,8 @@ void backward_weight_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t
       if (in_place) {
         gg.A = dy + n0 * a.ys[0] + g * Kg * a.ys[1], gg.rsa = a.ys[1], gg.csa = ps;
       } else {
-        // dybuf (pixels x Kg) read as its transpose
-        move_pixels<true>(dy, a.ys, s.Q, pl.PQ, n0, cnt, g * Kg, Kg, dybuf);
-        gg.A = dybuf, gg.rsa = 1, gg.csa = Kg;
+        move_chunk<true>(dy, a.ys, s.Q, pl.PQ, g * Kg, Kg, n0 * pl.PQ, gg.K, dybuf);  // Kg x pixels
+        gg.A = dybuf, gg.rsa = gg.K, gg.csa = 1;
       }
       gg.B = xp + g * pl.Cg, gg.b_rows = rows, gg.b_runs = pl.runs.data();
       gg.C = dw32 + g * Kg * pl.RSC, gg.rsc = pl.RSC, gg.csc = 1;
