@@ -519,20 +519,19 @@ void packed_gemm(const GemmBf16& g, Kernel kernel, int nthreads) {
   auto block = [&](int64_t ib, int64_t jb, int64_t kb, int64_t kn, float* blk) {
 #if defined(NNK_X86)
     const uint16_t* b = pb + jb * panel + kb * kPanelK;
-    const int64_t m = min64(kBlk, g.M - ib * kBlk);
+    const int64_t m = min64(kBlk, g.M - ib * kBlk), n = min64(kBlk, g.N - jb * kBlk);
+    const BDirect bd{g.B + kb * kBlk * g.rsb + jb * kBlk, g.rsb, g.K - kb * kBlk,
+                     n >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << n) - 1)};
+    const BDirect* bdp = b_direct ? &bd : nullptr;
     const uint16_t* rows[kBlk];
     if (a_runs) {
       for (int r = 0; r < kBlk; ++r) rows[r] = g.A + g.a_rows[ib * kBlk + r];
-      return avx512_block(rows, g.a_runs + kb, b, nullptr, kn, blk, kb == 0, m);
+      return avx512_block(rows, g.a_runs + kb, b, bdp, kn, blk, kb == 0, m);
     }
     const auto [a, lda] = a_panel(ib);
     if (kernel == Kernel::amx) return amx_block(a + kb * kBlk, lda, b, kn, blk, kb == 0);
     for (int r = 0; r < kBlk; ++r) rows[r] = a + r * lda + kb * kBlk;
-    if (!b_direct) return avx512_block(rows, nullptr, b, nullptr, kn, blk, kb == 0, m);
-    const int64_t n = min64(kBlk, g.N - jb * kBlk);
-    const BDirect bd{g.B + kb * kBlk * g.rsb + jb * kBlk, g.rsb, g.K - kb * kBlk,
-                     n >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << n) - 1)};
-    avx512_block(rows, nullptr, b, &bd, kn, blk, kb == 0, m);
+    avx512_block(rows, nullptr, b, bdp, kn, blk, kb == 0, m);
 #endif
   };
   team_run(nt, [&](int tid, int team) {
