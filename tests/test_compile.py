@@ -57,6 +57,20 @@ def _opcheck_cases():
             (x4, _t(2, 4, 6, 6), [4, 3, 3, 3], *geometry, True),
         ),
         "sum_channels": (conv.sum_channels_kernel, (_t(2, 4, 6, 6),)),
+        # bfloat16 (the CPU's bfloat16 passes): runs path (32 channels) and im2col
+        "conv2d bfloat16": (
+            conv.forward_kernel,
+            (_t(2, 32, 6, 6).bfloat16(), _t(8, 32, 3, 3).bfloat16(), None, *geometry, False),
+        ),
+        "conv2d_backward_data bfloat16": (
+            conv.backward_data_kernel,
+            (_t(2, 4, 6, 6).bfloat16(), w4.bfloat16(), [2, 3, 6, 6], *geometry, False),
+        ),
+        "conv2d_backward_weight bfloat16": (
+            conv.backward_weight_kernel,
+            (_t(2, 32, 6, 6).bfloat16(), _t(2, 4, 6, 6).bfloat16(), [4, 32, 3, 3], *geometry, True),
+        ),
+        "sum_channels bfloat16": (conv.sum_channels_kernel, (_t(2, 4, 6, 6).bfloat16(),)),
         "batch_norm_train": (
             bn.forward_train,
             (bn_x, _t(3), _t(3), torch.zeros(3), torch.ones(3), 0.1, 1e-5),
@@ -271,3 +285,28 @@ def test_double_backward_behaves_as_torch_eager_and_compiled(op):
             _double_backward(compiled, *[b.clone().requires_grad_() for b in base])
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "double backward" in errors[0]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_swapped_model_under_autocast(backend):
+    """torch.compile (no graph breaks) of the swapped model under CPU bfloat16 autocast: the same
+    loss, gradients and dtypes as the eager swapped model under autocast (conv2d and linear on the
+    bfloat16 GEMM, batch norm and the LSTM cell in float32)."""
+    torch.manual_seed(0)
+    eager = Net()
+    nnkernels.swap_layers(eager)
+    compiled_model = copy.deepcopy(eager)
+    x, y = torch.randn(8, 1, 5, 5), torch.randint(0, 4, (8,))
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = compiled(x, y), eager(x, y)
+        assert a.dtype == b.dtype == torch.float32
+        a.backward()
+        b.backward()
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    # (conv.bias and fc.bias feed batch norms: their exact gradients are 0, both sides hold noise)
+    scale = max(q.grad.abs().max().item() for q in eager.parameters())
+    for (n, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=3e-2, atol=3e-2 * scale, msg=n)

@@ -72,7 +72,13 @@ def _autocast_gemm_args(*tensors):
     return tuple(cast(t) for t in tensors)
 
 
-_KERNEL_DTYPES = {}  # (device type, ops) -> the dtypes the kernels compute there
+# (device type, ops) -> the dtypes the kernels compute there: read once at import, so that
+# torch.compile never traces the extension call
+_KERNEL_DTYPES = {
+    (dev, ops): tuple(_native.supported_dtypes(dev, ops))
+    for dev in ("cpu", "cuda")
+    for ops in ("floating", "logits", "gemm")
+}
 
 
 def _widens(x, ops="floating") -> bool:
@@ -85,10 +91,7 @@ def _widens(x, ops="floating") -> bool:
     dev = x.device.type
     if dev not in ("cpu", "cuda"):
         return False  # the binding names the device
-    key = (dev, ops)
-    if key not in _KERNEL_DTYPES:
-        _KERNEL_DTYPES[key] = tuple(_native.supported_dtypes(dev, ops))
-    return x.dtype not in _KERNEL_DTYPES[key]
+    return x.dtype not in _KERNEL_DTYPES[(dev, ops)]
 
 
 def _f32(t):
