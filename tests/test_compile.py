@@ -191,13 +191,17 @@ class Net(torch.nn.Module):
         return self.loss(self.head(torch.relu(self.bn1(self.fc(h)))), y)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_swapped_model_matches_eager(backend):
+def _swapped_pair():
+    """(eager swapped Net, a copy to compile, inputs x, y)."""
     torch.manual_seed(0)
     eager = Net()
     nnkernels.swap_layers(eager)
-    compiled_model = copy.deepcopy(eager)
-    x, y = torch.randn(8, 1, 5, 5), torch.randint(0, 4, (8,))
+    return eager, copy.deepcopy(eager), torch.randn(8, 1, 5, 5), torch.randint(0, 4, (8,))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_swapped_model_matches_eager(backend):
+    eager, compiled_model, x, y = _swapped_pair()
     # torch.compile refuses every torch.nn.LSTM subclass unless allow_rnn is set.
     with torch._dynamo.config.patch(allow_rnn=True):
         compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)  # no graph breaks
@@ -292,11 +296,7 @@ def test_compiled_swapped_model_under_autocast(backend):
     """torch.compile (no graph breaks) of the swapped model under CPU bfloat16 autocast: the same
     loss, gradients and dtypes as the eager swapped model under autocast (conv2d and linear on the
     bfloat16 GEMM, batch norm and the LSTM cell in float32)."""
-    torch.manual_seed(0)
-    eager = Net()
-    nnkernels.swap_layers(eager)
-    compiled_model = copy.deepcopy(eager)
-    x, y = torch.randn(8, 1, 5, 5), torch.randint(0, 4, (8,))
+    eager, compiled_model, x, y = _swapped_pair()
     with torch._dynamo.config.patch(allow_rnn=True):
         compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
         with torch.autocast("cpu", dtype=torch.bfloat16):
