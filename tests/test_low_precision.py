@@ -79,6 +79,62 @@ def test_batch_norm_low_precision_input(dtype, training, params, layout):
         assert_matches_reference(a, t, r, k=N * H * W, name=name)
 
 
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((6, 7), "contiguous"),  # (N, C): the batch is the spatial dim
+        ((3, 5, 11), "contiguous"),
+        ((2, 5, 256, 256), "contiguous"),  # channel blocks of 2 (the float32 scratch bound)
+        ((2, 5, 256, 256), "channels_last"),
+        ((4, 3, 1, 1), "contiguous"),
+        ((0, 3, 4, 4), "contiguous"),  # eval only: an empty batch has no statistics
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_bf16_mixed_kernels(shape, layout, training, monkeypatch):
+    """A bfloat16 input with float32 weight, bias and running statistics runs the mixed-dtype
+    kernels (blocks of channels widened in float32 scratch), not float32 copies from Python:
+    output, running statistics and every gradient within the rule against torch's."""
+    if training and shape[0] == 0:
+        pytest.skip("training needs more than one value per channel")
+    import nnkernels.functional as functional
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("widened on float32 copies")
+
+    monkeypatch.setattr(functional, "_batch_norm_widened", refuse)
+    C = shape[1]
+    x = (torch.randn(shape) * 3 + 1).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    stats = {k: (rm.clone(), rv.clone()) for k in ("ours", "torch")}
+    ref_stats = tuple(t.double() for t in stats["torch"])
+    k = x.numel() // max(C, 1)
+    results = []
+    for fn, name, cast in (
+        (NF.batch_norm, "ours", None),
+        (F.batch_norm, "torch", None),
+        (F.batch_norm, "ref", torch.float64),
+    ):
+        m, v = ref_stats if cast else stats[name]
+        leaves = [t.to(cast) if cast else t for t in (x, w, b)]
+        results.append(
+            _grads(lambda x, w, b, f=fn, m=m, v=v: f(x, m, v, w, b, training, 0.1, 1e-5), leaves)
+        )
+    (o, go), (t, gt), (r, gr) = results
+    assert (
+        o.dtype == torch.bfloat16
+        and [g.dtype for g in go] == [torch.bfloat16] + [torch.float32] * 2
+    )
+    assert_matches_reference(o, t, r, k=k, name="output")
+    for a, t_, r_, name in zip(go, gt, gr, ("input", "weight", "bias")):
+        assert_matches_reference(a, t_, r_, k=k, name=f"grad {name}")
+    for a, t_, r_, name in zip(stats["ours"], stats["torch"], ref_stats, ("mean", "var")):
+        assert_matches_reference(a, t_, r_, k=k, name=f"running {name}")
+
+
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("target_kind", ["index", "same", "float32"])

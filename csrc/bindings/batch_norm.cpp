@@ -50,6 +50,19 @@ template <class T>
 void batch_norm_backward_train(View3<const T> dy, View3<const T> x, const T* mean, const T* invstd,
                                const T* w, View3<T> dx, T* dw, T* db);
 
+// bfloat16 activations (raw uint16) with float32 weight, bias and statistics.
+void batch_norm_forward_train_bf16(View3<const uint16_t> x, View3<uint16_t> y, const float* w,
+                                   const float* b, double eps, double momentum, float* save_mean,
+                                   float* save_invstd, float* running_mean, float* running_var);
+void batch_norm_apply_bf16(View3<const uint16_t> x, View3<uint16_t> y, const float* center,
+                           const float* scale, const float* shift);
+void batch_norm_backward_reduce_bf16(View3<const uint16_t> dy, View3<const uint16_t> x,
+                                     const float* mean, const float* invstd, float* sum_dy,
+                                     float* sum_dy_xhat);
+void batch_norm_backward_train_bf16(View3<const uint16_t> dy, View3<const uint16_t> x,
+                                    const float* mean, const float* invstd, const float* w,
+                                    View3<uint16_t> dx, float* dw, float* db);
+
 }  // namespace cpu
 
 // The CUDA backend (cuda/batch_norm.cu), float32, the same operations. Every view of a call has
@@ -97,8 +110,10 @@ View3<T> view3(const TensorView& v) {
   return r;
 }
 
-// Activation i: the input itself (like null: a float (N, C, *) tensor) or shaped like it.
-TensorView activation(const Call& c, int i, const TensorView* like, bool output = false) {
+// Activation i: the input itself (like null: a float (N, C, *) tensor, or bfloat16 on the CPU
+// where the entry point has bfloat16 kernels) or shaped like it.
+TensorView activation(const Call& c, int i, const TensorView* like, bool output = false,
+                      bool bf16 = false) {
   const char* name = c.name(i);
   TensorView v = output ? c.output(i) : c.tensor(i);
   if (like) {
@@ -108,7 +123,7 @@ TensorView activation(const Call& c, int i, const TensorView* like, bool output 
     NNK_CHECK_VALUE(same, name, " ", shape_str(v), " must have the shape of input ",
                     shape_str(*like));
   } else {
-    check_float(v, name);
+    check_float(v, name, bf16 ? Dtypes::gemm : Dtypes::floating);
     check_ndim(v, name, {2, 3, 4});
   }
   if (v.ndim == 4)
@@ -124,12 +139,24 @@ TensorView output_activation(const Call& c, int i, const TensorView& x) {
   return v;
 }
 
-// Per-channel vector i: (C,), contiguous, like the input; the empty view when optional and None.
+// The dtype of the per-channel tensors: the input's, float32 for a bfloat16 input (torch's
+// mixed-dtype batch norm). check_like's reference for them.
+TensorView params_of(const TensorView& x) {
+  TensorView p = x;
+  if (x.dtype == DType::bf16) p.dtype = DType::f32;
+  return p;
+}
+const char* params_name(const TensorView& x) {
+  return x.dtype == DType::bf16 ? "a bfloat16 input's per-channel tensors" : "input";
+}
+
+// Per-channel vector i: (C,), contiguous, like the input (float32 for a bfloat16 input); the
+// empty view when optional and None.
 TensorView channel(const Call& c, int i, const TensorView& x, bool output = false,
                    bool optional = false) {
   if (optional && !c.given(i)) return TensorView();
   const TensorView v = output ? c.output(i) : c.tensor(i);
-  check_vector(v, c.name(i), x.shape[1], x, "input");
+  check_vector(v, c.name(i), x.shape[1], params_of(x), params_name(x));
   if (output) check_output(v, c.name(i));
   return v;
 }
@@ -170,7 +197,7 @@ double* workspace(const Call& c, int i, const TensorView& x) {
 NNK_CONSTANT(BATCH_NORM_CUDA_WORKSPACE_PER_CHANNEL, cuda::kBatchNormParts * 2);
 
 py::object batch_norm_forward_train(Call& c) {
-  const TensorView x = activation(c, 0, nullptr), y = output_activation(c, 1, x);
+  const TensorView x = activation(c, 0, nullptr, false, true), y = output_activation(c, 1, x);
   const TensorView w = channel(c, 2, x, false, true), b = channel(c, 3, x, false, true);
   const double eps = c.f64(4, 1e-5), momentum = c.f64(5, 0.1);
   const TensorView mean = channel(c, 6, x, true), invstd = channel(c, 7, x, true);
@@ -182,6 +209,12 @@ py::object batch_norm_forward_train(Call& c) {
   double* ws = workspace(c, 10, x);
   run(
       x, double(x.numel()),
+      [&] {
+        cpu::batch_norm_forward_train_bf16(view3<const uint16_t>(x), view3<uint16_t>(y),
+                                           w.ptr<const float>(), b.ptr<const float>(), eps,
+                                           momentum, mean.ptr<float>(), invstd.ptr<float>(),
+                                           rm.ptr<float>(), rv.ptr<float>());
+      },
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_forward_train<T>(view3<const T>(x), view3<T>(y), w.ptr<const T>(),
@@ -225,12 +258,17 @@ NNK_BINDING(batch_norm_stats, "input, mean, m2, workspace=None",
             "Per channel: mean and m2 = sum (x - mean)^2.");
 
 py::object batch_norm_apply(Call& c) {
-  const TensorView x = activation(c, 0, nullptr), y = output_activation(c, 1, x);
+  const TensorView x = activation(c, 0, nullptr, false, true), y = output_activation(c, 1, x);
   const TensorView center = channel(c, 2, x, false, true);
   const TensorView scale = channel(c, 3, x), shift = channel(c, 4, x);
   check_cuda_layout({{&x, "input"}, {&y, "out"}});
   run(
       x, double(x.numel()),
+      [&] {
+        cpu::batch_norm_apply_bf16(view3<const uint16_t>(x), view3<uint16_t>(y),
+                                   center.ptr<const float>(), scale.ptr<const float>(),
+                                   shift.ptr<const float>());
+      },
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_apply<T>(view3<const T>(x), view3<T>(y), center.ptr<const T>(),
@@ -254,13 +292,13 @@ NNK_BINDING(batch_norm_apply, "input, out, center, scale, shift",
 TensorView running_stat(const Call& c, int i, const TensorView& x) {
   const TensorView v = c.tensor_or_none(i);
   if (!c.given(i)) return v;
-  check_like(v, c.name(i), x, "input");
+  check_like(v, c.name(i), params_of(x), params_name(x));
   check_shape(v, c.name(i), {x.shape[1]});
   return v;
 }
 
 py::object batch_norm_eval(Call& c) {
-  const TensorView x = activation(c, 0, nullptr), y = output_activation(c, 1, x);
+  const TensorView x = activation(c, 0, nullptr, false, true), y = output_activation(c, 1, x);
   NNK_CHECK_VALUE(c.given(2) && c.given(3), "running_mean and running_var must be given");
   const TensorView mean = running_stat(c, 2, x), var = running_stat(c, 3, x);
   const TensorView w = running_stat(c, 4, x), b = running_stat(c, 5, x);
@@ -268,22 +306,35 @@ py::object batch_norm_eval(Call& c) {
   const double eps = c.f64(7, 1e-5);
   NNK_CHECK_VALUE(x.device == Device::cpu,
                   "batch_norm_eval runs on CPU tensors (CUDA: batch_norm_apply)");
+  // (center, scale, shift) in T, the per-channel tensors' dtype
+  auto coefs = [&](auto t) {
+    using T = decltype(t);
+    const int64_t C = x.shape[1];
+    std::vector<T> coef(size_t(3 * C));
+    T *center = coef.data(), *scale = center + C, *shift = scale + C;
+    auto at = [](const TensorView& v, int64_t i) { return v.ptr<const T>()[i * v.strides[0]]; };
+    for (int64_t i = 0; i < C; ++i) {
+      const T inv = T(1) / std::sqrt(at(var, i) + T(eps));
+      if (invstd.data) invstd.ptr<T>()[i] = inv;
+      center[i] = at(mean, i);
+      scale[i] = w.data ? at(w, i) * inv : inv;
+      shift[i] = b.data ? at(b, i) : T(0);
+    }
+    return coef;
+  };
+  const int64_t C = x.shape[1];
   run(
       x, double(x.numel()),
+      [&] {
+        const std::vector<float> k = coefs(float());
+        cpu::batch_norm_apply_bf16(view3<const uint16_t>(x), view3<uint16_t>(y), k.data(),
+                                   k.data() + C, k.data() + 2 * C);
+      },
       [&](auto t) {
         using T = decltype(t);
-        const int64_t C = x.shape[1];
-        std::vector<T> coef(size_t(3 * C));  // center, scale, shift
-        T *center = coef.data(), *scale = center + C, *shift = scale + C;
-        auto at = [](const TensorView& v, int64_t i) { return v.ptr<const T>()[i * v.strides[0]]; };
-        for (int64_t i = 0; i < C; ++i) {
-          const T inv = T(1) / std::sqrt(at(var, i) + T(eps));
-          if (invstd.data) invstd.ptr<T>()[i] = inv;
-          center[i] = at(mean, i);
-          scale[i] = w.data ? at(w, i) * inv : inv;
-          shift[i] = b.data ? at(b, i) : T(0);
-        }
-        cpu::batch_norm_apply<T>(view3<const T>(x), view3<T>(y), center, scale, shift);
+        const std::vector<T> k = coefs(t);
+        cpu::batch_norm_apply<T>(view3<const T>(x), view3<T>(y), k.data(), k.data() + C,
+                                 k.data() + 2 * C);
       },
       no_cuda);
   return py::none();
@@ -294,13 +345,18 @@ NNK_BINDING(batch_norm_eval,
             "+ bias per channel; invstd, when given, receives 1 / sqrt(running_var + eps).");
 
 py::object batch_norm_backward_reduce(Call& c) {
-  const TensorView x = activation(c, 1, nullptr), dy = activation(c, 0, &x);
+  const TensorView x = activation(c, 1, nullptr, false, true), dy = activation(c, 0, &x);
   const TensorView mean = channel(c, 2, x), invstd = channel(c, 3, x);
   const TensorView sdy = channel(c, 4, x, true), sdyx = channel(c, 5, x, true);
   check_cuda_layout({{&dy, "grad_output"}, {&x, "input"}});
   double* ws = workspace(c, 6, x);
   run(
       x, double(x.numel()),
+      [&] {
+        cpu::batch_norm_backward_reduce_bf16(view3<const uint16_t>(dy), view3<const uint16_t>(x),
+                                             mean.ptr<const float>(), invstd.ptr<const float>(),
+                                             sdy.ptr<float>(), sdyx.ptr<float>());
+      },
       [&](auto t) {
         using T = decltype(t);
         cpu::batch_norm_backward_reduce<T>(view3<const T>(dy), view3<const T>(x),
@@ -347,7 +403,7 @@ NNK_BINDING(batch_norm_backward_apply,
             "grad_input = (dy - mean_dy - xhat * mean_dy_xhat) * invstd * weight per channel.");
 
 py::object batch_norm_backward_train(Call& c) {
-  const TensorView x = activation(c, 1, nullptr), dy = activation(c, 0, &x);
+  const TensorView x = activation(c, 1, nullptr, false, true), dy = activation(c, 0, &x);
   const TensorView mean = channel(c, 2, x), invstd = channel(c, 3, x);
   const TensorView w = channel(c, 4, x, false, true);
   TensorView dx;  // ndim 0: no input gradient
@@ -360,6 +416,13 @@ py::object batch_norm_backward_train(Call& c) {
   double* ws = workspace(c, 8, x);
   run(
       x, double(x.numel()),
+      [&] {
+        View3<uint16_t> dxv;
+        if (dx.ndim) dxv = view3<uint16_t>(dx);
+        cpu::batch_norm_backward_train_bf16(
+            view3<const uint16_t>(dy), view3<const uint16_t>(x), mean.ptr<const float>(),
+            invstd.ptr<const float>(), w.ptr<const float>(), dxv, dw.ptr<float>(), db.ptr<float>());
+      },
       [&](auto t) {
         using T = decltype(t);
         View3<T> dxv;

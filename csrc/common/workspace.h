@@ -15,7 +15,8 @@ enum class Scratch : int {
   gemm_bf16 = 5,
   conv_bf16 = 6,
   conv_bf16_weight = 7,
-  count = 8
+  batch_norm_bf16 = 8,
+  count = 9
 };
 
 // At least `bytes` of this thread's scratch in `slot`; throws std::bad_alloc when it cannot grow.

@@ -436,6 +436,7 @@ NNK_ISA_TABLE(batch_norm_kernels, cpu::BatchNormKernels, BatchNormLoops)
 #include "common/isa.h"
 #include "common/threading.h"
 #include "common/workspace.h"
+#include "cpu/gemm.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -1166,6 +1167,133 @@ void batch_norm_backward_train(View3<const T> dy, View3<const T> x, const T* mea
                                              const T*, View3<T>, T*, T*);
 NNK_INSTANTIATE_BN(float)
 NNK_INSTANTIATE_BN(double)
+
+// ---------------------------------------------------------------------------------- bfloat16
+// bfloat16 activations with float32 weight, bias and statistics (torch's mixed-dtype batch norm):
+// the float32 passes above run on blocks of channels widened into float32 scratch of at most
+// kBf16BlockFloats values per operand (statistics are per channel, so a block is exact on its
+// own): each bfloat16 value is read from memory once per call and each result rounded once, while
+// the float32 copies stay in the caches.
+namespace {
+
+constexpr int64_t kBf16BlockFloats = int64_t(1) << 18;
+
+// The float32 view (same layout kind: channels innermost or unit-stride rows) of cb channels of
+// an (N, C, S) view, at buf.
+template <class V>
+View3<float> block_view(const V& v, int64_t cb, float* buf) {
+  View3<float> r;
+  r.p = buf, r.N = v.N, r.C = cb, r.S = v.S;
+  if (v.sc == 1 && v.C > 1)
+    r.sc = 1, r.ss = cb, r.sn = v.S * cb;
+  else
+    r.ss = 1, r.sc = v.S, r.sn = cb * v.S;
+  return r;
+}
+
+// d (channels [c0, c0 + d.C) of v) = v widened (kWiden) or d rounded into v: unit-stride runs
+// (a row of S values, or a pixel's d.C channels) through the vector conversions.
+template <bool kWiden>
+void move_block(std::conditional_t<kWiden, const View3<const uint16_t>&, const View3<uint16_t>&> v,
+                int64_t c0, const View3<float>& d) {
+  auto run = [&](auto* src, float* f, int64_t n, int64_t step) {
+    if (step == 1) {
+      if constexpr (kWiden)
+        bf16_to_f32_n(src, f, n);
+      else
+        f32_to_bf16_n(f, src, n);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (kWiden)
+        f[i] = bf16_to_f32(src[i * step]);
+      else
+        src[i * step] = f32_to_bf16(f[i]);
+    }
+  };
+  if (d.sc == 1) {  // pixels of d.C channels (v's channel stride v.sc)
+    parallel_for(v.N * v.S, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        run(v.p + i / v.S * v.sn + c0 * v.sc + i % v.S * v.ss, d.p + i * d.C, d.C, v.sc);
+    });
+  } else {  // rows of S values (v's pixel stride v.ss)
+    parallel_for(v.N * d.C, 1 + 4096 / (v.S + 1), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        run(v.p + i / d.C * v.sn + (c0 + i % d.C) * v.sc, d.p + i * v.S, v.S, v.ss);
+    });
+  }
+}
+
+// fn(c0, cb, bufs) over blocks of channels; bufs: `operands` float32 buffers of N S cb values.
+template <class F>
+void for_channel_blocks(int64_t N, int64_t C, int64_t S, int operands, F&& fn) {
+  const int64_t per = N * S;
+  const int64_t cb = per <= 0 ? C : std::max<int64_t>(1, std::min(C, kBf16BlockFloats / per));
+  float* buf = thread_scratch<float>(Scratch::batch_norm_bf16, size_t(operands * per * cb) + 1);
+  for (int64_t c0 = 0; c0 < C; c0 += cb) {
+    const int64_t n = std::min(cb, C - c0);
+    float* bufs[3] = {buf, buf + per * n, buf + 2 * per * n};
+    fn(c0, n, bufs);
+  }
+}
+
+template <class T>
+View3<const T> ro(const View3<T>& v) {
+  return View3<const T>{v.p, v.N, v.C, v.S, v.sn, v.sc, v.ss};
+}
+
+const float* at(const float* p, int64_t c0) { return p ? p + c0 : nullptr; }
+float* at(float* p, int64_t c0) { return p ? p + c0 : nullptr; }
+
+}  // namespace
+
+void batch_norm_forward_train_bf16(View3<const uint16_t> x, View3<uint16_t> y, const float* w,
+                                   const float* b, double eps, double momentum, float* save_mean,
+                                   float* save_invstd, float* running_mean, float* running_var) {
+  for_channel_blocks(x.N, x.C, x.S, 2, [&](int64_t c0, int64_t cb, float** buf) {
+    const View3<float> xf = block_view(x, cb, buf[0]), yf = block_view(y, cb, buf[1]);
+    move_block<true>(x, c0, xf);
+    batch_norm_forward_train<float>(ro(xf), yf, at(w, c0), at(b, c0), eps, momentum, save_mean + c0,
+                                    save_invstd + c0, at(running_mean, c0), at(running_var, c0));
+    move_block<false>(y, c0, yf);
+  });
+}
+
+void batch_norm_apply_bf16(View3<const uint16_t> x, View3<uint16_t> y, const float* center,
+                           const float* scale, const float* shift) {
+  for_channel_blocks(x.N, x.C, x.S, 2, [&](int64_t c0, int64_t cb, float** buf) {
+    const View3<float> xf = block_view(x, cb, buf[0]), yf = block_view(y, cb, buf[1]);
+    move_block<true>(x, c0, xf);
+    batch_norm_apply<float>(ro(xf), yf, at(center, c0), scale + c0, shift + c0);
+    move_block<false>(y, c0, yf);
+  });
+}
+
+void batch_norm_backward_reduce_bf16(View3<const uint16_t> dy, View3<const uint16_t> x,
+                                     const float* mean, const float* invstd, float* sum_dy,
+                                     float* sum_dy_xhat) {
+  for_channel_blocks(x.N, x.C, x.S, 2, [&](int64_t c0, int64_t cb, float** buf) {
+    const View3<float> dyf = block_view(dy, cb, buf[0]), xf = block_view(x, cb, buf[1]);
+    move_block<true>(dy, c0, dyf);
+    move_block<true>(x, c0, xf);
+    batch_norm_backward_reduce<float>(ro(dyf), ro(xf), mean + c0, invstd + c0, sum_dy + c0,
+                                      sum_dy_xhat + c0);
+  });
+}
+
+void batch_norm_backward_train_bf16(View3<const uint16_t> dy, View3<const uint16_t> x,
+                                    const float* mean, const float* invstd, const float* w,
+                                    View3<uint16_t> dx, float* dw, float* db) {
+  for_channel_blocks(x.N, x.C, x.S, 3, [&](int64_t c0, int64_t cb, float** buf) {
+    const View3<float> dyf = block_view(dy, cb, buf[0]), xf = block_view(x, cb, buf[1]);
+    const View3<float> dxf = dx.p ? block_view(dx, cb, buf[2]) : View3<float>{};
+    move_block<true>(dy, c0, dyf);
+    move_block<true>(x, c0, xf);
+    batch_norm_backward_train<float>(ro(dyf), ro(xf), mean + c0, invstd + c0, at(w, c0), dxf,
+                                     at(dw, c0), at(db, c0));
+    if (dx.p) move_block<false>(dx, c0, dxf);
+  });
+}
 
 }  // namespace cpu
 }  // namespace nnk

@@ -2389,9 +2389,14 @@ void widen4(const uint16_t* src, const int64_t* st, const int64_t* shape, float*
   parallel_for(planes, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const uint16_t* p = src + i / shape[1] * st[0] + i % shape[1] * st[1];
-      for (int64_t h = 0; h < shape[2]; ++h)
-        for (int64_t w = 0; w < shape[3]; ++w)
-          dst[i * hw + h * shape[3] + w] = bf16_to_f32(p[h * st[2] + w * st[3]]);
+      for (int64_t h = 0; h < shape[2]; ++h) {
+        float* d = dst + i * hw + h * shape[3];
+        if (st[3] == 1) {
+          bf16_to_f32_n(p + h * st[2], d, shape[3]);
+          continue;
+        }
+        for (int64_t w = 0; w < shape[3]; ++w) d[w] = bf16_to_f32(p[h * st[2] + w * st[3]]);
+      }
     }
   });
 }
@@ -2402,9 +2407,14 @@ void narrow4(const float* src, const int64_t* shape, uint16_t* dst, const int64_
   parallel_for(planes, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       uint16_t* p = dst + i / shape[1] * st[0] + i % shape[1] * st[1];
-      for (int64_t h = 0; h < shape[2]; ++h)
-        for (int64_t w = 0; w < shape[3]; ++w)
-          p[h * st[2] + w * st[3]] = f32_to_bf16(src[i * hw + h * shape[3] + w]);
+      for (int64_t h = 0; h < shape[2]; ++h) {
+        const float* f = src + i * hw + h * shape[3];
+        if (st[3] == 1) {
+          f32_to_bf16_n(f, p + h * st[2], shape[3]);
+          continue;
+        }
+        for (int64_t w = 0; w < shape[3]; ++w) p[h * st[2] + w * st[3]] = f32_to_bf16(f[w]);
+      }
     }
   });
 }

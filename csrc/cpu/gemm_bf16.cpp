@@ -209,16 +209,44 @@ void store_block_scalar(const GemmBf16& g, const float* acc, int64_t i0, int64_t
 }
 
 #if defined(NNK_X86)
-// The same for a unit-stride C, 16 columns per vector (a mask for the last), rounding as
-// f32_to_bf16 does.
+// 16 float32 values rounded to bfloat16 as f32_to_bf16 does (nearest even, NaN kept quiet).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i round_bf16(__m512 r) {
+  const __m512i u = _mm512_castps_si512(r);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i h =
+      _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(h);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void bf16_to_f32_avx512(const uint16_t* src,
+                                                                             float* dst,
+                                                                             int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, src + i));
+    _mm512_mask_storeu_ps(dst + i, k, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void f32_to_bf16_avx512(const float* src,
+                                                                             uint16_t* dst,
+                                                                             int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(dst + i, k, round_bf16(_mm512_maskz_loadu_ps(k, src + i)));
+  }
+}
+
+// The same for a unit-stride C, 16 columns per vector (a mask for the last).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_block_avx512(const GemmBf16& g,
                                                                              const float* acc,
                                                                              int64_t i0, int64_t j0,
                                                                              int64_t m, int64_t n) {
   const __m512 alpha = _mm512_set1_ps(g.alpha), beta = _mm512_set1_ps(g.beta);
-  const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-  const __m512i quiet = _mm512_set1_epi32(0x40), abs = _mm512_set1_epi32(0x7fffffff);
-  const __m512i inf = _mm512_set1_epi32(0x7f800000);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
     const __m512 bias =
@@ -233,14 +261,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_block_avx512(con
           const __m512i old = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, c));
           r = _mm512_fmadd_ps(beta, _mm512_castsi512_ps(_mm512_slli_epi32(old, 16)), r);
         }
-        const __m512i u = _mm512_castps_si512(_mm512_add_ps(r, bias));
-        const __m512i rounded = _mm512_srli_epi32(
-            _mm512_add_epi32(
-                u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))),
-            16);
-        const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, abs), inf);
-        const __m512i h = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), quiet);
-        _mm256_mask_storeu_epi16(c, k, _mm512_cvtepi32_epi16(h));
+        _mm256_mask_storeu_epi16(c, k, round_bf16(_mm512_add_ps(r, bias)));
       } else {
         float* c = static_cast<float*>(g.C) + off;
         if (g.beta != 0.0f) r = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(k, c), r);
@@ -692,6 +713,20 @@ void sum_rows_bf16(int64_t R, int64_t N, const uint16_t* x, int64_t rsx, int64_t
 }
 
 const char* gemm_bf16_kernel_name() { return kernel_name(active_kernel()); }
+
+void bf16_to_f32_n(const uint16_t* src, float* dst, int64_t n) {
+#if defined(NNK_X86)
+  if (active_isa() == Isa::avx512) return bf16_to_f32_avx512(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+void f32_to_bf16_n(const float* src, uint16_t* dst, int64_t n) {
+#if defined(NNK_X86)
+  if (active_isa() == Isa::avx512) return f32_to_bf16_avx512(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
 
 bool set_gemm_bf16_kernel(const char* name) {
   if (!*name) {  // back to the best

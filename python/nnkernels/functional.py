@@ -220,8 +220,11 @@ def batch_norm(
     Otherwise normalise with the running statistics. weight, bias: (C,) or None.
     float16 / bfloat16 input (with float32 or same-dtype weight, bias and running statistics, as
     torch's mixed-dtype batch norm takes them): computed in float32, returned in input's dtype.
+    On the CPU a bfloat16 input with float32 (or no) parameters and statistics runs the
+    mixed-dtype kernels (one bfloat16 read and write per pass, float32 statistics); the other
+    combinations compute on float32 copies.
     """
-    if _widens(input):
+    if _widens(input) and not _bf16_mixed(input, running_mean, running_var, weight, bias):
         return _batch_norm_widened(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
@@ -238,6 +241,16 @@ def batch_norm(
             bias=bias,
         )
         raise
+
+
+def _bf16_mixed(input, *params) -> bool:
+    """A bfloat16 CPU input whose per-channel tensors are all float32 or None (the kernels'
+    mixed-dtype batch norm)."""
+    return (
+        input.dtype == torch.bfloat16
+        and input.device.type == "cpu"
+        and all(p is None or getattr(p, "dtype", None) == torch.float32 for p in params)
+    )
 
 
 def _batch_norm_widened(input, running_mean, running_var, weight, bias, training, momentum, eps):

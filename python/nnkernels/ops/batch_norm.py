@@ -72,8 +72,13 @@ def _like_input(x):
 
 
 def _channels(x, n=1):
-    """n per-channel vectors (C,) like x (new_empty: the cheapest allocation from Python)."""
+    """n per-channel vectors (C,) like x (new_empty: the cheapest allocation from Python); float32
+    for a bfloat16 x (the CPU's mixed-dtype kernels keep statistics and parameters in float32)."""
     c = x.shape[1]
+    if x.dtype == torch.bfloat16:
+        if n == 1:
+            return x.new_empty(c, dtype=torch.float32)
+        return tuple(x.new_empty(c, dtype=torch.float32) for _ in range(n))
     if n == 1:
         return x.new_empty(c)
     return tuple(x.new_empty(c) for _ in range(n))
@@ -144,8 +149,7 @@ def apply_kernel(x: Tensor, center: Optional[Tensor], scale: Tensor, shift: Tens
 
 
 def _grads_out(dy, x, w, mean, invstd, needs):
-    c = x.shape[1]
-    full = (_like_input(x), x.new_empty(c), x.new_empty(c))
+    full = (_like_input(x), *_channels(x, 2))
     return tuple(t if n else x.new_empty(0) for t, n in zip(full, needs))
 
 
