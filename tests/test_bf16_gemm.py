@@ -182,11 +182,13 @@ def test_bf16_kernel_names():
         _native.set_gemm_bf16_kernel("bf16gemm_nonesuch")
 
 
-@pytest.mark.parametrize("M,K,N", [(8, 300, 2100), (1, 33, 70), (32, 64, 4100), (5, 7, 31)])
+@pytest.mark.parametrize(
+    "M,K,N", [(8, 300, 2100), (1, 33, 70), (32, 64, 4100), (5, 7, 31), (97, 65, 40001)]
+)
 def test_skinny_rows_read_b_in_place(bf16_kernel, M, K, N):
     """One row panel of C and a row-major B (Linear's dx at a small batch): B is read in place,
     its pairs interleaved in registers, over groups of column panels (odd K: the last row alone;
-    N past a panel, past a group of 64 panels)."""
+    N past a panel, past a group of 64 panels; four row panels over a B larger than 4 L2s)."""
     a, b = _bf16(M, K), _bf16(K, N)
     ours = NF.matmul(a, b)
     assert_matches_reference(ours, a @ b, a.double() @ b.double(), k=K)
