@@ -155,3 +155,37 @@ def test_bench_bfloat16_runs_models_under_autocast():
     assert r.returncode == 0, r.stderr
     assert "[batch_norm] has no bfloat16 cases: skipped" in r.stdout + r.stderr
     assert "1024x1024x1024" in r.stdout and "bfloat16" in r.stdout
+
+
+def test_bench_skips_a_case_torch_cannot_run(monkeypatch, capsys):
+    """A case whose torch side raises on this machine (torch's LSTM under bfloat16 autocast with
+    oneDNN restricted to AVX2) is reported as skipped; the rest of the run and its JSON stay."""
+    import torch
+    from nnkernels import bench
+    from nnkernels.bench.harness import Case
+
+    def refuse():
+        raise RuntimeError("could not create a primitive descriptor\nmore")
+
+    x = torch.randn(8, 8)
+    good = Case(
+        op="matmul",
+        name="ok 8",
+        dtype="float32",
+        ours=lambda: x @ x,
+        torch=lambda: x @ x,
+        flops=1024,
+    )
+    bad = Case(
+        op="matmul",
+        name="torch fails",
+        dtype="float32",
+        ours=lambda: x @ x,
+        torch=refuse,
+        flops=1024,
+    )
+    monkeypatch.setitem(bench.SUITES, "matmul", lambda device, quick: [bad, good])
+    assert bench.main(["--ops", "matmul", "--budget", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "ok 8" in out
+    assert "skipped matmul torch fails float32: torch fails here (could not create" in out
