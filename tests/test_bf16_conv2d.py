@@ -7,7 +7,7 @@ channels-last copies read in place by the GEMM, NCHW image by image at 256+ pixe
 through a buffer, channels_last merged in place); im2col (other channel counts, and layers whose
 maps have fewer pixels than half the output channels); the data gradient as the flipped forward
 (stride 1: a view of the weight for one group, a transposed copy for several) or col2im (strided);
-depthwise on float32 copies; a single-chunk weight gradient stored straight to bfloat16.
+depthwise layers on float32 copies; a single-chunk weight gradient stored straight to bfloat16.
 Parity is the project's rule (assert_matches_reference) against float64 from the same bfloat16
 values."""
 
@@ -32,7 +32,9 @@ CASES = [
     ((1, 64, 2, 2), (256, 64, 3, 3), dict(padding=1)),  # weight-heavy: im2col forward
     ((2, 8, 9, 9), (16, 8, 3, 3), dict(padding=1)),  # im2col, flipped transposed copy? (Cg 8)
     ((2, 32, 6, 6), (32, 16, 3, 3), dict(groups=2, padding=1)),  # flipped transposed copy
-    ((3, 5, 7, 11), (7, 5, 3, 2), dict(stride=2, padding=(1, 0))),  # im2col, col2im, primes
+    ((3, 7, 9, 11), (5, 7, 3, 2), dict(stride=2, padding=(1, 0))),  # im2col, col2im, primes
+    ((3, 5, 7, 11), (7, 5, 3, 2), dict(stride=2, padding=(1, 0))),  # C R S 30 < one k block
+    ((4, 1, 8, 8), (16, 1, 3, 3), dict(padding=1)),  # a C = 1 first layer
     ((2, 3, 20, 20), (4, 3, 7, 7), dict(stride=2, padding=3)),  # the ResNet stem
     ((4, 64, 4, 4), (32, 64, 1, 1), {}),
     ((1, 1, 5, 5), (1, 1, 1, 1), {}),  # size 1

@@ -1259,8 +1259,49 @@ void batch_norm_forward_train_bf16(View3<const uint16_t> x, View3<uint16_t> y, c
   });
 }
 
+// One pass when every run is unit-stride (rows of S values, or pixels of C channels): each run
+// widened in pieces into a float32 buffer on the stack, the affine applied, rounded back (eval
+// needs no statistics, so no scratch block); other layouts through the blocks.
 void batch_norm_apply_bf16(View3<const uint16_t> x, View3<uint16_t> y, const float* center,
                            const float* scale, const float* shift) {
+  constexpr int64_t kPiece = 512;
+  // n values from src to dst, coefficient j0 + i of each array when per_value, else the scalars.
+  auto piece = [&](const uint16_t* src, uint16_t* dst, int64_t n, int64_t j0, bool per_value) {
+    float buf[kPiece];
+    for (int64_t i0 = 0; i0 < n; i0 += kPiece) {
+      const int64_t m = std::min(kPiece, n - i0);
+      bf16_to_f32_n(src + i0, buf, m);
+      if (per_value) {
+        const int64_t j = j0 + i0;
+        for (int64_t i = 0; i < m; ++i)
+          buf[i] = (buf[i] - (center ? center[j + i] : 0.f)) * scale[j + i] + shift[j + i];
+      } else {
+        const float c = center ? center[j0] : 0.f, sc = scale[j0], sh = shift[j0];
+        for (int64_t i = 0; i < m; ++i) buf[i] = (buf[i] - c) * sc + sh;
+      }
+      f32_to_bf16_n(buf, dst + i0, m);
+    }
+  };
+  const View3<const uint16_t> xn = normalised(x);
+  const View3<uint16_t> yn = normalised(y);
+  if (xn.ss == 1 && yn.ss == 1) {  // rows
+    parallel_for(xn.N * xn.C, 1 + 4096 / (xn.S + 1), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = i / xn.C, c = i % xn.C;
+        piece(xn.p + n * xn.sn + c * xn.sc, yn.p + n * yn.sn + c * yn.sc, xn.S, c, false);
+      }
+    });
+    return;
+  }
+  if (xn.sc == 1 && yn.sc == 1) {  // pixels
+    parallel_for(xn.N * xn.S, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = i / xn.S, q = i % xn.S;
+        piece(xn.p + n * xn.sn + q * xn.ss, yn.p + n * yn.sn + q * yn.ss, xn.C, 0, true);
+      }
+    });
+    return;
+  }
   for_channel_blocks(x.N, x.C, x.S, 2, [&](int64_t c0, int64_t cb, float** buf) {
     const View3<float> xf = block_view(x, cb, buf[0]), yf = block_view(y, cb, buf[1]);
     move_block<true>(x, c0, xf);

@@ -2293,7 +2293,8 @@ View4<T> view4(T* p, const int64_t* st) {
 // chunks of L output columns of the merged column space J = n * PQ + pixel: a piece of one image
 // when an image fills a chunk (Y / dY are then read and written in place), else whole images side
 // by side (Y / dY through a buffer). col is im2col in bfloat16 (Geometry::im2col_row). Depthwise
-// layers, whose GEMMs would have one row, run the float32 direct loops on float32 copies instead.
+// layers, whose GEMMs would have one row, run the float32 kernels on float32 copies instead
+// (widen_bf16).
 
 // im2col of one chunk: about CRS x L <= 2^20 bfloat16 values (2 MiB), L at least 256.
 constexpr int64_t kBf16ColBudget = int64_t(1) << 20;
@@ -2419,8 +2420,13 @@ void narrow4(const float* src, const int64_t* shape, uint16_t* dst, const int64_
   });
 }
 
+// Layers the bfloat16 passes run as float32 kernels on float32 copies: depthwise (one-row GEMMs).
+// (Also sending C/groups R S < 32 layers there, a C = 1 first layer, was slower: the copies of
+// their outputs cost more than the float32 kernels gained; MNIST conv1 forward 0.59 -> 1.45 ms.)
+inline bool widen_bf16(const Conv2dShape& s) { return is_depthwise(s); }
+
 // Float32 working copies of a pass's three operands (contiguous NCHW), carved from one scratch
-// buffer: the depthwise passes run the float32 kernels on them.
+// buffer: the passes of widen_bf16 layers run the float32 kernels on them.
 struct WideConv {
   Conv2dArgs a;  // the pass's geometry with the copies' strides
   float *x, *w, *y, *bias;
@@ -2634,7 +2640,7 @@ void forward_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w, con
   const Geometry<uint16_t> gm(s);
   if (s.N == 0 || s.K == 0 || gm.PQ == 0) return;
   const int64_t yshape[4] = {s.N, s.K, s.P, s.Q};
-  if (is_depthwise(s)) {
+  if (widen_bf16(s)) {
     const WideConv wc(a, bias != nullptr);
     const int64_t xshape[4] = {s.N, s.C, s.H, s.W}, wshape[4] = {s.K, gm.Cg, s.R, s.S};
     widen4(x, a.xs, xshape, wc.x);
@@ -2689,7 +2695,7 @@ void backward_data_bf16(const Conv2dArgs& a, const uint16_t* dy, const uint16_t*
     });
     return;
   }
-  if (is_depthwise(s)) {
+  if (widen_bf16(s)) {
     const WideConv wc(a, false);
     const int64_t wshape[4] = {s.K, gm.Cg, s.R, s.S}, yshape[4] = {s.N, s.K, s.P, s.Q};
     widen4(dy, a.ys, yshape, wc.y);
@@ -2780,7 +2786,7 @@ void backward_weight_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t
   const int64_t ps = pixel_stride(a.ys, s.Q);
   if (dbias) sum_channels_bf16(s.N, s.K, gm.PQ, dy, a.ys[0], a.ys[1], ps, dbias);
   const int64_t wshape[4] = {s.K, gm.Cg, s.R, s.S};
-  if (is_depthwise(s)) {
+  if (widen_bf16(s)) {
     const WideConv wc(a, false);
     const int64_t xshape[4] = {s.N, s.C, s.H, s.W}, yshape[4] = {s.N, s.K, s.P, s.Q};
     widen4(x, a.xs, xshape, wc.x);
