@@ -189,3 +189,12 @@ def test_bench_skips_a_case_torch_cannot_run(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "ok 8" in out
     assert "skipped matmul torch fails float32: torch fails here (could not create" in out
+
+
+def test_bench_refuses_an_unwritable_output_before_running(tmp_path):
+    """--json / --plot into a directory that does not exist: exit code 2 at once, naming it (it
+    used to fail only after the whole run, losing the results)."""
+    missing = tmp_path / "no" / "such"
+    r = _run("bench", "--ops", "matmul", "--json", str(missing / "r.json"))
+    assert r.returncode == 2 and "--json" in r.stdout and "does not exist" in r.stdout
+    assert "[matmul" not in r.stderr  # nothing was timed

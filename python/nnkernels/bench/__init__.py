@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import pkgutil
 
 import torch
@@ -95,6 +96,13 @@ def run(args) -> int:
             import matplotlib  # noqa: F401  (checked before a long run, not after it)
         except ImportError:
             print("nnkernels bench: --plot needs matplotlib (pip install 'nnkernels[plot]')")
+            return 2
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        # a path that cannot be written fails now, not after the run (which it would lose)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            print(
+                f"nnkernels bench: {flag} {path}: directory {os.path.dirname(path)!r} does not exist"
+            )
             return 2
     if args.threads:
         torch.set_num_threads(args.threads)
