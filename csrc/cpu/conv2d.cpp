@@ -2295,6 +2295,10 @@ View4<T> view4(T* p, const int64_t* st) {
 // by side (Y / dY through a buffer). col is im2col in bfloat16 (Geometry::im2col_row). Depthwise
 // layers, whose GEMMs would have one row, run the float32 kernels on float32 copies instead
 // (widen_bf16).
+// Which path a pass takes: depthwise -> float32 copies; C/groups a multiple of 32 -> pixel runs
+// (below: no im2col) for the forward when the maps have enough pixels (runs_pay), for the weight
+// gradient always, for the stride-1 data gradient as the flipped forward (one group); everything
+// else -> the im2col GEMMs here, the strided data gradient through col2im.
 
 // im2col of one chunk: about CRS x L <= 2^20 bfloat16 values (2 MiB), L at least 256.
 constexpr int64_t kBf16ColBudget = int64_t(1) << 20;
