@@ -30,9 +30,8 @@ void run_gemm_bf16(const TensorView& a, const TensorView& b, const TensorView& o
                    int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
   std::vector<float> bias_f32;
   if (bias.data) {
-    const uint16_t* bp = bias.ptr<const uint16_t>();
     bias_f32.resize(size_t(N));
-    for (int64_t j = 0; j < N; ++j) bias_f32[size_t(j)] = cpu::bf16_to_f32(bp[j * bias.stride(-1)]);
+    cpu::bf16_to_f32_n(bias.ptr<const uint16_t>(), bias_f32.data(), N, bias.stride(-1));
   }
   cpu::GemmBf16 g;
   g.M = M, g.N = N, g.K = K;

@@ -1197,19 +1197,10 @@ template <bool kWiden>
 void move_block(std::conditional_t<kWiden, const View3<const uint16_t>&, const View3<uint16_t>&> v,
                 int64_t c0, const View3<float>& d) {
   auto run = [&](auto* src, float* f, int64_t n, int64_t step) {
-    if (step == 1) {
-      if constexpr (kWiden)
-        bf16_to_f32_n(src, f, n);
-      else
-        f32_to_bf16_n(f, src, n);
-      return;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      if constexpr (kWiden)
-        f[i] = bf16_to_f32(src[i * step]);
-      else
-        src[i * step] = f32_to_bf16(f[i]);
-    }
+    if constexpr (kWiden)
+      bf16_to_f32_n(src, f, n, step);
+    else
+      f32_to_bf16_n(f, src, n, step);
   };
   if (d.sc == 1) {  // pixels of d.C channels (v's channel stride v.sc)
     parallel_for(v.N * v.S, 64, [&](int64_t b, int64_t e) {

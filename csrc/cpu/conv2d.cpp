@@ -2394,14 +2394,8 @@ void widen4(const uint16_t* src, const int64_t* st, const int64_t* shape, float*
   parallel_for(planes, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const uint16_t* p = src + i / shape[1] * st[0] + i % shape[1] * st[1];
-      for (int64_t h = 0; h < shape[2]; ++h) {
-        float* d = dst + i * hw + h * shape[3];
-        if (st[3] == 1) {
-          bf16_to_f32_n(p + h * st[2], d, shape[3]);
-          continue;
-        }
-        for (int64_t w = 0; w < shape[3]; ++w) d[w] = bf16_to_f32(p[h * st[2] + w * st[3]]);
-      }
+      for (int64_t h = 0; h < shape[2]; ++h)
+        bf16_to_f32_n(p + h * st[2], dst + i * hw + h * shape[3], shape[3], st[3]);
     }
   });
 }
@@ -2412,14 +2406,8 @@ void narrow4(const float* src, const int64_t* shape, uint16_t* dst, const int64_
   parallel_for(planes, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       uint16_t* p = dst + i / shape[1] * st[0] + i % shape[1] * st[1];
-      for (int64_t h = 0; h < shape[2]; ++h) {
-        const float* f = src + i * hw + h * shape[3];
-        if (st[3] == 1) {
-          f32_to_bf16_n(f, p + h * st[2], shape[3]);
-          continue;
-        }
-        for (int64_t w = 0; w < shape[3]; ++w) p[h * st[2] + w * st[3]] = f32_to_bf16(f[w]);
-      }
+      for (int64_t h = 0; h < shape[2]; ++h)
+        f32_to_bf16_n(src + i * hw + h * shape[3], p + h * st[2], shape[3], st[3]);
     }
   });
 }
@@ -2433,17 +2421,17 @@ inline bool widen_bf16(const Conv2dShape& s) { return is_depthwise(s); }
 // buffer: the passes of widen_bf16 layers run the float32 kernels on them.
 struct WideConv {
   Conv2dArgs a;  // the pass's geometry with the copies' strides
-  float *x, *w, *y, *bias;
-  WideConv(const Conv2dArgs& args, bool with_bias) : a(args) {
+  float *x, *w, *y;
+  explicit WideConv(const Conv2dArgs& args) : a(args) {
     const int64_t xn[4] = {a.N, a.C, a.H, a.W}, wn[4] = {a.K, a.Cg, a.R, a.S};
     const int64_t yn[4] = {a.N, a.K, a.P, a.Q};
     for (auto [st, n] : {std::pair{a.xs, xn}, std::pair{a.ws, wn}, std::pair{a.ys, yn}}) {
       st[3] = 1, st[2] = n[3], st[1] = n[2] * n[3], st[0] = n[1] * n[2] * n[3];
     }
     const size_t nx = size_t(a.N * a.C * a.H * a.W), nw = size_t(a.K * a.Cg * a.R * a.S);
-    const size_t ny = size_t(a.N * a.K * a.P * a.Q), nb = with_bias ? size_t(a.K) : 0;
-    x = thread_scratch<float>(Scratch::conv_bf16, nx + nw + ny + nb);
-    w = x + nx, y = w + nw, bias = with_bias ? y + ny : nullptr;
+    const size_t ny = size_t(a.N * a.K * a.P * a.Q);
+    x = thread_scratch<float>(Scratch::conv_bf16, nx + nw + ny);
+    w = x + nx, y = w + nw;
   }
 };
 
@@ -2451,7 +2439,7 @@ struct WideConv {
 // channels-last copies of a block of images in place (GemmBf16::a_rows / b_rows): output pixel
 // i's window starts at xp + rows[i], its tap (r, t) and 32 channels from 32 cb at + runs[(r S + t)
 // Cg / 32 + cb]. No im2col: the copies are the padded images (the input's size), the weight in
-// (K, R, S, C/groups) order, and Y / dY through a buffer where NCHW images are merged.
+// (R, S, C/groups, K) order (forward), and Y / dY through a buffer where NCHW images are merged.
 //   forward          Y^T (pixels x Kg)   = X~ (pixels x RS Cg) . W~_g^T (RS Cg x Kg)
 //   backward-weight  dW~_g (Kg x RS Cg) += dY_g (Kg x pixels) . X~ (pixels x RS Cg)
 inline bool runs_ok(const Conv2dShape& s) { return s.C > 0 && (s.C / s.groups) % 32 == 0; }
@@ -2565,6 +2553,15 @@ struct RunsPass {
     buf = xp + xp_n;
     pl.rows(rows);
   }
+  // fn(n0, cnt) for each block of images [n0, n0 + cnt) of x, its padded copies in xp.
+  template <class F>
+  void each_block(const uint16_t* x, const int64_t* xs, F&& fn) const {
+    for (int64_t n0 = 0; n0 < pl.s.N; n0 += pl.nb) {
+      const int64_t cnt = min64(pl.nb, pl.s.N - n0);
+      pl.fill(x, xs, n0, cnt, xp);
+      fn(n0, cnt);
+    }
+  }
 };
 
 void forward_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w, const float* bias,
@@ -2572,31 +2569,26 @@ void forward_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w, con
   const Conv2dShape s = shape_of(a);
   const RunsPass rp(a, s, 0);
   const RunsPlan& pl = rp.pl;
-  const int64_t Kg = rp.Kg, ps = rp.ps;
-  const bool in_place = rp.in_place;
-  uint16_t* wp = thread_scratch<uint16_t>(Scratch::conv_bf16_weight, size_t(s.K * pl.RSC));
-  permute_weight(s, w, a.ws, wp);
-  int64_t* rows = rp.rows;
-  uint16_t *xp = rp.xp, *ybuf = rp.buf;
-  for (int64_t n0 = 0; n0 < s.N; n0 += pl.nb) {
-    const int64_t cnt = min64(pl.nb, s.N - n0);
-    pl.fill(x, a.xs, n0, cnt, xp);
+  uint16_t* wt = thread_scratch<uint16_t>(Scratch::conv_bf16_weight, size_t(s.K * pl.RSC));
+  permute_weight(s, w, a.ws, wt);
+  rp.each_block(x, a.xs, [&](int64_t n0, int64_t cnt) {
     for (int64_t g = 0; g < s.groups; ++g) {
       GemmBf16 gg;
-      gg.M = cnt * pl.PQ, gg.N = Kg, gg.K = pl.RSC;
-      gg.A = xp + g * pl.Cg, gg.a_rows = rows, gg.a_runs = pl.runs.data();
-      gg.B = wp + g * Kg, gg.rsb = s.K, gg.csb = 1;
-      if (in_place) {
-        gg.C = y + n0 * a.ys[0] + g * Kg * a.ys[1], gg.rsc = ps, gg.csc = a.ys[1];
+      gg.M = cnt * pl.PQ, gg.N = rp.Kg, gg.K = pl.RSC;
+      gg.A = rp.xp + g * pl.Cg, gg.a_rows = rp.rows, gg.a_runs = pl.runs.data();
+      gg.B = wt + g * rp.Kg, gg.rsb = s.K, gg.csb = 1;
+      if (rp.in_place) {
+        gg.C = y + n0 * a.ys[0] + g * rp.Kg * a.ys[1], gg.rsc = rp.ps, gg.csc = a.ys[1];
       } else {  // Y_g (Kg x pixels), stored transposed, then copied out by channel
-        gg.C = ybuf, gg.rsc = 1, gg.csc = cnt * pl.PQ;
+        gg.C = rp.buf, gg.rsc = 1, gg.csc = gg.M;
       }
       gg.c_bf16 = true;
-      gg.bias_n = bias ? bias + g * Kg : nullptr;
+      gg.bias_n = bias ? bias + g * rp.Kg : nullptr;
       gemm_bf16(gg);
-      if (!in_place) move_chunk<false>(y, a.ys, s.Q, pl.PQ, g * Kg, Kg, n0 * pl.PQ, gg.M, ybuf);
+      if (!rp.in_place)
+        move_chunk<false>(y, a.ys, s.Q, pl.PQ, g * rp.Kg, rp.Kg, n0 * pl.PQ, gg.M, rp.buf);
     }
-  }
+  });
 }
 
 void backward_weight_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t* dy,
@@ -2604,36 +2596,29 @@ void backward_weight_runs(const Conv2dArgs& a, const uint16_t* x, const uint16_t
   const Conv2dShape s = shape_of(a);
   const RunsPass rp(a, s, size_t(s.K * (s.C / s.groups) * s.R * s.S));
   const RunsPlan& pl = rp.pl;
-  const int64_t Kg = rp.Kg, ps = rp.ps;
-  const bool in_place = rp.in_place;
-  int64_t* rows = rp.rows;
   float* dw32 = rp.extra;  // (K, R, S, C/groups) order
-  uint16_t *xp = rp.xp, *dybuf = rp.buf;
-  for (int64_t n0 = 0; n0 < s.N; n0 += pl.nb) {
-    const int64_t cnt = min64(pl.nb, s.N - n0);
-    pl.fill(x, a.xs, n0, cnt, xp);
+  rp.each_block(x, a.xs, [&](int64_t n0, int64_t cnt) {
     for (int64_t g = 0; g < s.groups; ++g) {
       GemmBf16 gg;
-      gg.M = Kg, gg.N = pl.RSC, gg.K = cnt * pl.PQ;
-      if (in_place) {
-        gg.A = dy + n0 * a.ys[0] + g * Kg * a.ys[1], gg.rsa = a.ys[1], gg.csa = ps;
-      } else {
-        move_chunk<true>(dy, a.ys, s.Q, pl.PQ, g * Kg, Kg, n0 * pl.PQ, gg.K, dybuf);  // Kg x pixels
-        gg.A = dybuf, gg.rsa = gg.K, gg.csa = 1;
+      gg.M = rp.Kg, gg.N = pl.RSC, gg.K = cnt * pl.PQ;
+      if (rp.in_place) {
+        gg.A = dy + n0 * a.ys[0] + g * rp.Kg * a.ys[1], gg.rsa = a.ys[1], gg.csa = rp.ps;
+      } else {  // dY_g (Kg x pixels) gathered by channel
+        move_chunk<true>(dy, a.ys, s.Q, pl.PQ, g * rp.Kg, rp.Kg, n0 * pl.PQ, gg.K, rp.buf);
+        gg.A = rp.buf, gg.rsa = gg.K, gg.csa = 1;
       }
-      gg.B = xp + g * pl.Cg, gg.b_rows = rows, gg.b_runs = pl.runs.data();
-      gg.C = dw32 + g * Kg * pl.RSC, gg.rsc = pl.RSC, gg.csc = 1;
+      gg.B = rp.xp + g * pl.Cg, gg.b_rows = rp.rows, gg.b_runs = pl.runs.data();
+      gg.C = dw32 + g * rp.Kg * pl.RSC, gg.rsc = pl.RSC, gg.csc = 1;
       gg.beta = n0 > 0 ? 1.f : 0.f;
       gemm_bf16(gg);
     }
-  }
+  });
   parallel_for(s.K, 4, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t r = 0; r < s.R; ++r)
         for (int64_t t = 0; t < s.S; ++t) {
           const float* src = dw32 + ((k * s.R + r) * s.S + t) * pl.Cg;
-          uint16_t* d = dw + k * a.ws[0] + r * a.ws[2] + t * a.ws[3];
-          for (int64_t c = 0; c < pl.Cg; ++c) d[c * a.ws[1]] = f32_to_bf16(src[c]);
+          f32_to_bf16_n(src, dw + k * a.ws[0] + r * a.ws[2] + t * a.ws[3], pl.Cg, a.ws[1]);
         }
   });
 }
@@ -2644,19 +2629,19 @@ void forward_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t* w, con
   const Geometry<uint16_t> gm(s);
   if (s.N == 0 || s.K == 0 || gm.PQ == 0) return;
   const int64_t yshape[4] = {s.N, s.K, s.P, s.Q};
+  std::vector<float> b32(bias ? size_t(s.K) : 0);
+  if (bias) bf16_to_f32_n(bias, b32.data(), s.K);
+  const float* bf = bias ? b32.data() : nullptr;
   if (widen_bf16(s)) {
-    const WideConv wc(a, bias != nullptr);
+    const WideConv wc(a);
     const int64_t xshape[4] = {s.N, s.C, s.H, s.W}, wshape[4] = {s.K, gm.Cg, s.R, s.S};
     widen4(x, a.xs, xshape, wc.x);
     widen4(w, a.ws, wshape, wc.w);
-    for (int64_t k = 0; bias && k < s.K; ++k) wc.bias[k] = bf16_to_f32(bias[k]);
     forward<float>(shape_of(wc.a), view4<const float>(wc.x, wc.a.xs),
-                   view4<const float>(wc.w, wc.a.ws), wc.bias, view4(wc.y, wc.a.ys));
+                   view4<const float>(wc.w, wc.a.ws), bf, view4(wc.y, wc.a.ys));
     return narrow4(wc.y, yshape, y, a.ys);
   }
-  std::vector<float> b32(bias ? size_t(s.K) : 0);
-  for (int64_t k = 0; bias && k < s.K; ++k) b32[size_t(k)] = bf16_to_f32(bias[k]);
-  if (runs_pay(s)) return forward_runs(a, x, w, bias ? b32.data() : nullptr, y);
+  if (runs_pay(s)) return forward_runs(a, x, w, bf, y);
   const Bf16Chunks ch(s, gm.CRS);
   const int64_t wcrs = crs_stride(s, a.ws), ps = pixel_stride(a.ys, s.Q);
   uint16_t* col = thread_scratch<uint16_t>(Scratch::conv_bf16, size_t((gm.CRS + gm.Kg) * ch.L));
@@ -2700,7 +2685,7 @@ void backward_data_bf16(const Conv2dArgs& a, const uint16_t* dy, const uint16_t*
     return;
   }
   if (widen_bf16(s)) {
-    const WideConv wc(a, false);
+    const WideConv wc(a);
     const int64_t wshape[4] = {s.K, gm.Cg, s.R, s.S}, yshape[4] = {s.N, s.K, s.P, s.Q};
     widen4(dy, a.ys, yshape, wc.y);
     widen4(w, a.ws, wshape, wc.w);
@@ -2791,7 +2776,7 @@ void backward_weight_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t
   if (dbias) sum_channels_bf16(s.N, s.K, gm.PQ, dy, a.ys[0], a.ys[1], ps, dbias);
   const int64_t wshape[4] = {s.K, gm.Cg, s.R, s.S};
   if (widen_bf16(s)) {
-    const WideConv wc(a, false);
+    const WideConv wc(a);
     const int64_t xshape[4] = {s.N, s.C, s.H, s.W}, yshape[4] = {s.N, s.K, s.P, s.Q};
     widen4(x, a.xs, xshape, wc.x);
     widen4(dy, a.ys, yshape, wc.y);
@@ -2842,8 +2827,7 @@ void backward_weight_bf16(const Conv2dArgs& a, const uint16_t* x, const uint16_t
   const int64_t wcrs = crs_stride(s, a.ws);
   parallel_for(s.K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k)
-      for (int64_t i = 0; i < gm.CRS; ++i)
-        dw[k * a.ws[0] + i * wcrs] = f32_to_bf16(dw32[k * gm.CRS + i]);
+      f32_to_bf16_n(dw32 + k * gm.CRS, dw + k * a.ws[0], gm.CRS, wcrs);
   });
 }
 

@@ -99,9 +99,10 @@ inline uint16_t f32_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
 }
-// dst[i] = src[i] for i < n, widened / rounded as above (AVX-512 where the active ISA is).
-void bf16_to_f32_n(const uint16_t* src, float* dst, int64_t n);
-void f32_to_bf16_n(const float* src, uint16_t* dst, int64_t n);
+// dst[i] = src[i * step] (widen) / dst[i * step] = src[i] (round) for i < n, converted as above
+// (unit steps on AVX-512 where the active ISA is).
+void bf16_to_f32_n(const uint16_t* src, float* dst, int64_t n, int64_t step = 1);
+void f32_to_bf16_n(const float* src, uint16_t* dst, int64_t n, int64_t step = 1);
 // "bf16gemm_amx_32x32", "bf16gemm_avx512bf16_8x32" or "bf16gemm_widen_f32": what gemm_bf16 runs
 // (widen unless the active ISA is avx512).
 const char* gemm_bf16_kernel_name();

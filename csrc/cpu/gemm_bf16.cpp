@@ -728,18 +728,18 @@ void sum_rows_bf16(int64_t R, int64_t N, const uint16_t* x, int64_t rsx, int64_t
 
 const char* gemm_bf16_kernel_name() { return kernel_name(active_kernel()); }
 
-void bf16_to_f32_n(const uint16_t* src, float* dst, int64_t n) {
+void bf16_to_f32_n(const uint16_t* src, float* dst, int64_t n, int64_t step) {
 #if defined(NNK_X86)
-  if (active_isa() == Isa::avx512) return bf16_to_f32_avx512(src, dst, n);
+  if (step == 1 && active_isa() == Isa::avx512) return bf16_to_f32_avx512(src, dst, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i * step]);
 }
 
-void f32_to_bf16_n(const float* src, uint16_t* dst, int64_t n) {
+void f32_to_bf16_n(const float* src, uint16_t* dst, int64_t n, int64_t step) {
 #if defined(NNK_X86)
-  if (active_isa() == Isa::avx512) return f32_to_bf16_avx512(src, dst, n);
+  if (step == 1 && active_isa() == Isa::avx512) return f32_to_bf16_avx512(src, dst, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i * step] = f32_to_bf16(src[i]);
 }
 
 bool set_gemm_bf16_kernel(const char* name) {
